@@ -1,0 +1,232 @@
+//! Where notifications wait: channel ids, notification metadata, the [`PendingStore`]
+//! trait the broker and the API use, and the in-memory store.
+//!
+//! The store knows nothing of sessions. Its rules are PROTOCOL.md §2–3: broadcast
+//! channels count levels (expired notifications are dropped from what is returned, but
+//! levels keep counting); unicast channels hold notifications with app id, message id,
+//! expiry and replace tag until they are dropped by message id after an ACK.
+
+mod channel_id;
+mod clock;
+mod inmemory;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use thiserror::Error;
+
+pub use channel_id::{ChannelIdError, InternalChannelId};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use inmemory::InMemoryPendingStore;
+
+use crate::protocol::Notification;
+
+/// What the store keeps beside a notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metadata {
+    /// After this instant the notification is expired: never delivered again.
+    pub expiration: SystemTime,
+    /// Among live notifications of one app with the same tag, only the newest is delivered.
+    pub replace_tag: Option<Arc<str>>,
+}
+
+impl Metadata {
+    /// Metadata with an expiry and no replace tag.
+    pub fn expiring(expiration: SystemTime) -> Self {
+        Self {
+            expiration,
+            replace_tag: None,
+        }
+    }
+
+    /// Whether the notification has expired at `now`.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expiration < now
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// No channel has that name.
+    #[error("unknown channel name")]
+    UnknownChannel,
+    /// The token does not resolve to a channel.
+    #[error("unknown token")]
+    UnknownToken,
+    /// The token belongs to another application.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// The channel cannot take more notifications.
+    #[error("channel is full")]
+    Full,
+    /// The store could not do it now (a backend fault); the caller may retry later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether the failure is the store's, not the request's (the API answers 503).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Which notifications [`PendingStore::scrub`] removes besides the expired ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScrubCriteria<'a> {
+    /// Remove the notifications of this app (all of them, unless `replace_tag` narrows it).
+    pub app_id: Option<&'a str>,
+    /// With `app_id`: remove only that app's notifications with this replace tag.
+    pub replace_tag: Option<&'a str>,
+}
+
+/// The storage of pending notifications, as the broker and the API use it.
+///
+/// Methods take `&self`: a store serves one shard (sessions, broker and API handlers on
+/// the same thread), and an implementation keeps its state behind its own cell. No method
+/// is async and none may block; a backend fault is [`StoreError::Unavailable`].
+pub trait PendingStore {
+    /// The token for the (device, app) pair; the same pair always gets the same token.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError>;
+
+    /// Forgets the token of the (device, app) pair.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError>;
+
+    /// The unicast channel a notify addresses: by `token` (which must belong to `app_id`)
+    /// when both are given, else by `user_id` and `device_id`.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownToken`] when neither resolves, [`StoreError::Unauthorized`]
+    /// when the token belongs to another app.
+    fn get_internal_channel_id_from_token(
+        &self,
+        token: &str,
+        app_id: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<InternalChannelId, StoreError>;
+
+    /// The broadcast channel named `name` in the API (`system`).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownChannel`] for any other name.
+    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError>;
+
+    /// Appends a notification to a broadcast channel, raising its top level by one.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn append_to_channel(
+        &self,
+        chan: &InternalChannelId,
+        payload: crate::protocol::Payload,
+        expiration: SystemTime,
+    ) -> Result<(), StoreError>;
+
+    /// Appends a notification to a unicast channel (whose level does not move).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn append_to_unicast_channel(
+        &self,
+        chan: &InternalChannelId,
+        notification: Notification,
+        meta: Metadata,
+    ) -> Result<(), StoreError>;
+
+    /// The channel's top level and its deliverable notifications, oldest first: expired
+    /// ones and ones superseded by a newer one of the same app and replace tag left out.
+    /// An unknown channel is empty at level 0.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn get_channel_snapshot(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>), StoreError>;
+
+    /// The channel's top level and everything it holds, with metadata, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn get_channel_unfiltered(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError>;
+
+    /// Removes the expired notifications of the channel and those matching `criteria`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn scrub(&self, chan: &InternalChannelId, criteria: ScrubCriteria<'_>) -> Result<(), StoreError>;
+
+    /// Removes from a unicast channel exactly the notifications whose message ids are
+    /// those of `targets`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), StoreError>;
+}
+
+/// The entries of `orig` to keep when the notifications with the message ids of `targets`
+/// go: `None` when `targets` is exactly the head of `orig` (the common case after an
+/// ACK, kept cheap), else a keep-flag per entry.
+pub(crate) enum DropPlan {
+    /// Drop the first `n` entries.
+    Head(usize),
+    /// Keep the entries whose flag is set.
+    Keep(Vec<bool>),
+}
+
+/// Plans dropping by message id (see [`DropPlan`]).
+pub(crate) fn plan_drop_by_msg_id<'a>(
+    orig: impl ExactSizeIterator<Item = &'a str> + Clone,
+    targets: &[Notification],
+) -> DropPlan {
+    let t = targets.len();
+    if t <= orig.len()
+        && orig
+            .clone()
+            .zip(targets)
+            .all(|(id, target)| id == &*target.msg_id)
+    {
+        return DropPlan::Head(t);
+    }
+    let ids: ahash::AHashSet<&str> = targets.iter().map(|n| &*n.msg_id).collect();
+    DropPlan::Keep(orig.map(|id| !ids.contains(id)).collect())
+}
+
+/// The notifications still to deliver, oldest first: those expired at `now` and those
+/// superseded by a newer one with the same app and replace tag are left out.
+pub fn filter_out_obsolete<'a>(
+    entries: impl DoubleEndedIterator<Item = (&'a Notification, &'a Metadata)>,
+    now: SystemTime,
+) -> Vec<Notification> {
+    let mut seen: ahash::AHashSet<(&str, &str)> = ahash::AHashSet::new();
+    let mut acc: Vec<Notification> = entries
+        .rev()
+        .filter(|(n, meta)| {
+            if meta.is_expired(now) {
+                return false;
+            }
+            match &meta.replace_tag {
+                Some(tag) => seen.insert((&n.app_id, tag)),
+                None => true,
+            }
+        })
+        .map(|(n, _)| n.clone())
+        .collect();
+    acc.reverse();
+    acc
+}
