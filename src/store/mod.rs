@@ -86,7 +86,7 @@ pub struct ScrubCriteria<'a> {
 /// Methods take `&self`: a store serves one shard (sessions, broker and API handlers on
 /// the same thread), and an implementation keeps its state behind its own cell. No method
 /// is async and none may block; a backend fault is [`StoreError::Unavailable`].
-pub trait PendingStore {
+pub trait PendingStore: std::fmt::Debug {
     /// The token for the (device, app) pair; the same pair always gets the same token.
     ///
     /// # Errors
@@ -165,7 +165,11 @@ pub trait PendingStore {
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] on a backend fault.
-    fn scrub(&self, chan: &InternalChannelId, criteria: ScrubCriteria<'_>) -> Result<(), StoreError>;
+    fn scrub(
+        &self,
+        chan: &InternalChannelId,
+        criteria: ScrubCriteria<'_>,
+    ) -> Result<(), StoreError>;
 
     /// Removes from a unicast channel exactly the notifications whose message ids are
     /// those of `targets`.
@@ -229,4 +233,158 @@ pub fn filter_out_obsolete<'a>(
         .collect();
     acc.reverse();
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::protocol::Payload;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    fn n(app: &str, msg: &str) -> Notification {
+        let payload = Payload::from_json(&format!(r#"{{"m":"{msg}"}}"#)).expect("valid JSON");
+        Notification::unicast(app, msg, payload)
+    }
+
+    fn tagged(expiration: SystemTime, tag: &str) -> Metadata {
+        Metadata {
+            expiration,
+            replace_tag: Some(Arc::from(tag)),
+        }
+    }
+
+    fn msg_ids(ns: &[Notification]) -> Vec<&str> {
+        ns.iter().map(|n| &*n.msg_id).collect()
+    }
+
+    /// `Ok(n)` for [`DropPlan::Head`], `Err(flags)` for [`DropPlan::Keep`].
+    fn plan(orig: &[&str], targets: &[&str]) -> Result<usize, Vec<bool>> {
+        let targets: Vec<Notification> = targets.iter().map(|id| n("app", id)).collect();
+        match plan_drop_by_msg_id(orig.iter().copied(), &targets) {
+            DropPlan::Head(k) => Ok(k),
+            DropPlan::Keep(keep) => Err(keep),
+        }
+    }
+
+    #[test]
+    fn metadata_expires_strictly_after_its_expiration() {
+        let meta = Metadata::expiring(t(10));
+        assert_eq!(meta.replace_tag, None);
+        assert!(!meta.is_expired(t(9)));
+        assert!(!meta.is_expired(t(10)));
+        assert!(meta.is_expired(t(10) + Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn only_unavailable_is_the_stores_fault() {
+        assert!(StoreError::Unavailable("down".into()).is_unavailable());
+        for e in [
+            StoreError::UnknownChannel,
+            StoreError::UnknownToken,
+            StoreError::Unauthorized,
+            StoreError::Full,
+        ] {
+            assert!(!e.is_unavailable(), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn scrub_criteria_default_names_no_app() {
+        let c = ScrubCriteria::default();
+        assert_eq!(c.app_id, None);
+        assert_eq!(c.replace_tag, None);
+    }
+
+    #[test]
+    fn dropping_the_head_is_planned_as_a_head_drop() {
+        assert_eq!(plan(&["a", "b", "c"], &["a", "b"]), Ok(2));
+        assert_eq!(plan(&["a", "b", "c"], &["a", "b", "c"]), Ok(3));
+        assert_eq!(plan(&["a", "b", "c"], &[]), Ok(0));
+        assert_eq!(plan(&[], &[]), Ok(0));
+    }
+
+    #[test]
+    fn dropping_anything_but_the_head_is_planned_per_entry() {
+        assert_eq!(
+            plan(&["a", "b", "c", "d"], &["b", "d"]),
+            Err(vec![true, false, true, false])
+        );
+        // The head, but out of order.
+        assert_eq!(
+            plan(&["a", "b", "c"], &["b", "a"]),
+            Err(vec![false, false, true])
+        );
+        // More targets than entries: only the present ones go.
+        assert_eq!(plan(&["a", "b"], &["a", "b", "c"]), Err(vec![false, false]));
+        // Ids that are not there drop nothing.
+        assert_eq!(plan(&["a", "b"], &["x", "y"]), Err(vec![true, true]));
+        assert_eq!(plan(&[], &["x"]), Err(vec![]));
+    }
+
+    #[test]
+    fn obsolete_filter_leaves_out_expired_and_keeps_order() {
+        let ns = [
+            n("app", "m1"),
+            n("app", "m2"),
+            n("app", "m3"),
+            n("app", "m4"),
+        ];
+        let metas = [
+            Metadata::expiring(t(5)),
+            Metadata::expiring(t(20)),
+            Metadata::expiring(t(9)),
+            Metadata::expiring(t(10)),
+        ];
+        let live = filter_out_obsolete(ns.iter().zip(&metas), t(10));
+        assert_eq!(msg_ids(&live), ["m2", "m4"]);
+        assert_eq!(live[0], ns[1]);
+        let all = filter_out_obsolete(ns.iter().zip(&metas), t(0));
+        assert_eq!(msg_ids(&all), ["m1", "m2", "m3", "m4"]);
+        assert!(filter_out_obsolete(ns.iter().zip(&metas), t(21)).is_empty());
+    }
+
+    #[test]
+    fn obsolete_filter_keeps_only_the_newest_per_app_and_tag() {
+        let ns = [
+            n("app1", "m1"),
+            n("app1", "m2"),
+            n("app2", "m3"),
+            n("app1", "m4"),
+            n("app1", "m5"),
+            n("app1", "m6"),
+            n("app2", "m7"),
+        ];
+        let metas = [
+            tagged(t(100), "x"),
+            tagged(t(100), "y"),
+            tagged(t(100), "x"),
+            Metadata::expiring(t(100)),
+            tagged(t(100), "x"),
+            Metadata::expiring(t(100)),
+            Metadata::expiring(t(100)),
+        ];
+        let live = filter_out_obsolete(ns.iter().zip(&metas), t(0));
+        // m1 is superseded by m5 (app1, "x"); app2's "x" (m3) is independent; untagged
+        // ones are never superseded; the survivors stay in their places.
+        assert_eq!(msg_ids(&live), ["m2", "m3", "m4", "m5", "m6", "m7"]);
+    }
+
+    #[test]
+    fn newer_expired_notification_does_not_hide_an_older_live_one() {
+        let ns = [n("app", "old"), n("app", "new")];
+        let metas = [tagged(t(100), "x"), tagged(t(10), "x")];
+        assert_eq!(
+            msg_ids(&filter_out_obsolete(ns.iter().zip(&metas), t(50))),
+            ["old"]
+        );
+        assert_eq!(
+            msg_ids(&filter_out_obsolete(ns.iter().zip(&metas), t(5))),
+            ["new"]
+        );
+    }
 }
