@@ -33,7 +33,9 @@ impl Payload {
     /// # Errors
     /// When `json` is not exactly one JSON value.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        let raw = RawValue::from_string(json.trim().to_owned())?;
+        // Only JSON's own whitespace may surround the value (`str::trim` would also accept
+        // Unicode spaces such as U+00A0, which make the text invalid JSON).
+        let raw = RawValue::from_string(json.trim_matches([' ', '\t', '\n', '\r']).to_owned())?;
         Ok(Self(Arc::from(raw)))
     }
 
@@ -186,7 +188,11 @@ impl<'de> Deserialize<'de> for ConnectMsg {
             client_ver: String,
             #[serde(rename = "DeviceId", default, deserialize_with = "null_as_default")]
             device_id: String,
-            #[serde(rename = "Authorization", default, deserialize_with = "null_as_default")]
+            #[serde(
+                rename = "Authorization",
+                default,
+                deserialize_with = "null_as_default"
+            )]
             authorization: String,
             #[serde(rename = "Cookie", default, deserialize_with = "null_as_default")]
             cookie: String,
@@ -332,7 +338,11 @@ impl Message<'_> {
         }
         #[derive(Deserialize)]
         struct NotificationsWire {
-            #[serde(rename = "Notifications", default, deserialize_with = "null_as_default")]
+            #[serde(
+                rename = "Notifications",
+                default,
+                deserialize_with = "null_as_default"
+            )]
             notifications: Vec<Notification>,
         }
         #[derive(Deserialize)]
@@ -418,7 +428,8 @@ impl Serialize for Message<'_> {
             }
             Message::Broadcast(b) => {
                 let with_app = !b.app_id.is_empty();
-                let mut s = serializer.serialize_struct("BroadcastMsg", 4 + usize::from(with_app))?;
+                let mut s =
+                    serializer.serialize_struct("BroadcastMsg", 4 + usize::from(with_app))?;
                 s.serialize_field("T", "broadcast")?;
                 if with_app {
                     s.serialize_field("AppId", &b.app_id)?;
@@ -451,6 +462,367 @@ impl Serialize for Message<'_> {
                 s.serialize_field("T", t)?;
                 s.end()
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::protocol::codec::encode_frame;
+
+    fn json(msg: &Message<'_>) -> String {
+        serde_json::to_string(msg).expect("messages always serialize")
+    }
+
+    fn payload(text: &str) -> Payload {
+        Payload::from_json(text).expect("test payloads are valid JSON")
+    }
+
+    fn decode(text: &str) -> Message<'static> {
+        Message::decode(text.as_bytes()).expect("test message decodes")
+    }
+
+    fn connect(text: &str) -> ConnectMsg {
+        match decode(text) {
+            Message::Connect(c) => *c,
+            other => panic!("expected CONNECT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn connack_is_exact_and_fits_a_small_frame() {
+        let msg = Message::ConnAck(ConnAckMsg {
+            params: ConnAckParams {
+                ping_interval: "10s".to_owned(),
+            },
+        });
+        assert_eq!(
+            json(&msg),
+            r#"{"T":"connack","Params":{"PingInterval":"10s"}}"#
+        );
+        let mut buf = Vec::new();
+        let range = encode_frame(&mut buf, &msg).expect("connack encodes");
+        assert!(range.len() < 53, "CONNACK frame is {} bytes", range.len());
+        assert_eq!(decode(&json(&msg)), msg);
+    }
+
+    #[test]
+    fn ping_pong_ack_are_bare_types() {
+        assert_eq!(json(&Message::Ping), r#"{"T":"ping"}"#);
+        assert_eq!(json(&Message::Pong), r#"{"T":"pong"}"#);
+        assert_eq!(json(&Message::Ack), r#"{"T":"ack"}"#);
+    }
+
+    #[test]
+    fn broadcast_without_payloads_is_null() {
+        let msg = Message::Broadcast(BroadcastMsg {
+            app_id: Cow::Borrowed(""),
+            chan_id: Cow::Borrowed(SYSTEM_CHANNEL_HEX),
+            top_level: 5,
+            payloads: None,
+        });
+        assert_eq!(
+            json(&msg),
+            r#"{"T":"broadcast","ChanId":"0","TopLevel":5,"Payloads":null}"#
+        );
+    }
+
+    #[test]
+    fn broadcast_with_filtered_out_payloads_is_empty_array() {
+        let msg = Message::Broadcast(BroadcastMsg {
+            app_id: Cow::Borrowed(""),
+            chan_id: Cow::Borrowed("0"),
+            top_level: 5,
+            payloads: Some(Cow::Owned(Vec::new())),
+        });
+        assert_eq!(
+            json(&msg),
+            r#"{"T":"broadcast","ChanId":"0","TopLevel":5,"Payloads":[]}"#
+        );
+    }
+
+    #[test]
+    fn broadcast_app_id_only_when_not_empty() {
+        let payloads = [payload(r#"{"a":1}"#)];
+        let with_app = Message::Broadcast(BroadcastMsg {
+            app_id: Cow::Borrowed("x"),
+            chan_id: Cow::Borrowed("0"),
+            top_level: 3,
+            payloads: Some(Cow::Borrowed(&payloads)),
+        });
+        assert_eq!(
+            json(&with_app),
+            r#"{"T":"broadcast","AppId":"x","ChanId":"0","TopLevel":3,"Payloads":[{"a":1}]}"#
+        );
+        let without_app = Message::Broadcast(BroadcastMsg {
+            app_id: Cow::Borrowed(""),
+            chan_id: Cow::Borrowed("0"),
+            top_level: 3,
+            payloads: Some(Cow::Borrowed(&payloads)),
+        });
+        assert_eq!(
+            json(&without_app),
+            r#"{"T":"broadcast","ChanId":"0","TopLevel":3,"Payloads":[{"a":1}]}"#
+        );
+    }
+
+    #[test]
+    fn payload_bytes_are_kept_as_received() {
+        let p = payload(" \n\t{\"b\":1, \"a\":[1,2]}\r\n ");
+        assert_eq!(p.get(), r#"{"b":1, "a":[1,2]}"#);
+        assert_eq!(p.len(), r#"{"b":1, "a":[1,2]}"#.len());
+        assert!(!p.is_empty());
+        let payloads = [p, payload("\"caf\\u00e9\""), payload("1.50")];
+        let msg = Message::Broadcast(BroadcastMsg {
+            app_id: Cow::Borrowed(""),
+            chan_id: Cow::Borrowed("0"),
+            top_level: 1,
+            payloads: Some(Cow::Borrowed(&payloads)),
+        });
+        let text = json(&msg);
+        assert_eq!(
+            text,
+            r#"{"T":"broadcast","ChanId":"0","TopLevel":1,"Payloads":[{"b":1, "a":[1,2]},"caf\u00e9",1.50]}"#
+        );
+        // Decoding keeps the bytes too.
+        assert_eq!(decode(&text), msg);
+    }
+
+    #[test]
+    fn payload_must_be_one_json_value() {
+        for bad in ["", "  ", "{", "1 2", "{\"a\":1}x", "nul", "'a'"] {
+            assert!(Payload::from_json(bad).is_err(), "{bad:?} accepted");
+        }
+        // Only JSON whitespace may surround the value: other Unicode spaces are not JSON.
+        for bad in ["\u{a0}1", "1\u{a0}", "\u{2028}{}", "\u{feff}null"] {
+            assert!(Payload::from_json(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!(Payload::null().get(), "null");
+    }
+
+    #[test]
+    fn connect_encodes_null_levels_and_omits_empty_info() {
+        let mut msg = ConnectMsg {
+            device_id: "dev".to_owned(),
+            ..ConnectMsg::default()
+        };
+        let expected = r#"{"T":"connect","ClientVer":"","DeviceId":"dev","Authorization":"","Cookie":"","Levels":null}"#;
+        assert_eq!(json(&Message::Connect(Box::new(msg.clone()))), expected);
+        msg.info = Some(serde_json::Map::new());
+        assert_eq!(json(&Message::Connect(Box::new(msg.clone()))), expected);
+    }
+
+    #[test]
+    fn connect_encodes_info_and_levels_in_go_order() {
+        let mut info = serde_json::Map::new();
+        info.insert("device".to_owned(), "mako".into());
+        let msg = ConnectMsg {
+            client_ver: "1".to_owned(),
+            device_id: "dev".to_owned(),
+            authorization: "auth".to_owned(),
+            cookie: "c".to_owned(),
+            info: Some(info),
+            levels: Some(BTreeMap::from([("0".to_owned(), 5), ("ab".to_owned(), -1)])),
+        };
+        let text = json(&Message::Connect(Box::new(msg.clone())));
+        assert_eq!(
+            text,
+            r#"{"T":"connect","ClientVer":"1","DeviceId":"dev","Authorization":"auth","Cookie":"c","Info":{"device":"mako"},"Levels":{"0":5,"ab":-1}}"#
+        );
+        assert_eq!(connect(&text), msg);
+    }
+
+    #[test]
+    fn notifications_shape() {
+        let notifs = [Notification::unicast("app", "m1", payload(r#"{"x":1}"#))];
+        let msg = Message::Notifications(NotificationsMsg {
+            notifications: Cow::Borrowed(&notifs),
+        });
+        let text = json(&msg);
+        assert_eq!(
+            text,
+            r#"{"T":"notifications","Notifications":[{"A":"app","M":"m1","P":{"x":1}}]}"#
+        );
+        assert_eq!(decode(&text), msg);
+        let b = Notification::broadcast(payload("2"));
+        assert_eq!(
+            serde_json::to_string(&b).expect("serializes"),
+            r#"{"A":"","M":"","P":2}"#
+        );
+    }
+
+    #[test]
+    fn one_way_message_shapes() {
+        let broken = Message::ConnBroken {
+            reason: Cow::Borrowed(BROKEN_HOST_MISMATCH),
+        };
+        assert_eq!(
+            json(&broken),
+            r#"{"T":"connbroken","Reason":"host-mismatch"}"#
+        );
+        let warn = Message::ConnWarn {
+            reason: Cow::Borrowed(WARN_UNAUTHORIZED),
+        };
+        assert_eq!(json(&warn), r#"{"T":"connwarn","Reason":"unauthorized"}"#);
+        let set = Message::SetParams {
+            set_cookie: Cow::Borrowed("c"),
+        };
+        assert_eq!(json(&set), r#"{"T":"setparams","SetCookie":"c"}"#);
+        for msg in [broken, warn, set] {
+            assert_eq!(decode(&json(&msg)), msg);
+        }
+    }
+
+    #[test]
+    fn decode_connect_ignores_unknown_fields_and_defaults_nulls() {
+        let c = connect(
+            r#"{"T":"connect","Extra":{"deep":[1,2]},"ClientVer":null,"DeviceId":"dev","Cookie":null,"Levels":{"0":7},"More":1}"#,
+        );
+        assert_eq!(
+            c,
+            ConnectMsg {
+                device_id: "dev".to_owned(),
+                levels: Some(BTreeMap::from([("0".to_owned(), 7)])),
+                ..ConnectMsg::default()
+            }
+        );
+    }
+
+    #[test]
+    fn decode_connect_with_missing_fields() {
+        assert_eq!(connect(r#"{"T":"connect"}"#), ConnectMsg::default());
+        let c = connect(r#"{"T":"connect","DeviceId":"d","Levels":null,"Info":null}"#);
+        assert_eq!(c.device_id, "d");
+        assert_eq!(c.levels, None);
+        assert_eq!(c.info, None);
+        // An empty Info is the same as none.
+        assert_eq!(connect(r#"{"T":"connect","Info":{}}"#).info, None);
+    }
+
+    #[test]
+    fn decode_connect_info() {
+        let c = connect(
+            r#"{"T":"connect","DeviceId":"d","Info":{"device":"mako","channel":"daily","build_number":102}}"#,
+        );
+        let info = c.info.expect("info present");
+        assert_eq!(info.get("device").and_then(|v| v.as_str()), Some("mako"));
+        assert_eq!(info.get("channel").and_then(|v| v.as_str()), Some("daily"));
+        assert_eq!(info.get("build_number").and_then(|v| v.as_i64()), Some(102));
+    }
+
+    #[test]
+    fn decode_connect_rejects_non_integer_levels() {
+        for bad in [
+            r#"{"T":"connect","Levels":{"0":"5"}}"#,
+            r#"{"T":"connect","Levels":{"0":1.5}}"#,
+            r#"{"T":"connect","Levels":{"0":true}}"#,
+            r#"{"T":"connect","Levels":{"0":18446744073709551615}}"#,
+            r#"{"T":"connect","Levels":[1]}"#,
+            r#"{"T":"connect","Levels":"0"}"#,
+        ] {
+            assert!(Message::decode(bad.as_bytes()).is_err(), "{bad} accepted");
+        }
+        let c = connect(r#"{"T":"connect","Levels":{"0":-9223372036854775808}}"#);
+        assert_eq!(c.levels, Some(BTreeMap::from([("0".to_owned(), i64::MIN)])));
+    }
+
+    #[test]
+    fn decode_simple_types() {
+        assert_eq!(decode(r#"{"T":"ack"}"#), Message::Ack);
+        assert_eq!(decode(r#"{"T":"pong","x":1}"#), Message::Pong);
+        assert_eq!(decode(r#" {"x":[{}],"T":"ping"} "#), Message::Ping);
+        assert_eq!(
+            decode(r#"{"T":"connack","Params":{"PingInterval":"500ms"}}"#),
+            Message::ConnAck(ConnAckMsg {
+                params: ConnAckParams {
+                    ping_interval: "500ms".to_owned()
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn decode_unknown_type() {
+        let msg = decode(r#"{"T":"levels","Levels":{}}"#);
+        assert_eq!(
+            msg,
+            Message::Unknown {
+                t: "levels".to_owned()
+            }
+        );
+        assert_eq!(msg.type_name(), "levels");
+        // `T` is matched exactly.
+        assert_eq!(
+            decode(r#"{"T":"ACK"}"#),
+            Message::Unknown {
+                t: "ACK".to_owned()
+            }
+        );
+        // An escaped `T` is the string it stands for.
+        assert_eq!(decode(r#"{"T":"\u0061ck"}"#), Message::Ack);
+    }
+
+    #[test]
+    fn decode_rejects_non_messages() {
+        for bad in [
+            "",
+            "{}",
+            r#"{"t":"ack"}"#,
+            r#"{"T":null}"#,
+            r#"{"T":1}"#,
+            r#"["T","ack"]"#,
+            r#""ack""#,
+            "null",
+            "42",
+            r#"{"T":"ack""#,
+            r#"{"T":"ack"} {}"#,
+            r#"{"T":"connect","DeviceId":5}"#,
+            r#"{"T":"connect","Info":"x"}"#,
+            r#"{"T":"connack"}"#,
+        ] {
+            assert!(Message::decode(bad.as_bytes()).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn type_names_match_encoded_t() {
+        let msgs = [
+            Message::Connect(Box::default()),
+            Message::ConnAck(ConnAckMsg {
+                params: ConnAckParams {
+                    ping_interval: "1s".to_owned(),
+                },
+            }),
+            Message::Ping,
+            Message::Pong,
+            Message::Broadcast(BroadcastMsg {
+                app_id: Cow::Borrowed(""),
+                chan_id: Cow::Borrowed("0"),
+                top_level: 0,
+                payloads: None,
+            }),
+            Message::Notifications(NotificationsMsg {
+                notifications: Cow::Owned(Vec::new()),
+            }),
+            Message::Ack,
+            Message::ConnBroken {
+                reason: Cow::Borrowed("r"),
+            },
+            Message::ConnWarn {
+                reason: Cow::Borrowed("r"),
+            },
+            Message::SetParams {
+                set_cookie: Cow::Borrowed("c"),
+            },
+        ];
+        for msg in msgs {
+            let value: serde_json::Value = serde_json::from_str(&json(&msg)).expect("valid JSON");
+            assert_eq!(value["T"], msg.type_name());
+            assert_eq!(decode(&json(&msg)).type_name(), msg.type_name());
         }
     }
 }

@@ -100,3 +100,93 @@ impl fmt::Display for InternalChannelId {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789ABCDEF";
+
+    #[test]
+    fn zero_and_all_zero_hex_are_the_system_channel() {
+        assert_eq!(
+            InternalChannelId::from_hex("0"),
+            Ok(InternalChannelId::System)
+        );
+        assert_eq!(
+            InternalChannelId::from_hex(&"0".repeat(32)),
+            Ok(InternalChannelId::System)
+        );
+    }
+
+    #[test]
+    fn thirty_two_hex_digits_are_a_broadcast_channel_kept_as_given() {
+        let id = InternalChannelId::from_hex(HEX).expect("valid hex id");
+        assert_eq!(id, InternalChannelId::Broadcast(Arc::from(HEX)));
+        assert_eq!(id.to_hex(), Some(HEX));
+        assert!(id.is_broadcast());
+        assert!(!id.is_unicast());
+    }
+
+    #[test]
+    fn malformed_hex_ids_are_refused() {
+        for bad in [
+            "",
+            "00",
+            "1",
+            &"0".repeat(31),
+            &"0".repeat(33),
+            &"a".repeat(31),
+            &"a".repeat(33),
+            "0123456789abcdef0123456789abcdeg",
+            "0123456789abcdef 123456789abcdef",
+            "+123456789abcdef0123456789abcdef",
+            // 32 bytes, but not 32 hex digits.
+            "é123456789abcdef0123456789abcde",
+        ] {
+            assert_eq!(
+                InternalChannelId::from_hex(bad),
+                Err(ChannelIdError::Expected128BitsHex),
+                "{bad:?} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn to_hex_gives_zero_for_system_and_nothing_for_unicast() {
+        assert_eq!(InternalChannelId::System.to_hex(), Some("0"));
+        assert_eq!(InternalChannelId::unicast("u", "d").to_hex(), None);
+    }
+
+    #[test]
+    fn display_is_the_original_servers_internal_id() {
+        assert_eq!(InternalChannelId::System.to_string(), "0");
+        assert_eq!(
+            InternalChannelId::from_hex(HEX)
+                .expect("valid hex id")
+                .to_string(),
+            format!("B{HEX}")
+        );
+        assert_eq!(
+            InternalChannelId::unicast("user1", "dev1").to_string(),
+            "Uuser1:dev1"
+        );
+    }
+
+    #[test]
+    fn unicast_channels_know_their_user_and_device() {
+        let id = InternalChannelId::unicast("user1", "dev1");
+        assert!(id.is_unicast());
+        assert!(!id.is_broadcast());
+        assert_eq!(id.unicast_user_and_device(), Some(("user1", "dev1")));
+        assert_ne!(id, InternalChannelId::unicast("dev1", "user1"));
+        assert_eq!(InternalChannelId::System.unicast_user_and_device(), None);
+        assert!(InternalChannelId::System.is_broadcast());
+        assert_eq!(
+            InternalChannelId::from_hex(HEX)
+                .expect("valid hex id")
+                .unicast_user_and_device(),
+            None
+        );
+    }
+}

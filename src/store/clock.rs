@@ -46,7 +46,9 @@ impl ManualClock {
 
 impl fmt::Debug for ManualClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManualClock").field("now", &self.now.get()).finish()
+        f.debug_struct("ManualClock")
+            .field("now", &self.now.get())
+            .finish()
     }
 }
 

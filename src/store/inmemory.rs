@@ -117,16 +117,22 @@ impl PendingStore for InMemoryPendingStore {
         device_id: &str,
     ) -> Result<InternalChannelId, StoreError> {
         if !token.is_empty() && !app_id.is_empty() {
-            let decoded = BASE64
-                .decode(token)
-                .map_err(|_| StoreError::UnknownToken)?;
+            let decoded = BASE64.decode(token).map_err(|_| StoreError::UnknownToken)?;
             let decoded = String::from_utf8(decoded).map_err(|_| StoreError::UnknownToken)?;
-            let (token_app, token_device) = decoded
-                .split_once("::")
-                .ok_or(StoreError::UnknownToken)?;
-            if token_app != app_id {
-                return Err(StoreError::Unauthorized);
-            }
+            // Strip the request's app id as a prefix instead of splitting at the first
+            // `::`, so app ids containing `::` work too (device ids already did). Given
+            // the app id the device is unambiguous, but one token can belong to two
+            // pairs: `a::b::d` is the token of ("b::d", "a") and of ("d", "a::b").
+            let Some(token_device) = decoded
+                .strip_prefix(app_id)
+                .and_then(|rest| rest.strip_prefix("::"))
+            else {
+                return Err(if decoded.contains("::") {
+                    StoreError::Unauthorized
+                } else {
+                    StoreError::UnknownToken
+                });
+            };
             return Ok(InternalChannelId::unicast(token_device, token_device));
         }
         if !user_id.is_empty() && !device_id.is_empty() {
@@ -194,7 +200,11 @@ impl PendingStore for InMemoryPendingStore {
         ))
     }
 
-    fn scrub(&self, chan: &InternalChannelId, criteria: ScrubCriteria<'_>) -> Result<(), StoreError> {
+    fn scrub(
+        &self,
+        chan: &InternalChannelId,
+        criteria: ScrubCriteria<'_>,
+    ) -> Result<(), StoreError> {
         let now = self.clock.now();
         let mut channels = self.channels.borrow_mut();
         let Some(channel) = channels.get_mut(chan) else {
@@ -232,5 +242,622 @@ impl PendingStore for InMemoryPendingStore {
             DropPlan::Keep(keep) => channel.retain(&keep),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::ManualClock;
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    /// A store whose clock reads `t(0)` until the test moves it.
+    fn store() -> (InMemoryPendingStore, Rc<ManualClock>) {
+        let clock = Rc::new(ManualClock::new(t(0)));
+        (InMemoryPendingStore::with_clock(clock.clone()), clock)
+    }
+
+    fn payload(i: usize) -> Payload {
+        Payload::from_json(&format!(r#"{{"a":{i}}}"#)).expect("valid JSON")
+    }
+
+    fn n(app: &str, msg: &str) -> Notification {
+        let payload = Payload::from_json(&format!(r#"{{"m":"{msg}"}}"#)).expect("valid JSON");
+        Notification::unicast(app, msg, payload)
+    }
+
+    fn msg_ids(ns: &[Notification]) -> Vec<&str> {
+        ns.iter().map(|n| &*n.msg_id).collect()
+    }
+
+    fn dev() -> InternalChannelId {
+        InternalChannelId::unicast("user1", "dev1")
+    }
+
+    fn snapshot(s: &InMemoryPendingStore, chan: &InternalChannelId) -> (i64, Vec<Notification>) {
+        s.get_channel_snapshot(chan)
+            .expect("in-memory store never fails")
+    }
+
+    fn unfiltered(
+        s: &InMemoryPendingStore,
+        chan: &InternalChannelId,
+    ) -> (i64, Vec<Notification>, Vec<Metadata>) {
+        s.get_channel_unfiltered(chan)
+            .expect("in-memory store never fails")
+    }
+
+    fn resolve(
+        s: &InMemoryPendingStore,
+        token: &str,
+        app: &str,
+        user: &str,
+        device: &str,
+    ) -> Result<InternalChannelId, StoreError> {
+        s.get_internal_channel_id_from_token(token, app, user, device)
+    }
+
+    /// Appends `(app, msg id, expiry, tag)` entries to `chan`.
+    fn fill(
+        s: &InMemoryPendingStore,
+        chan: &InternalChannelId,
+        entries: &[(&str, &str, u64, Option<&str>)],
+    ) {
+        for &(app, msg, exp, tag) in entries {
+            let meta = Metadata {
+                expiration: t(exp),
+                replace_tag: tag.map(Arc::from),
+            };
+            s.append_to_unicast_channel(chan, n(app, msg), meta)
+                .expect("in-memory store never fails");
+        }
+    }
+
+    /// Every notification of the channel sits beside its own metadata.
+    fn assert_aligned(
+        s: &InMemoryPendingStore,
+        chan: &InternalChannelId,
+        expected: &[(&str, u64, Option<&str>)],
+    ) {
+        let (_, ns, metas) = unfiltered(s, chan);
+        assert_eq!(ns.len(), metas.len());
+        let got: Vec<(&str, SystemTime, Option<&str>)> = ns
+            .iter()
+            .zip(&metas)
+            .map(|(n, m)| (&*n.msg_id, m.expiration, m.replace_tag.as_deref()))
+            .collect();
+        let want: Vec<(&str, SystemTime, Option<&str>)> = expected
+            .iter()
+            .map(|&(msg, exp, tag)| (msg, t(exp), tag))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    // Tokens.
+
+    #[test]
+    fn token_is_standard_base64_of_app_and_device() {
+        let (s, _) = store();
+        let token = s.register("dev1", "app1").expect("register");
+        assert_eq!(token, "YXBwMTo6ZGV2MQ==");
+        assert_eq!(s.register("dev1", "app1").expect("register"), token);
+        assert_ne!(s.register("dev2", "app1").expect("register"), token);
+        assert_ne!(s.register("dev1", "app2").expect("register"), token);
+        assert_eq!(s.unregister("dev1", "app1"), Ok(()));
+    }
+
+    #[test]
+    fn token_resolves_to_the_devices_own_unicast_channel() {
+        let (s, _) = store();
+        let token = s.register("dev1", "app1").expect("register");
+        assert_eq!(
+            resolve(&s, &token, "app1", "", ""),
+            Ok(InternalChannelId::unicast("dev1", "dev1"))
+        );
+        // The token wins over user and device ids.
+        assert_eq!(
+            resolve(&s, &token, "app1", "user9", "dev9"),
+            Ok(InternalChannelId::unicast("dev1", "dev1"))
+        );
+        // A token issued by the original server, built by hand.
+        assert_eq!(
+            resolve(&s, "YXBwMTo6ZGV2MQ==", "app1", "", ""),
+            Ok(InternalChannelId::unicast("dev1", "dev1"))
+        );
+    }
+
+    #[test]
+    fn token_of_another_app_is_unauthorized() {
+        let (s, _) = store();
+        let token = s.register("dev1", "app1").expect("register");
+        assert_eq!(
+            resolve(&s, &token, "app2", "", ""),
+            Err(StoreError::Unauthorized)
+        );
+        // A prefix of the token's app id is another app.
+        assert_eq!(
+            resolve(&s, &token, "app", "", ""),
+            Err(StoreError::Unauthorized)
+        );
+        assert_eq!(
+            resolve(&s, &token, "app1:", "", ""),
+            Err(StoreError::Unauthorized)
+        );
+    }
+
+    #[test]
+    fn malformed_tokens_are_unknown() {
+        let (s, _) = store();
+        for token in [
+            "not base64!",
+            "YXBwMTo6ZGV2MQ", // unpadded
+            &BASE64.encode("app1dev1"),
+            &BASE64.encode("app1:dev1"),
+            &BASE64.encode([0xff, 0xfe, b':', b':', b'd']),
+        ] {
+            assert_eq!(
+                resolve(&s, token, "app1", "user1", "dev1"),
+                Err(StoreError::UnknownToken),
+                "{token:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_token_user_and_device_name_the_channel() {
+        let (s, _) = store();
+        assert_eq!(
+            resolve(&s, "", "app1", "user1", "dev1"),
+            Ok(InternalChannelId::unicast("user1", "dev1"))
+        );
+        // A token without an app id is not looked at.
+        assert_eq!(
+            resolve(&s, "garbage", "", "user1", "dev1"),
+            Ok(InternalChannelId::unicast("user1", "dev1"))
+        );
+        for (token, app, user, device) in [
+            ("", "", "", ""),
+            ("", "app1", "", ""),
+            ("", "app1", "user1", ""),
+            ("", "app1", "", "dev1"),
+        ] {
+            assert_eq!(
+                resolve(&s, token, app, user, device),
+                Err(StoreError::UnknownToken),
+                "{user:?} {device:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids_containing_the_separator_round_trip() {
+        let (s, _) = store();
+        let token = s.register("dev::1", "app1").expect("register");
+        assert_eq!(
+            resolve(&s, &token, "app1", "", ""),
+            Ok(InternalChannelId::unicast("dev::1", "dev::1"))
+        );
+        let token = s.register("dev1", "com::app").expect("register");
+        assert_eq!(token, BASE64.encode("com::app::dev1"));
+        assert_eq!(
+            resolve(&s, &token, "com::app", "", ""),
+            Ok(InternalChannelId::unicast("dev1", "dev1"))
+        );
+        assert_eq!(
+            resolve(&s, &token, "com", "", ""),
+            Ok(InternalChannelId::unicast("app::dev1", "app::dev1")),
+            "the same bytes are also the token of (\"app::dev1\", \"com\")"
+        );
+        assert_eq!(
+            resolve(&s, &token, "app", "", ""),
+            Err(StoreError::Unauthorized)
+        );
+    }
+
+    #[test]
+    fn only_the_system_channel_has_a_name() {
+        let (s, _) = store();
+        assert_eq!(
+            s.get_internal_channel_id("system"),
+            Ok(InternalChannelId::System)
+        );
+        for name in ["", "System", "0", "other", "system "] {
+            assert_eq!(
+                s.get_internal_channel_id(name),
+                Err(StoreError::UnknownChannel),
+                "{name:?}"
+            );
+        }
+    }
+
+    // Broadcast channels.
+
+    #[test]
+    fn broadcast_appends_raise_the_top_level_by_one() {
+        let (s, _) = store();
+        let chan = InternalChannelId::System;
+        for i in 1..=3 {
+            s.append_to_channel(&chan, payload(i), t(100))
+                .expect("append");
+            let (top, ns) = snapshot(&s, &chan);
+            assert_eq!(top, i64::try_from(i).expect("small"));
+            assert_eq!(ns.len(), i);
+        }
+        let (_, ns) = snapshot(&s, &chan);
+        let payloads: Vec<&str> = ns.iter().map(|n| n.payload.get()).collect();
+        assert_eq!(payloads, [r#"{"a":1}"#, r#"{"a":2}"#, r#"{"a":3}"#]);
+        assert!(
+            ns.iter()
+                .all(|n| n.app_id.is_empty() && n.msg_id.is_empty())
+        );
+    }
+
+    #[test]
+    fn broadcast_channels_count_levels_apart() {
+        let (s, _) = store();
+        let other = InternalChannelId::from_hex(&"f".repeat(32)).expect("hex id");
+        s.append_to_channel(&InternalChannelId::System, payload(1), t(100))
+            .expect("append");
+        s.append_to_channel(&other, payload(2), t(100))
+            .expect("append");
+        s.append_to_channel(&other, payload(3), t(100))
+            .expect("append");
+        assert_eq!(snapshot(&s, &InternalChannelId::System).0, 1);
+        assert_eq!(snapshot(&s, &other).0, 2);
+    }
+
+    #[test]
+    fn expired_broadcasts_keep_levels_counting() {
+        let (s, clock) = store();
+        let chan = InternalChannelId::System;
+        s.append_to_channel(&chan, payload(1), t(10))
+            .expect("append");
+        s.append_to_channel(&chan, payload(2), t(20))
+            .expect("append");
+        s.append_to_channel(&chan, payload(3), t(30))
+            .expect("append");
+        assert_eq!(snapshot(&s, &chan).1.len(), 3);
+        clock.set(t(25));
+        let (top, ns) = snapshot(&s, &chan);
+        assert_eq!(top, 3);
+        assert_eq!(ns.len(), 1);
+        assert_eq!(ns[0].payload.get(), r#"{"a":3}"#);
+        clock.set(t(31));
+        assert_eq!(snapshot(&s, &chan), (3, Vec::new()));
+    }
+
+    #[test]
+    fn broadcast_append_prunes_expired_notifications() {
+        let (s, clock) = store();
+        let chan = InternalChannelId::System;
+        s.append_to_channel(&chan, payload(1), t(10))
+            .expect("append");
+        s.append_to_channel(&chan, payload(2), t(20))
+            .expect("append");
+        s.append_to_channel(&chan, payload(3), t(30))
+            .expect("append");
+        clock.set(t(25));
+        // A snapshot only reads: the expired ones are still held.
+        assert_eq!(unfiltered(&s, &chan).1.len(), 3);
+        s.append_to_channel(&chan, payload(4), t(40))
+            .expect("append");
+        let (top, ns, metas) = unfiltered(&s, &chan);
+        assert_eq!(top, 4);
+        let payloads: Vec<&str> = ns.iter().map(|n| n.payload.get()).collect();
+        assert_eq!(payloads, [r#"{"a":3}"#, r#"{"a":4}"#]);
+        assert_eq!(
+            metas,
+            [Metadata::expiring(t(30)), Metadata::expiring(t(40))]
+        );
+        assert_eq!(snapshot(&s, &chan).0, 4);
+    }
+
+    #[test]
+    fn unknown_channel_is_empty_at_level_zero() {
+        let (s, _) = store();
+        assert_eq!(snapshot(&s, &InternalChannelId::System), (0, Vec::new()));
+        assert_eq!(snapshot(&s, &dev()), (0, Vec::new()));
+        assert_eq!(
+            unfiltered(&s, &InternalChannelId::System),
+            (0, Vec::new(), Vec::new())
+        );
+    }
+
+    // Unicast channels.
+
+    #[test]
+    fn unicast_appends_keep_level_zero_and_come_back_oldest_first() {
+        let (s, _) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 100, None),
+                ("app2", "m2", 100, None),
+                ("app1", "m3", 100, None),
+            ],
+        );
+        let (top, ns) = snapshot(&s, &dev());
+        assert_eq!(top, 0);
+        assert_eq!(msg_ids(&ns), ["m1", "m2", "m3"]);
+        assert_eq!(ns[1], n("app2", "m2"));
+        // Other devices' channels are untouched.
+        assert_eq!(
+            snapshot(&s, &InternalChannelId::unicast("user1", "dev2")),
+            (0, Vec::new())
+        );
+    }
+
+    #[test]
+    fn unicast_snapshot_leaves_out_expired_without_removing_them() {
+        let (s, clock) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 10, None),
+                ("app1", "m2", 30, None),
+                ("app1", "m3", 20, None),
+            ],
+        );
+        clock.set(t(25));
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["m2"]);
+        // A unicast append does not prune.
+        fill(&s, &dev(), &[("app1", "m4", 40, None)]);
+        assert_eq!(unfiltered(&s, &dev()).1.len(), 4);
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["m2", "m4"]);
+    }
+
+    #[test]
+    fn replace_tag_keeps_only_the_newest_live_one_per_app() {
+        let (s, _) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 100, Some("score")),
+                ("app2", "m2", 100, Some("score")),
+                ("app1", "m3", 100, None),
+                ("app1", "m4", 100, Some("score")),
+                ("app1", "m5", 100, Some("other")),
+            ],
+        );
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["m2", "m3", "m4", "m5"]);
+        // Superseded ones are still held until dropped or scrubbed.
+        assert_eq!(unfiltered(&s, &dev()).1.len(), 5);
+    }
+
+    #[test]
+    fn newer_expired_tagged_notification_does_not_hide_an_older_live_one() {
+        let (s, clock) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "old", 100, Some("x")),
+                ("app1", "new", 10, Some("x")),
+            ],
+        );
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["new"]);
+        clock.set(t(50));
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["old"]);
+    }
+
+    #[test]
+    fn clear_pending_scrub_removes_the_apps_and_the_expired() {
+        let (s, clock) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 100, None),
+                ("app2", "m2", 10, None),
+                ("app2", "m3", 100, Some("x")),
+                ("app1", "m4", 100, Some("x")),
+                ("app2", "m5", 100, None),
+            ],
+        );
+        clock.set(t(50));
+        let criteria = ScrubCriteria {
+            app_id: Some("app1"),
+            replace_tag: None,
+        };
+        s.scrub(&dev(), criteria).expect("scrub");
+        assert_aligned(&s, &dev(), &[("m3", 100, Some("x")), ("m5", 100, None)]);
+        assert_eq!(unfiltered(&s, &dev()).0, 0);
+    }
+
+    #[test]
+    fn scrub_by_replace_tag_removes_only_that_apps_tag() {
+        let (s, clock) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 100, Some("x")),
+                ("app1", "m2", 100, Some("y")),
+                ("app2", "m3", 100, Some("x")),
+                ("app1", "m4", 100, None),
+                ("app1", "m5", 100, Some("x")),
+                ("app1", "m6", 10, Some("y")),
+            ],
+        );
+        clock.set(t(50));
+        let criteria = ScrubCriteria {
+            app_id: Some("app1"),
+            replace_tag: Some("x"),
+        };
+        s.scrub(&dev(), criteria).expect("scrub");
+        assert_aligned(
+            &s,
+            &dev(),
+            &[
+                ("m2", 100, Some("y")),
+                ("m3", 100, Some("x")),
+                ("m4", 100, None),
+            ],
+        );
+    }
+
+    #[test]
+    fn default_scrub_removes_only_the_expired() {
+        let (s, clock) = store();
+        fill(
+            &s,
+            &dev(),
+            &[
+                ("app1", "m1", 10, None),
+                ("app1", "m2", 100, Some("x")),
+                ("app2", "m3", 20, Some("x")),
+                ("app2", "m4", 30, None),
+            ],
+        );
+        clock.set(t(30));
+        s.scrub(&dev(), ScrubCriteria::default()).expect("scrub");
+        assert_aligned(&s, &dev(), &[("m2", 100, Some("x")), ("m4", 30, None)]);
+        // A tag without an app names nothing more.
+        let criteria = ScrubCriteria {
+            app_id: None,
+            replace_tag: Some("x"),
+        };
+        s.scrub(&dev(), criteria).expect("scrub");
+        assert_aligned(&s, &dev(), &[("m2", 100, Some("x")), ("m4", 30, None)]);
+        // Scrubbing a channel that holds nothing is fine.
+        assert_eq!(
+            s.scrub(
+                &InternalChannelId::unicast("u", "d"),
+                ScrubCriteria::default()
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn scrub_keeps_broadcast_levels() {
+        let (s, clock) = store();
+        let chan = InternalChannelId::System;
+        s.append_to_channel(&chan, payload(1), t(10))
+            .expect("append");
+        s.append_to_channel(&chan, payload(2), t(20))
+            .expect("append");
+        clock.set(t(15));
+        s.scrub(&chan, ScrubCriteria::default()).expect("scrub");
+        let (top, ns, _) = unfiltered(&s, &chan);
+        assert_eq!(top, 2);
+        assert_eq!(ns.len(), 1);
+    }
+
+    // Dropping by message id.
+
+    fn five(s: &InMemoryPendingStore) {
+        fill(
+            s,
+            &dev(),
+            &[
+                ("app1", "m1", 101, None),
+                ("app1", "m2", 102, Some("a")),
+                ("app2", "m3", 103, None),
+                ("app1", "m4", 104, Some("b")),
+                ("app2", "m5", 105, Some("c")),
+            ],
+        );
+    }
+
+    #[test]
+    fn dropping_the_delivered_head_leaves_the_rest() {
+        let (s, _) = store();
+        five(&s);
+        s.drop_by_msg_id(&dev(), &[n("app1", "m1"), n("app1", "m2")])
+            .expect("drop");
+        assert_aligned(
+            &s,
+            &dev(),
+            &[
+                ("m3", 103, None),
+                ("m4", 104, Some("b")),
+                ("m5", 105, Some("c")),
+            ],
+        );
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["m3", "m4", "m5"]);
+    }
+
+    #[test]
+    fn dropping_scattered_ids_keeps_metadata_aligned() {
+        let (s, _) = store();
+        five(&s);
+        s.drop_by_msg_id(&dev(), &[n("app1", "m4"), n("app1", "m2"), n("x", "zz")])
+            .expect("drop");
+        assert_aligned(
+            &s,
+            &dev(),
+            &[("m1", 101, None), ("m3", 103, None), ("m5", 105, Some("c"))],
+        );
+        // Only the message id counts, not the app or payload of the target.
+        s.drop_by_msg_id(&dev(), &[n("other", "m5")]).expect("drop");
+        assert_aligned(&s, &dev(), &[("m1", 101, None), ("m3", 103, None)]);
+    }
+
+    #[test]
+    fn dropping_ids_not_held_changes_nothing() {
+        let (s, _) = store();
+        five(&s);
+        let before = unfiltered(&s, &dev());
+        s.drop_by_msg_id(&dev(), &[n("app1", "m9"), n("app1", "m0")])
+            .expect("drop");
+        assert_eq!(unfiltered(&s, &dev()), before);
+        s.drop_by_msg_id(&dev(), &[]).expect("drop");
+        assert_eq!(unfiltered(&s, &dev()), before);
+        // More targets than held, all but one held: only the held go.
+        let all: Vec<Notification> = ["m1", "m2", "m3", "m4", "m5", "m6"]
+            .iter()
+            .map(|id| n("app1", id))
+            .collect();
+        s.drop_by_msg_id(&dev(), &all).expect("drop");
+        assert_eq!(unfiltered(&s, &dev()), (0, Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn dropping_from_an_unknown_channel_is_ok() {
+        let (s, _) = store();
+        assert_eq!(s.drop_by_msg_id(&dev(), &[n("app1", "m1")]), Ok(()));
+        assert_eq!(unfiltered(&s, &dev()), (0, Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn delivered_then_acked_is_never_seen_again_and_unacked_stays() {
+        let (s, _) = store();
+        fill(
+            &s,
+            &dev(),
+            &[("app1", "m1", 100, None), ("app1", "m2", 100, None)],
+        );
+        let (_, delivered) = snapshot(&s, &dev());
+        fill(&s, &dev(), &[("app1", "m3", 100, None)]);
+        s.drop_by_msg_id(&dev(), &delivered).expect("drop");
+        assert_eq!(msg_ids(&snapshot(&s, &dev()).1), ["m3"]);
+    }
+
+    #[test]
+    fn default_store_uses_the_system_clock() {
+        let s = InMemoryPendingStore::default();
+        let far = SystemTime::now() + Duration::from_secs(3600);
+        s.append_to_channel(&InternalChannelId::System, payload(1), far)
+            .expect("append");
+        s.append_to_channel(
+            &InternalChannelId::System,
+            payload(2),
+            SystemTime::UNIX_EPOCH,
+        )
+        .expect("append");
+        let (top, ns) = snapshot(&s, &InternalChannelId::System);
+        assert_eq!(top, 2);
+        assert_eq!(ns.len(), 1);
+        assert!(format!("{s:?}").contains("InMemoryPendingStore"));
     }
 }
