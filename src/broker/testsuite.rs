@@ -333,7 +333,7 @@ pub async fn bad_levels_key_aborts_registration<H: SuiteBroker>(
     b.start().await;
     let mut msg = connect("dev-1");
     msg.levels = Some([("z".to_owned(), 5)].into_iter().collect());
-    let err = b.register(&msg, "s1").await.err().expect("registration must fail");
+    let err = b.register(&msg, "s1").await.expect_err("registration must fail");
     assert!(err.is_abort(), "{err:?}");
     assert_eq!(b.reveal_session("dev-1").await, None);
     b.stop().await;
@@ -563,7 +563,7 @@ pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
     b.start().await;
     let chan = InternalChannelId::unicast("dev3", "dev3");
     let sess = b.register(&connect("dev3"), "s1").await.expect("registration");
-    let err = sess.get(&chan, false).await.err().expect("get must fail");
+    let err = sess.get(&chan, false).await.expect_err("get must fail");
     assert!(err.is_store(), "{err:?}");
     assert_eq!(err.to_string(), "get channel snapshot fail");
     assert!(
@@ -577,7 +577,7 @@ pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
         logs.captured()
     );
     logs.reset();
-    let err = sess.drop_by_msg_id(&chan, &[]).await.err().expect("drop must fail");
+    let err = sess.drop_by_msg_id(&chan, &[]).await.expect_err("drop must fail");
     assert!(err.is_store(), "{err:?}");
     assert!(
         logged(&logs, "ERROR", "unsuccessful, drop from channel Udev3:dev3: drop fail").await,
