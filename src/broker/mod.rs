@@ -37,7 +37,9 @@
 //! | `testsuite.CommonBrokerSuite` | [`testsuite`] and the [`broker_conformance!`](crate::broker_conformance) macro |
 
 mod exchange;
+mod local;
 mod queue;
+pub mod sharded;
 pub mod simple;
 pub mod testing;
 pub mod testsuite;
@@ -52,6 +54,7 @@ pub use exchange::{
     BroadcastExchange, ConnMeta, ConnMetaExchange, ExchangesScratchArea, UnicastExchange,
     feed_pending,
 };
+pub use local::LocalSession;
 pub use queue::{ExchangeQueue, Next};
 
 use crate::protocol::{ConnectMsg, Notification};
@@ -105,6 +108,12 @@ pub enum BrokerError {
     /// The broker's queue is full: the caller should back off (the API answers 503).
     #[error("broker queue is full")]
     QueueFull,
+    /// The device belongs to another shard: its connection must move there first.
+    #[error("device belongs to shard {owner}")]
+    WrongShard {
+        /// The owner shard's index.
+        owner: usize,
+    },
 }
 
 impl BrokerError {
@@ -121,7 +130,7 @@ impl BrokerError {
     /// Whether the caller should retry later (store fault, full queue, not running).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            BrokerError::Abort(_) => false,
+            BrokerError::Abort(_) | BrokerError::WrongShard { .. } => false,
             BrokerError::Store(e) => e.is_unavailable(),
             BrokerError::NotRunning | BrokerError::QueueFull => true,
         }
@@ -316,4 +325,189 @@ pub fn levels_from_connect(connect: &ConnectMsg) -> Result<LevelsMap, ErrAbort> 
         levels.insert(chan, *level);
     }
     Ok(levels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_with(info: Option<serde_json::Value>) -> ConnectMsg {
+        ConnectMsg {
+            device_id: "dev1".to_owned(),
+            info: info.map(|v| match v {
+                serde_json::Value::Object(m) => m,
+                other => panic!("Info must be an object, not {other}"),
+            }),
+            ..ConnectMsg::default()
+        }
+    }
+
+    fn connect_with_levels(levels: &[(&str, i64)]) -> ConnectMsg {
+        ConnectMsg {
+            device_id: "dev1".to_owned(),
+            levels: Some(levels.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
+            ..ConnectMsg::default()
+        }
+    }
+
+    #[test]
+    fn info_string_defaults_when_absent_or_without_info() {
+        let none = connect_with(None);
+        assert_eq!(get_info_string(&none, "device", "?"), Ok("?"));
+        let other = connect_with(Some(serde_json::json!({"channel": "daily"})));
+        assert_eq!(get_info_string(&other, "device", "?"), Ok("?"));
+        assert_eq!(get_info_string(&other, "device", "dflt"), Ok("dflt"));
+    }
+
+    #[test]
+    fn info_string_gives_the_string_value() {
+        let msg = connect_with(Some(
+            serde_json::json!({"device": "mako", "channel": "daily", "empty": ""}),
+        ));
+        assert_eq!(get_info_string(&msg, "device", "?"), Ok("mako"));
+        assert_eq!(get_info_string(&msg, "channel", "?"), Ok("daily"));
+        // Present but empty is present: no default.
+        assert_eq!(get_info_string(&msg, "empty", "?"), Ok(""));
+    }
+
+    #[test]
+    fn info_string_of_another_type_is_unexpected_value() {
+        for value in [
+            serde_json::json!(-1),
+            serde_json::json!(1.5),
+            serde_json::json!(true),
+            serde_json::json!(null),
+            serde_json::json!(["mako"]),
+            serde_json::json!({"name": "mako"}),
+        ] {
+            let msg = connect_with(Some(serde_json::json!({ "device": value.clone() })));
+            assert_eq!(
+                get_info_string(&msg, "device", "?"),
+                Err(ErrAbort::unexpected_value()),
+                "{value}"
+            );
+        }
+        assert_eq!(
+            ErrAbort::unexpected_value().reason,
+            "unexpected value in message"
+        );
+    }
+
+    #[test]
+    fn info_int_defaults_when_absent_or_without_info() {
+        assert_eq!(
+            get_info_int(&connect_with(None), "build_number", -1),
+            Ok(-1)
+        );
+        let other = connect_with(Some(serde_json::json!({"device": "mako"})));
+        assert_eq!(get_info_int(&other, "build_number", 7), Ok(7));
+    }
+
+    #[test]
+    fn info_int_takes_numbers_truncating_fractions() {
+        let msg = connect_with(Some(serde_json::json!({
+            "int": 42,
+            "neg": -5,
+            "frac": 3.7,
+            "negfrac": -3.7,
+            "zero": 0.0,
+            "big": 9_007_199_254_740_993_i64,
+        })));
+        assert_eq!(get_info_int(&msg, "int", 0), Ok(42));
+        assert_eq!(get_info_int(&msg, "neg", 0), Ok(-5));
+        assert_eq!(get_info_int(&msg, "frac", 0), Ok(3));
+        assert_eq!(get_info_int(&msg, "negfrac", 0), Ok(-3));
+        assert_eq!(get_info_int(&msg, "zero", 9), Ok(0));
+        assert_eq!(get_info_int(&msg, "big", 0), Ok(9_007_199_254_740_993));
+    }
+
+    #[test]
+    fn info_int_of_another_type_is_unexpected_value() {
+        for value in [
+            serde_json::json!("42"),
+            serde_json::json!(true),
+            serde_json::json!(null),
+            serde_json::json!([1]),
+            serde_json::json!({"n": 1}),
+        ] {
+            let msg = connect_with(Some(serde_json::json!({ "build_number": value.clone() })));
+            assert_eq!(
+                get_info_int(&msg, "build_number", 0),
+                Err(ErrAbort::unexpected_value()),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn levels_name_the_system_channel_by_zero_or_all_zero_hex() {
+        let levels = levels_from_connect(&connect_with_levels(&[("0", 5)])).expect("levels");
+        assert_eq!(levels.len(), 1);
+        assert_eq!(levels.get(&InternalChannelId::System), Some(&5));
+
+        let zeros = "0".repeat(32);
+        let levels = levels_from_connect(&connect_with_levels(&[(&zeros, 7)])).expect("levels");
+        assert_eq!(levels.len(), 1);
+        assert_eq!(levels.get(&InternalChannelId::System), Some(&7));
+    }
+
+    #[test]
+    fn levels_keep_other_broadcast_channels_and_every_level() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let levels =
+            levels_from_connect(&connect_with_levels(&[("0", -3), (hex, 12)])).expect("levels");
+        let want: LevelsMap = [
+            (InternalChannelId::System, -3),
+            (InternalChannelId::from_hex(hex).expect("hex id"), 12),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(levels, want);
+    }
+
+    #[test]
+    fn no_levels_is_an_empty_map() {
+        assert!(
+            levels_from_connect(&connect_with(None))
+                .expect("levels")
+                .is_empty()
+        );
+        assert!(
+            levels_from_connect(&connect_with_levels(&[]))
+                .expect("levels")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_bad_levels_key_aborts_naming_the_problem() {
+        for bad in ["", "00", "z", "0x0", &"a".repeat(31), &"g".repeat(32)] {
+            let err = levels_from_connect(&connect_with_levels(&[("0", 1), (bad, 1)]))
+                .expect_err("bad key");
+            assert_eq!(err.reason, "expected 128 bits hex repr", "{bad:?}");
+            assert_eq!(
+                err.to_string(),
+                "session aborted (expected 128 bits hex repr)"
+            );
+        }
+    }
+
+    #[test]
+    fn broker_errors_say_what_kind_they_are() {
+        let abort = BrokerError::from(ErrAbort::expected_ack());
+        assert!(abort.is_abort() && !abort.is_store() && !abort.is_unavailable());
+        assert_eq!(abort.to_string(), "session aborted (expected ACK message)");
+
+        let store = BrokerError::from(StoreError::Unavailable("down".into()));
+        assert!(store.is_store() && !store.is_abort() && store.is_unavailable());
+        assert_eq!(store.to_string(), "down");
+
+        let unknown = BrokerError::from(StoreError::UnknownToken);
+        assert!(unknown.is_store() && !unknown.is_unavailable());
+
+        for e in [BrokerError::NotRunning, BrokerError::QueueFull] {
+            assert!(e.is_unavailable() && !e.is_abort() && !e.is_store(), "{e}");
+        }
+        assert_eq!(BrokerError::QueueFull.to_string(), "broker queue is full");
+    }
 }

@@ -277,7 +277,7 @@ impl PendingStore for FailingPendingStore {
         chan: &InternalChannelId,
         payload: Payload,
         expiration: SystemTime,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         self.inner.append_to_channel(chan, payload, expiration)
     }
 

@@ -16,11 +16,15 @@ use std::time::{Duration, SystemTime};
 
 use futures_lite::future;
 
+use super::sharded::{
+    ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder, ShardedSending, owner_of_channel,
+    owner_of_device,
+};
 use super::simple::{SimpleBroker, SimpleBrokerSession};
 use super::testing::{FailingPendingStore, LogCapture, TestBrokerConfig};
 use super::{
     BroadcastExchange, Broker, BrokerError, BrokerSending, BrokerSession, ExchangeQueue,
-    ExchangeRef, LevelsMap, Next, SessionId, UnicastExchange,
+    ExchangeRef, LevelsMap, LocalSession, Next, SessionId, UnicastExchange,
 };
 use crate::protocol::{ConnectMsg, Notification, Payload};
 use crate::store::{InMemoryPendingStore, InternalChannelId, Metadata, PendingStore, StoreError};
@@ -700,7 +704,7 @@ impl SuiteBroker for SimpleSuite {
         payload: Payload,
         expiration: SystemTime,
     ) -> Result<(), StoreError> {
-        self.store.append_to_channel(chan, payload, expiration)
+        self.store.append_to_channel(chan, payload, expiration).map(|_| ())
     }
 
     async fn append_to_unicast_channel(
@@ -769,5 +773,298 @@ impl SuiteSession for SimpleSuiteSession {
         if let Some(e) = exchange.to_exchange() {
             self.sess.borrow().feed(e);
         }
+    }
+}
+
+thread_local! {
+    /// The sessions a [`ShardedSuite`] registered on this shard's thread, by registration
+    /// key. Test harness state only: each shard thread has its own, and it dies with the
+    /// shard.
+    static SUITE_SESSIONS: RefCell<ahash::AHashMap<u64, Rc<RefCell<LocalSession>>>> =
+        RefCell::new(ahash::AHashMap::new());
+}
+
+fn suite_session(key: u64) -> Option<Rc<RefCell<LocalSession>>> {
+    SUITE_SESSIONS.with(|m| m.borrow().get(&key).cloned())
+}
+
+/// The [`ShardedBroker`] under test: every session is registered on, and kept by, its
+/// owner shard; the suite reaches it there by message.
+#[derive(Debug)]
+pub struct ShardedSuite {
+    broker: ShardedBroker,
+    sending: ShardedSending,
+}
+
+impl ShardedSuite {
+    /// A stopped sharded broker of `nr_shards` shards, each with a store built from
+    /// `store`.
+    pub fn new(store: StoreSpec, config: TestBrokerConfig, nr_shards: usize) -> Self {
+        let broker = ShardedBrokerBuilder::new(nr_shards)
+            .config(&config)
+            .placement(ShardPlacement::Unbound)
+            .store(move |_| store.build())
+            .build();
+        Self {
+            sending: broker.sending(),
+            broker,
+        }
+    }
+
+    /// The broker under test.
+    pub fn broker(&self) -> &ShardedBroker {
+        &self.broker
+    }
+
+    fn owner(&self, device_id: &str) -> ShardId {
+        owner_of_device(device_id, self.broker.nr_shards())
+    }
+}
+
+/// A session registered on a [`ShardedSuite`]'s shard, reached by message.
+#[derive(Debug)]
+pub struct ShardedSuiteSession {
+    sending: ShardedSending,
+    shard: ShardId,
+    key: u64,
+    device_id: String,
+    model: String,
+    image_channel: String,
+    /// The levels at registration.
+    levels: LevelsMap,
+}
+
+impl ShardedSuiteSession {
+    async fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut LocalSession) -> R + Send + 'static,
+    ) -> R {
+        let key = self.key;
+        let r = self
+            .sending
+            .run_on(self.shard, move |_| {
+                suite_session(key).map(|sess| f(&mut sess.borrow_mut()))
+            })
+            .await;
+        match r {
+            Ok(Some(r)) => r,
+            Ok(None) => panic!("session {key} is gone from {}", self.shard),
+            Err(e) => panic!("{} did not answer: {e}", self.shard),
+        }
+    }
+}
+
+fn store_error(e: BrokerError) -> StoreError {
+    match e {
+        BrokerError::Store(e) => e,
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+impl SuiteBroker for ShardedSuite {
+    type Session = ShardedSuiteSession;
+
+    async fn start(&self) {
+        if let Err(e) = self.broker.start() {
+            panic!("cannot start the sharded broker: {e}");
+        }
+    }
+
+    async fn stop(&self) {
+        self.broker.stop().await;
+    }
+
+    fn running(&self) -> bool {
+        self.broker.running()
+    }
+
+    async fn register(
+        &self,
+        connect: &ConnectMsg,
+        session_id: &str,
+    ) -> Result<ShardedSuiteSession, BrokerError> {
+        let shard = self.owner(&connect.device_id);
+        let device_id = connect.device_id.clone();
+        let connect = connect.clone();
+        let track = SessionId(session_id.to_owned());
+        let registered = self
+            .sending
+            .run_task_on(shard, move |s| async move {
+                let sess = s.register(&connect, &track).await?;
+                let key = sess.id();
+                let info = (
+                    key,
+                    sess.device_image_model().to_owned(),
+                    sess.device_image_channel().to_owned(),
+                    sess.levels().clone(),
+                );
+                SUITE_SESSIONS.with(|m| m.borrow_mut().insert(key, Rc::new(RefCell::new(sess))));
+                Ok::<_, BrokerError>(info)
+            })
+            .await??;
+        let (key, model, image_channel, levels) = registered;
+        Ok(ShardedSuiteSession {
+            sending: self.sending.clone(),
+            shard,
+            key,
+            device_id,
+            model,
+            image_channel,
+            levels,
+        })
+    }
+
+    async fn unregister(&self, sess: &ShardedSuiteSession) {
+        let key = sess.key;
+        let done = self
+            .sending
+            .run_on(sess.shard, move |s| {
+                if let Some(local) = suite_session(key) {
+                    s.unregister(&local.borrow());
+                }
+            })
+            .await;
+        if let Err(e) = done {
+            panic!("{} did not answer: {e}", sess.shard);
+        }
+    }
+
+    async fn reveal_session(&self, device_id: &str) -> Option<u64> {
+        if !self.broker.running() {
+            // Stopped shards keep no sessions (and would not answer until started).
+            return None;
+        }
+        let device = device_id.to_owned();
+        match self
+            .sending
+            .run_on(self.owner(device_id), move |s| s.session_of(&device))
+            .await
+        {
+            Ok(key) => key,
+            Err(e) => panic!("no answer about {device_id}: {e}"),
+        }
+    }
+
+    fn broadcast(&self, chan: InternalChannelId) -> Result<(), BrokerError> {
+        self.sending.broadcast(chan)
+    }
+
+    fn unicast(&self, chans: &[InternalChannelId]) -> Result<(), BrokerError> {
+        self.sending.unicast(chans)
+    }
+
+    async fn append_to_channel(
+        &self,
+        chan: &InternalChannelId,
+        payload: Payload,
+        expiration: SystemTime,
+    ) -> Result<(), StoreError> {
+        // Replicas live in the shards: appending before the suite starts the broker starts
+        // it now (starting again is a no-op).
+        self.start().await;
+        self.sending
+            .append_everywhere(chan.clone(), payload, expiration)
+            .await
+            .map(|_| ())
+            .map_err(store_error)
+    }
+
+    async fn append_to_unicast_channel(
+        &self,
+        chan: &InternalChannelId,
+        notification: Notification,
+        meta: Metadata,
+    ) -> Result<(), StoreError> {
+        let owner = owner_of_channel(chan, self.broker.nr_shards());
+        let chan = chan.clone();
+        self.sending
+            .run_on(owner, move |s| {
+                s.store().append_to_unicast_channel(&chan, notification, meta)
+            })
+            .await
+            .map_err(store_error)?
+    }
+
+    async fn get_channel_snapshot(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>), StoreError> {
+        let owner = owner_of_channel(chan, self.broker.nr_shards());
+        let chan = chan.clone();
+        self.sending
+            .run_on(owner, move |s| s.store().get_channel_snapshot(&chan))
+            .await
+            .map_err(store_error)?
+    }
+}
+
+impl SuiteSession for ShardedSuiteSession {
+    fn key(&self) -> u64 {
+        self.key
+    }
+
+    fn device_identifier(&self) -> String {
+        self.device_id.clone()
+    }
+
+    fn device_image_model(&self) -> String {
+        self.model.clone()
+    }
+
+    fn device_image_channel(&self) -> String {
+        self.image_channel.clone()
+    }
+
+    fn levels(&self) -> LevelsMap {
+        self.levels.clone()
+    }
+
+    async fn queued(&self) -> usize {
+        self.with(|sess| sess.session_channel().len()).await
+    }
+
+    async fn next_exchange(&self) -> Option<Revealed> {
+        let key = self.key;
+        let r = self
+            .sending
+            .run_task_on(self.shard, move |_| async move {
+                let queue = suite_session(key).map(|s| s.borrow().queue())?;
+                next_within_patience(&queue).await
+            })
+            .await;
+        match r {
+            Ok(r) => r,
+            Err(e) => panic!("{} did not answer: {e}", self.shard),
+        }
+    }
+
+    async fn get(
+        &self,
+        chan: &InternalChannelId,
+        cached_ok: bool,
+    ) -> Result<(i64, Vec<Notification>), BrokerError> {
+        let chan = chan.clone();
+        self.with(move |sess| sess.get(&chan, cached_ok)).await
+    }
+
+    async fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), BrokerError> {
+        let chan = chan.clone();
+        let targets = targets.to_vec();
+        self.with(move |sess| sess.drop_by_msg_id(&chan, &targets))
+            .await
+    }
+
+    async fn feed(&self, exchange: &Revealed) {
+        let exchange = exchange.clone();
+        self.with(move |sess| {
+            if let Some(e) = exchange.to_exchange() {
+                sess.feed(e);
+            }
+        })
+        .await;
     }
 }

@@ -87,7 +87,8 @@ impl InMemoryPendingStore {
         }
     }
 
-    fn append(&self, chan: &InternalChannelId, n: Notification, meta: Metadata, inc: i64) {
+    /// Appends to `chan`, raising its level by `inc`; the new level.
+    fn append(&self, chan: &InternalChannelId, n: Notification, meta: Metadata, inc: i64) -> i64 {
         let now = self.clock.now();
         let mut channels = self.channels.borrow_mut();
         let channel = channels.entry(chan.clone()).or_default();
@@ -97,6 +98,7 @@ impl InMemoryPendingStore {
         channel.top_level += inc;
         channel.notifications.push(n);
         channel.meta.push(meta);
+        channel.top_level
     }
 }
 
@@ -154,14 +156,13 @@ impl PendingStore for InMemoryPendingStore {
         chan: &InternalChannelId,
         payload: Payload,
         expiration: SystemTime,
-    ) -> Result<(), StoreError> {
-        self.append(
+    ) -> Result<i64, StoreError> {
+        Ok(self.append(
             chan,
             Notification::broadcast(payload),
             Metadata::expiring(expiration),
             1,
-        );
-        Ok(())
+        ))
     }
 
     fn append_to_unicast_channel(

@@ -9,6 +9,7 @@
 mod channel_id;
 mod clock;
 mod inmemory;
+mod notify;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,6 +19,7 @@ use thiserror::Error;
 pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use inmemory::InMemoryPendingStore;
+pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 
 use crate::protocol::Notification;
 
@@ -121,6 +123,9 @@ pub trait PendingStore: std::fmt::Debug {
 
     /// Appends a notification to a broadcast channel, raising its top level by one.
     ///
+    /// # Returns
+    /// The channel's new top level.
+    ///
     /// # Errors
     /// [`StoreError::Unavailable`] on a backend fault.
     fn append_to_channel(
@@ -128,7 +133,7 @@ pub trait PendingStore: std::fmt::Debug {
         chan: &InternalChannelId,
         payload: crate::protocol::Payload,
         expiration: SystemTime,
-    ) -> Result<(), StoreError>;
+    ) -> Result<i64, StoreError>;
 
     /// Appends a notification to a unicast channel (whose level does not move).
     ///

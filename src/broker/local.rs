@@ -1,0 +1,296 @@
+//! The part of a broker that lives on one executor: the registry of its sessions, their
+//! access to the store, and delivery to them. The one-executor broker is one of these;
+//! the sharded broker has one per shard.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use ahash::AHashMap;
+use tracing::{debug, error};
+
+use super::{
+    BroadcastExchange, BrokerError, BrokerSession, ExchangeQueue, ExchangeRef,
+    ExchangesScratchArea, LevelsMap, SessionTracker, UnicastExchange, feed_pending,
+    get_info_string, levels_from_connect,
+};
+use crate::protocol::{ConnectMsg, Notification};
+use crate::store::{InternalChannelId, PendingStore};
+
+/// A registered session as the registry holds it.
+struct Registered {
+    /// Which registration this is, so an older session cannot unregister a newer one.
+    id: u64,
+    /// Where the broker feeds the session.
+    queue: Rc<ExchangeQueue>,
+}
+
+/// One executor's registry and store access. Owned by that executor alone (`Rc`).
+pub(crate) struct LocalBroker {
+    /// The store this executor's sessions read and drop from.
+    store: Rc<dyn PendingStore>,
+    /// Device id → its live session. Borrowed only inside a method, never across
+    /// `.await`.
+    registry: RefCell<AHashMap<Arc<str>, Registered>>,
+    /// Capacity of each session's exchange queue.
+    session_queue_size: usize,
+    /// The last registration id handed out.
+    next_session: Cell<u64>,
+}
+
+impl fmt::Debug for LocalBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalBroker")
+            .field("sessions", &self.session_count())
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalBroker {
+    pub(crate) fn new(store: Rc<dyn PendingStore>, session_queue_size: usize) -> Rc<Self> {
+        Rc::new(Self {
+            store,
+            registry: RefCell::new(AHashMap::new()),
+            session_queue_size,
+            next_session: Cell::new(0),
+        })
+    }
+
+    pub(crate) fn store(&self) -> &Rc<dyn PendingStore> {
+        &self.store
+    }
+
+    /// Registers a session for the device of `connect`: validates it, terminates an
+    /// older session of the device, and feeds the new one what is pending.
+    pub(crate) fn register(
+        self: &Rc<Self>,
+        connect: &ConnectMsg,
+        track: &dyn SessionTracker,
+    ) -> Result<LocalSession, BrokerError> {
+        let model = get_info_string(connect, "device", "?")?.to_owned();
+        let image_channel = get_info_string(connect, "channel", "?")?.to_owned();
+        let levels = levels_from_connect(connect)?;
+        let id = self.next_session.get() + 1;
+        self.next_session.set(id);
+        let queue = Rc::new(ExchangeQueue::new(self.session_queue_size));
+        let device_id: Arc<str> = Arc::from(connect.device_id.as_str());
+        let previous = self.registry.borrow_mut().insert(
+            Arc::clone(&device_id),
+            Registered {
+                id,
+                queue: Rc::clone(&queue),
+            },
+        );
+        if let Some(previous) = previous {
+            previous.queue.terminate();
+        }
+        let mut sess = LocalSession {
+            broker: Rc::clone(self),
+            id,
+            device_id,
+            model,
+            image_channel,
+            levels,
+            queue,
+            scratch: ExchangesScratchArea::default(),
+        };
+        debug!(session = track.session_id(), device = %sess.device_id, "registered with broker");
+        feed_pending(&mut sess);
+        track.registered(&sess);
+        Ok(sess)
+    }
+
+    /// Unregisters `sess` unless a newer session of the device replaced it.
+    pub(crate) fn unregister(&self, sess: &LocalSession) {
+        let mut registry = self.registry.borrow_mut();
+        if registry.get(&sess.device_id).is_some_and(|r| r.id == sess.id) {
+            registry.remove(&sess.device_id);
+        }
+    }
+
+    pub(crate) fn session_of(&self, device_id: &str) -> Option<u64> {
+        self.registry.borrow().get(device_id).map(|r| r.id)
+    }
+
+    pub(crate) fn session_count(&self) -> usize {
+        self.registry.borrow().len()
+    }
+
+    pub(crate) fn get(
+        &self,
+        chan: &InternalChannelId,
+        cached_ok: bool,
+    ) -> Result<(i64, Vec<Notification>), BrokerError> {
+        self.store.get_channel_snapshot(chan).map_err(|e| {
+            error!("unsuccessful, get channel snapshot for {chan} (cachedOk={cached_ok}): {e}");
+            e.into()
+        })
+    }
+
+    pub(crate) fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), BrokerError> {
+        self.store.drop_by_msg_id(chan, targets).map_err(|e| {
+            error!("unsuccessful, drop from channel {chan}: {e}");
+            e.into()
+        })
+    }
+
+    /// Feeds every session the current state of broadcast channel `chan` as one shared
+    /// exchange. A store failure is logged and skips the delivery (the next broadcast
+    /// tries again).
+    pub(crate) async fn deliver_broadcast(&self, chan: InternalChannelId) {
+        let Ok((top_level, notifications)) = self.get(&chan, false) else {
+            return;
+        };
+        self.fan_out(Rc::new(BroadcastExchange::new(chan, top_level, notifications)))
+            .await;
+    }
+
+    /// Feeds `exchange` to every session, yielding to the executor as needed so a large
+    /// fan-out never stalls pings and accepts.
+    pub(crate) async fn fan_out(&self, exchange: ExchangeRef) {
+        let queues: Vec<Rc<ExchangeQueue>> = self
+            .registry
+            .borrow()
+            .values()
+            .map(|r| Rc::clone(&r.queue))
+            .collect();
+        for queue in queues {
+            feed_queue(&queue, Rc::clone(&exchange));
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Feeds the device of unicast channel `chan` a unicast exchange if it is connected
+    /// here; whether it was.
+    pub(crate) fn deliver_unicast(&self, chan: InternalChannelId) -> bool {
+        let Some((_, device)) = chan.unicast_user_and_device() else {
+            debug!("unicast asked for broadcast channel {chan}");
+            return false;
+        };
+        let queue = self
+            .registry
+            .borrow()
+            .get(device)
+            .map(|r| Rc::clone(&r.queue));
+        match queue {
+            Some(queue) => {
+                feed_queue(
+                    &queue,
+                    Rc::new(UnicastExchange {
+                        chan_id: chan,
+                        cached_ok: false,
+                    }),
+                );
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+pub(crate) fn feed_queue(queue: &ExchangeQueue, exchange: ExchangeRef) {
+    if let Err(refused) = queue.feed(exchange) {
+        debug!("session queue full, dropping {refused:?}");
+    }
+}
+
+/// A session registered with a broker on its executor, owned by the session's task.
+pub struct LocalSession {
+    /// The executor's registry and store access.
+    broker: Rc<LocalBroker>,
+    /// The registration id.
+    id: u64,
+    device_id: Arc<str>,
+    model: String,
+    image_channel: String,
+    levels: LevelsMap,
+    /// Shared with the registry, which feeds and terminates it.
+    queue: Rc<ExchangeQueue>,
+    scratch: ExchangesScratchArea,
+}
+
+impl fmt::Debug for LocalSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalSession")
+            .field("id", &self.id)
+            .field("device_id", &self.device_id)
+            .field("model", &self.model)
+            .field("image_channel", &self.image_channel)
+            .field("levels", &self.levels)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalSession {
+    /// The registration id: the broker's `session_of` reports the id of a device's live
+    /// session.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session's exchange queue, shared (for harnesses that wait on it while the
+    /// session itself is borrowed elsewhere).
+    pub fn queue(&self) -> Rc<ExchangeQueue> {
+        Rc::clone(&self.queue)
+    }
+}
+
+impl BrokerSession for LocalSession {
+    fn session_channel(&self) -> &ExchangeQueue {
+        &self.queue
+    }
+
+    fn device_identifier(&self) -> &str {
+        &self.device_id
+    }
+
+    fn device_image_model(&self) -> &str {
+        &self.model
+    }
+
+    fn device_image_channel(&self) -> &str {
+        &self.image_channel
+    }
+
+    fn levels(&self) -> &LevelsMap {
+        &self.levels
+    }
+
+    fn levels_mut(&mut self) -> &mut LevelsMap {
+        &mut self.levels
+    }
+
+    fn exchange_scratch_area(&mut self) -> &mut ExchangesScratchArea {
+        &mut self.scratch
+    }
+
+    fn get(
+        &self,
+        chan: &InternalChannelId,
+        cached_ok: bool,
+    ) -> Result<(i64, Vec<Notification>), BrokerError> {
+        self.broker.get(chan, cached_ok)
+    }
+
+    fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), BrokerError> {
+        self.broker.drop_by_msg_id(chan, targets)
+    }
+
+    fn feed(&self, exchange: ExchangeRef) {
+        feed_queue(&self.queue, exchange);
+    }
+
+    fn internal_channel_id(&self) -> InternalChannelId {
+        InternalChannelId::unicast(&self.device_id, &self.device_id)
+    }
+}

@@ -1,0 +1,416 @@
+//! One shard: its registry, store and mesh endpoints, and the loop that serves its inbox
+//! and mesh.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures_lite::future;
+use smallvec::SmallVec;
+use tracing::{debug, warn};
+
+use super::{
+    Delivery, MeshBatch, MeshMsg, Request, ShardConfig, ShardId, ShardJob, ShardReceivers,
+    ShardedSending, owner_of_device,
+};
+use crate::broker::local::{LocalBroker, LocalSession};
+use crate::broker::{Broker, BrokerError, SessionTracker};
+use crate::protocol::{ConnectMsg, Notification};
+use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
+
+/// What a shard is started with.
+pub(crate) struct ShardContext {
+    pub(crate) id: ShardId,
+    pub(crate) config: ShardConfig,
+    pub(crate) sending: ShardedSending,
+    pub(crate) meshes: Arc<[flume::Sender<MeshBatch>]>,
+}
+
+/// The most inbox and mesh messages a shard takes in one go before delivering what they
+/// changed and letting other tasks run.
+const MAX_MESSAGES_PER_TURN: usize = 256;
+
+/// Mesh messages waiting to go to each peer until the end of the current task turn.
+struct Outbox {
+    /// Per destination shard. Borrowed only inside a method, never across `.await`.
+    pending: RefCell<Vec<MeshBatch>>,
+    /// Whether a flush task is already spawned for this turn.
+    scheduled: Cell<bool>,
+    /// Every shard's mesh sender (unbounded: sending never waits).
+    meshes: Arc<[flume::Sender<MeshBatch>]>,
+}
+
+impl Outbox {
+    fn push(self: &Rc<Self>, dest: ShardId, msg: MeshMsg) {
+        if let Some(batch) = self.pending.borrow_mut().get_mut(dest.0) {
+            batch.push(msg);
+        }
+        if !self.scheduled.replace(true) {
+            let outbox = Rc::clone(self);
+            // Runs once the current task yields: everything pushed meanwhile goes as one
+            // message per peer.
+            glommio::spawn_local(async move { outbox.flush() }).detach();
+        }
+    }
+
+    fn flush(&self) {
+        self.scheduled.set(false);
+        let batches: Vec<MeshBatch> = self
+            .pending
+            .borrow_mut()
+            .iter_mut()
+            .map(std::mem::take)
+            .collect();
+        for (dest, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Some(mesh) = self.meshes.get(dest) {
+                // Unbounded: fails only when the peer's receiver is gone (stopping).
+                if mesh.send(batch).is_err() {
+                    debug!("shard {dest} is gone; dropped a mesh batch");
+                }
+            }
+        }
+    }
+}
+
+/// A shard's state, owned by its thread.
+struct ShardCore {
+    id: ShardId,
+    config: ShardConfig,
+    /// This shard's registry and store.
+    local: Rc<LocalBroker>,
+    outbox: Rc<Outbox>,
+    sending: ShardedSending,
+    /// Message ids: this prefix (process start, shard) plus a counter.
+    msg_prefix: String,
+    next_msg: Cell<u64>,
+}
+
+/// A shard as the tasks running on it see it: register sessions of the devices it owns,
+/// look at its store, reach other shards. Cheap to clone; not `Send` (it is the shard's).
+#[derive(Clone)]
+pub struct Shard {
+    core: Rc<ShardCore>,
+}
+
+impl fmt::Debug for Shard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shard")
+            .field("id", &self.core.id)
+            .field("sessions", &self.core.local.session_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// This shard's id.
+    pub fn id(&self) -> ShardId {
+        self.core.id
+    }
+
+    /// How many shards there are.
+    pub fn nr_shards(&self) -> usize {
+        self.core.config.nr_shards
+    }
+
+    /// Whether this shard owns device `device_id`.
+    pub fn owns_device(&self, device_id: &str) -> bool {
+        owner_of_device(device_id, self.nr_shards()) == self.core.id
+    }
+
+    /// The broker's sending facet.
+    pub fn sending(&self) -> &ShardedSending {
+        &self.core.sending
+    }
+
+    /// This shard's store: the unicast channels of its devices and its replica of the
+    /// broadcast channels.
+    pub fn store(&self) -> &Rc<dyn PendingStore> {
+        self.core.local.store()
+    }
+
+    /// The registration id of the live session of `device_id` here, if any.
+    pub fn session_of(&self, device_id: &str) -> Option<u64> {
+        self.core.local.session_of(device_id)
+    }
+
+    /// How many sessions are registered here.
+    pub fn session_count(&self) -> usize {
+        self.core.local.session_count()
+    }
+
+    /// Runs `job` on shard `dest` (here too, after the current task turn), in order with
+    /// everything else this shard sends there.
+    pub fn run_on(&self, dest: ShardId, job: impl FnOnce(&Shard) + Send + 'static) {
+        self.core.outbox.push(dest, MeshMsg::Run(Box::new(job)));
+    }
+
+    fn next_msg_id(&self) -> String {
+        let n = self.core.next_msg.get() + 1;
+        self.core.next_msg.set(n);
+        format!("{}{n:x}", self.core.msg_prefix)
+    }
+
+    /// Applies a notify to this shard's store and delivers it if the device is here.
+    fn notify(&self, req: &UnicastRequest) -> Result<NotifyVerdict, BrokerError> {
+        let verdict = apply_notify(
+            &**self.store(),
+            req,
+            self.core.config.max_notifications_per_app,
+            self.next_msg_id(),
+        )?;
+        if matches!(verdict, NotifyVerdict::Accepted { .. }) {
+            self.core.local.deliver_unicast(req.chan_id.clone());
+        }
+        Ok(verdict)
+    }
+
+    /// Appends a broadcast notification as its sequencer and replicates it.
+    fn publish(
+        &self,
+        chan: InternalChannelId,
+        payload: crate::protocol::Payload,
+        expiration: SystemTime,
+        deliver: bool,
+        reply: flume::Sender<Result<i64, BrokerError>>,
+    ) -> Option<InternalChannelId> {
+        let top_level = match self.store().append_to_channel(&chan, payload.clone(), expiration) {
+            Ok(top) => top,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return None;
+            }
+        };
+        let peers = self.nr_shards() - 1;
+        let applied = if deliver || peers == 0 {
+            let _ = reply.send(Ok(top_level));
+            None
+        } else {
+            let (applied_tx, applied_rx) = flume::bounded(peers);
+            glommio::spawn_local(async move {
+                for _ in 0..peers {
+                    if applied_rx.recv_async().await.is_err() {
+                        let _ = reply.send(Err(BrokerError::NotRunning));
+                        return;
+                    }
+                }
+                let _ = reply.send(Ok(top_level));
+            })
+            .detach();
+            Some(applied_tx)
+        };
+        let notification = Notification::broadcast(payload);
+        for peer in (0..self.nr_shards()).map(ShardId).filter(|&p| p != self.id()) {
+            self.core.outbox.push(
+                peer,
+                MeshMsg::Replicate {
+                    chan: chan.clone(),
+                    top_level,
+                    notification: notification.clone(),
+                    expiration,
+                    deliver,
+                    applied: applied.clone(),
+                },
+            );
+        }
+        deliver.then_some(chan)
+    }
+
+    /// Appends a replicated broadcast notification to this shard's replica.
+    fn replicate(
+        &self,
+        chan: &InternalChannelId,
+        top_level: i64,
+        notification: Notification,
+        expiration: SystemTime,
+    ) {
+        match self
+            .store()
+            .append_to_channel(chan, notification.payload, expiration)
+        {
+            Ok(top) if top != top_level => {
+                warn!("replica of {chan} on {} at level {top}, sequencer at {top_level}", self.id());
+            }
+            Ok(_) => {}
+            Err(e) => warn!("replica of {chan} on {} not updated: {e}", self.id()),
+        }
+    }
+}
+
+impl Broker for Shard {
+    type Session = LocalSession;
+
+    /// Registers a session of a device this shard owns.
+    ///
+    /// # Errors
+    /// Besides the registration errors, an abort when the device belongs to another
+    /// shard: its connection must be moved there first.
+    async fn register(
+        &self,
+        connect: &ConnectMsg,
+        track: &dyn SessionTracker,
+    ) -> Result<LocalSession, BrokerError> {
+        let owner = owner_of_device(&connect.device_id, self.nr_shards());
+        if owner != self.id() {
+            return Err(BrokerError::WrongShard { owner: owner.0 });
+        }
+        self.core.local.register(connect, track)
+    }
+
+    fn unregister(&self, sess: &LocalSession) {
+        self.core.local.unregister(sess);
+    }
+}
+
+/// Channels whose replica changed in this turn and must be delivered.
+type Dirty = SmallVec<[InternalChannelId; 2]>;
+
+/// What the shard loop got.
+enum Got {
+    Request(Request),
+    Mesh(MeshBatch),
+    /// Stop asked for, or every sender gone.
+    Stop,
+}
+
+/// Serves the shard until it is asked to stop; hands back its receivers for a restart.
+pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardReceivers {
+    let store = (context.config.store)(context.id);
+    let nr_shards = context.config.nr_shards;
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    let shard = Shard {
+        core: Rc::new(ShardCore {
+            id: context.id,
+            local: LocalBroker::new(store, context.config.session_queue_size),
+            outbox: Rc::new(Outbox {
+                pending: RefCell::new((0..nr_shards).map(|_| Vec::new()).collect()),
+                scheduled: Cell::new(false),
+                meshes: context.meshes,
+            }),
+            sending: context.sending,
+            msg_prefix: format!("{started:x}-{:x}-", context.id.0),
+            next_msg: Cell::new(0),
+            config: context.config,
+        }),
+    };
+    debug!(shard = %shard.id(), "shard running");
+    let mut dirty = Dirty::new();
+    'serve: loop {
+        let first = future::or(
+            async {
+                rx.mesh
+                    .recv_async()
+                    .await
+                    .map_or(Got::Stop, Got::Mesh)
+            },
+            async {
+                rx.inbox
+                    .recv_async()
+                    .await
+                    .map_or(Got::Stop, Got::Request)
+            },
+        )
+        .await;
+        let mut got = Some(first);
+        let mut taken = 0;
+        while let Some(g) = got.take() {
+            taken += 1;
+            match g {
+                Got::Stop => break 'serve,
+                Got::Mesh(batch) => {
+                    for msg in batch {
+                        handle_mesh(&shard, msg, &mut dirty);
+                    }
+                }
+                Got::Request(req) => {
+                    if !handle_request(&shard, req, &mut dirty) {
+                        break 'serve;
+                    }
+                }
+            }
+            if taken < MAX_MESSAGES_PER_TURN {
+                got = rx
+                    .mesh
+                    .try_recv()
+                    .map(Got::Mesh)
+                    .or_else(|_| rx.inbox.try_recv().map(Got::Request))
+                    .ok();
+            }
+        }
+        // Deliver each changed channel once, however many appends this turn brought.
+        for chan in dirty.drain(..) {
+            shard.core.local.deliver_broadcast(chan).await;
+        }
+        glommio::yield_if_needed().await;
+    }
+    // Whatever this shard still had to send goes now.
+    shard.core.outbox.flush();
+    debug!(shard = %shard.id(), "shard stopped");
+    rx
+}
+
+fn mark(dirty: &mut Dirty, chan: InternalChannelId) {
+    if !dirty.contains(&chan) {
+        dirty.push(chan);
+    }
+}
+
+/// Handles one inbox request; `false` when the shard must stop.
+fn handle_request(shard: &Shard, req: Request, dirty: &mut Dirty) -> bool {
+    match req {
+        Request::Deliver(Delivery::Broadcast(chan)) => mark(dirty, chan),
+        Request::Deliver(Delivery::Unicast(chan)) => {
+            shard.core.local.deliver_unicast(chan);
+        }
+        Request::Publish {
+            chan,
+            payload,
+            expiration,
+            deliver,
+            reply,
+        } => {
+            if let Some(chan) = shard.publish(chan, payload, expiration, deliver, reply) {
+                mark(dirty, chan);
+            }
+        }
+        Request::Notify { req, reply } => {
+            // The asker may have given up waiting; the notify stands either way.
+            let _ = reply.send(shard.notify(&req));
+        }
+        Request::Run(job) => run_job(shard, job),
+        Request::Stop => return false,
+    }
+    true
+}
+
+fn handle_mesh(shard: &Shard, msg: MeshMsg, dirty: &mut Dirty) {
+    match msg {
+        MeshMsg::Replicate {
+            chan,
+            top_level,
+            notification,
+            expiration,
+            deliver,
+            applied,
+        } => {
+            shard.replicate(&chan, top_level, notification, expiration);
+            if let Some(applied) = applied {
+                let _ = applied.send(());
+            }
+            if deliver {
+                mark(dirty, chan);
+            }
+        }
+        MeshMsg::Run(job) => run_job(shard, job),
+    }
+}
+
+fn run_job(shard: &Shard, job: ShardJob) {
+    job(shard);
+}
