@@ -26,6 +26,22 @@ struct Registered {
     queue: Rc<ExchangeQueue>,
 }
 
+/// What one executor's broker has done since it started: for tests, benchmarks and
+/// metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryStats {
+    /// Sessions registered.
+    pub registrations: u64,
+    /// Broadcast deliveries made (one snapshot fanned out to every session).
+    pub broadcast_fanouts: u64,
+    /// Broadcast exchanges fed to sessions.
+    pub broadcast_feeds: u64,
+    /// Unicast exchanges fed to sessions.
+    pub unicast_feeds: u64,
+    /// Exchanges a full session queue refused.
+    pub refused_feeds: u64,
+}
+
 /// One executor's registry and store access. Owned by that executor alone (`Rc`).
 pub(crate) struct LocalBroker {
     /// The store this executor's sessions read and drop from.
@@ -37,6 +53,8 @@ pub(crate) struct LocalBroker {
     session_queue_size: usize,
     /// The last registration id handed out.
     next_session: Cell<u64>,
+    /// What it has done.
+    stats: Cell<DeliveryStats>,
 }
 
 impl fmt::Debug for LocalBroker {
@@ -55,7 +73,29 @@ impl LocalBroker {
             registry: RefCell::new(AHashMap::new()),
             session_queue_size,
             next_session: Cell::new(0),
+            stats: Cell::new(DeliveryStats::default()),
         })
+    }
+
+    pub(crate) fn stats(&self) -> DeliveryStats {
+        self.stats.get()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut DeliveryStats)) {
+        let mut stats = self.stats.get();
+        f(&mut stats);
+        self.stats.set(stats);
+    }
+
+    fn feed(&self, queue: &ExchangeQueue, exchange: ExchangeRef, unicast: bool) {
+        match queue.feed(exchange) {
+            Ok(()) if unicast => self.count(|s| s.unicast_feeds += 1),
+            Ok(()) => self.count(|s| s.broadcast_feeds += 1),
+            Err(refused) => {
+                self.count(|s| s.refused_feeds += 1);
+                debug!("session queue full, dropping {refused:?}");
+            }
+        }
     }
 
     pub(crate) fn store(&self) -> &Rc<dyn PendingStore> {
@@ -96,6 +136,7 @@ impl LocalBroker {
             queue,
             scratch: ExchangesScratchArea::default(),
         };
+        self.count(|s| s.registrations += 1);
         debug!(session = track.session_id(), device = %sess.device_id, "registered with broker");
         feed_pending(&mut sess);
         track.registered(&sess);
@@ -160,8 +201,9 @@ impl LocalBroker {
             .values()
             .map(|r| Rc::clone(&r.queue))
             .collect();
+        self.count(|s| s.broadcast_fanouts += 1);
         for queue in queues {
-            feed_queue(&queue, Rc::clone(&exchange));
+            self.feed(&queue, Rc::clone(&exchange), false);
             glommio::yield_if_needed().await;
         }
     }
@@ -180,13 +222,11 @@ impl LocalBroker {
             .map(|r| Rc::clone(&r.queue));
         match queue {
             Some(queue) => {
-                feed_queue(
-                    &queue,
-                    Rc::new(UnicastExchange {
-                        chan_id: chan,
-                        cached_ok: false,
-                    }),
-                );
+                let exchange = Rc::new(UnicastExchange {
+                    chan_id: chan,
+                    cached_ok: false,
+                });
+                self.feed(&queue, exchange, true);
                 true
             }
             None => false,

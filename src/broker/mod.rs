@@ -54,7 +54,7 @@ pub use exchange::{
     BroadcastExchange, ConnMeta, ConnMetaExchange, ExchangesScratchArea, UnicastExchange,
     feed_pending,
 };
-pub use local::LocalSession;
+pub use local::{DeliveryStats, LocalSession};
 pub use queue::{ExchangeQueue, Next};
 
 use crate::protocol::{ConnectMsg, Notification};

@@ -141,3 +141,337 @@ impl ExchangeQueue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use futures_lite::future;
+
+    use super::*;
+    use crate::broker::testing::run_local;
+    use crate::broker::{BroadcastExchange, ConnMeta, ConnMetaExchange, UnicastExchange};
+    use crate::store::InternalChannelId;
+
+    fn unicast(device: &str) -> ExchangeRef {
+        Rc::new(UnicastExchange {
+            chan_id: InternalChannelId::unicast(device, device),
+            cached_ok: false,
+        })
+    }
+
+    fn broadcast(top_level: i64) -> ExchangeRef {
+        Rc::new(BroadcastExchange::new(
+            InternalChannelId::System,
+            top_level,
+            Vec::new(),
+        ))
+    }
+
+    fn warn(reason: &str) -> ExchangeRef {
+        Rc::new(ConnMetaExchange {
+            msg: ConnMeta::Warn(reason.to_owned()),
+        })
+    }
+
+    /// Takes the next exchange, which must be there.
+    fn take(q: &ExchangeQueue) -> ExchangeRef {
+        match q.try_next() {
+            Some(Next::Exchange(e)) => e,
+            other => panic!("expected an exchange, got {other:?}"),
+        }
+    }
+
+    fn same(a: &ExchangeRef, b: &ExchangeRef) -> bool {
+        Rc::ptr_eq(a, b)
+    }
+
+    fn top_level(e: &ExchangeRef) -> i64 {
+        e.as_any()
+            .downcast_ref::<BroadcastExchange>()
+            .map(|b| b.top_level)
+            .unwrap_or_else(|| panic!("expected a broadcast exchange, got {e:?}"))
+    }
+
+    #[test]
+    fn exchanges_come_out_in_feeding_order() {
+        let q = ExchangeQueue::new(10);
+        assert!(q.is_empty());
+        assert!(q.try_next().is_none());
+        let fed = [unicast("d1"), broadcast(1), warn("w"), unicast("d2")];
+        for e in &fed {
+            q.feed(Rc::clone(e)).expect("room");
+        }
+        assert_eq!(q.len(), 4);
+        assert!(!q.is_empty());
+        for e in &fed {
+            assert!(same(&take(&q), e));
+        }
+        assert!(q.is_empty());
+        assert!(q.try_next().is_none());
+        // Feeding after draining works again.
+        let later = unicast("d3");
+        q.feed(Rc::clone(&later)).expect("room");
+        assert!(same(&take(&q), &later));
+    }
+
+    #[test]
+    fn terminate_wins_over_queued_exchanges() {
+        let q = ExchangeQueue::new(10);
+        q.feed(unicast("d1")).expect("room");
+        q.feed(broadcast(1)).expect("room");
+        assert!(!q.is_terminated());
+        q.terminate();
+        assert!(q.is_terminated());
+        for _ in 0..3 {
+            assert!(matches!(q.try_next(), Some(Next::Terminated)));
+        }
+        assert!(q.try_next().and_then(|n| n.exchange().cloned()).is_none());
+        // Nothing was taken out of the queue by asking.
+        assert_eq!(q.len(), 2);
+        // An empty terminated queue says the same.
+        let empty = ExchangeQueue::new(1);
+        empty.terminate();
+        assert!(matches!(empty.try_next(), Some(Next::Terminated)));
+    }
+
+    #[test]
+    fn a_newer_exchange_of_the_same_channel_replaces_the_queued_one_in_place() {
+        let q = ExchangeQueue::new(10);
+        let first = unicast("d1");
+        let old = broadcast(1);
+        let last = unicast("d2");
+        q.feed(Rc::clone(&first)).expect("room");
+        q.feed(Rc::clone(&old)).expect("room");
+        q.feed(Rc::clone(&last)).expect("room");
+        assert_eq!(q.len(), 3);
+
+        let new = broadcast(2);
+        q.feed(Rc::clone(&new)).expect("coalesced");
+        assert_eq!(q.len(), 3, "replaced, not added");
+        assert!(same(&take(&q), &first));
+        let middle = take(&q);
+        assert!(
+            same(&middle, &new),
+            "the newer one keeps the older one's place"
+        );
+        assert_eq!(top_level(&middle), 2);
+        assert!(same(&take(&q), &last));
+        assert!(q.is_empty());
+
+        // Unicast exchanges of one channel coalesce too; other channels do not.
+        let a1 = unicast("d1");
+        let b = unicast("d2");
+        let a2 = unicast("d1");
+        q.feed(Rc::clone(&a1)).expect("room");
+        q.feed(Rc::clone(&b)).expect("room");
+        q.feed(Rc::clone(&a2)).expect("coalesced");
+        assert_eq!(q.len(), 2);
+        assert!(same(&take(&q), &a2));
+        assert!(same(&take(&q), &b));
+    }
+
+    #[test]
+    fn broadcasts_of_different_channels_do_not_coalesce() {
+        let q = ExchangeQueue::new(10);
+        let other =
+            InternalChannelId::from_hex("0123456789abcdef0123456789abcdef").expect("hex id");
+        let sys = broadcast(1);
+        let b: ExchangeRef = Rc::new(BroadcastExchange::new(other, 1, Vec::new()));
+        q.feed(Rc::clone(&sys)).expect("room");
+        q.feed(Rc::clone(&b)).expect("room");
+        assert_eq!(q.len(), 2);
+        assert!(same(&take(&q), &sys));
+        assert!(same(&take(&q), &b));
+    }
+
+    #[test]
+    fn a_full_queue_hands_a_new_key_back_but_still_coalesces() {
+        let q = ExchangeQueue::new(2);
+        let d1 = unicast("d1");
+        let d2 = unicast("d2");
+        q.feed(Rc::clone(&d1)).expect("room");
+        q.feed(Rc::clone(&d2)).expect("room");
+        let d3 = unicast("d3");
+        let refused = q.feed(Rc::clone(&d3)).expect_err("full");
+        assert!(same(&refused, &d3), "the refused exchange is handed back");
+        let refused = q.feed(warn("w")).expect_err("full, even without a key");
+        assert!(refused.coalesce_key().is_none());
+        assert_eq!(q.len(), 2);
+
+        // An exchange with a queued key still gets in: it takes the older one's place.
+        let d2_new = unicast("d2");
+        q.feed(Rc::clone(&d2_new))
+            .expect("coalesced into a full queue");
+        assert_eq!(q.len(), 2);
+        assert!(same(&take(&q), &d1));
+        assert!(same(&take(&q), &d2_new));
+
+        // Room again once taken.
+        q.feed(Rc::clone(&d3)).expect("room");
+        assert!(same(&take(&q), &d3));
+    }
+
+    #[test]
+    fn capacity_is_at_least_one() {
+        let q = ExchangeQueue::new(0);
+        let e = unicast("d1");
+        q.feed(Rc::clone(&e)).expect("room for one");
+        assert!(q.feed(unicast("d2")).is_err());
+        assert!(same(&take(&q), &e));
+    }
+
+    #[test]
+    fn conn_meta_exchanges_are_never_coalesced() {
+        let q = ExchangeQueue::new(10);
+        let w1 = warn("one");
+        let w2 = warn("one");
+        let broken: ExchangeRef = Rc::new(ConnMetaExchange {
+            msg: ConnMeta::Broken("host-mismatch".to_owned()),
+        });
+        q.feed(Rc::clone(&w1)).expect("room");
+        q.feed(Rc::clone(&w2)).expect("room");
+        q.feed(Rc::clone(&broken)).expect("room");
+        assert_eq!(q.len(), 3);
+        assert!(same(&take(&q), &w1));
+        assert!(same(&take(&q), &w2));
+        assert!(same(&take(&q), &broken));
+    }
+
+    #[test]
+    fn debug_shows_length_capacity_and_termination() {
+        let q = ExchangeQueue::new(3);
+        q.feed(unicast("d1")).expect("room");
+        q.terminate();
+        assert_eq!(
+            format!("{q:?}"),
+            "ExchangeQueue { len: 1, capacity: 3, terminated: true }"
+        );
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    /// Yields until `cond` holds, at most a bounded number of times.
+    async fn yield_until(cond: impl Fn() -> bool) -> bool {
+        for _ in 0..1_000 {
+            if cond() {
+                return true;
+            }
+            future::yield_now().await;
+        }
+        cond()
+    }
+
+    /// Awaits `task`, up to [`PATIENCE`].
+    async fn within_patience<T>(task: impl Future<Output = T>) -> Option<T> {
+        future::or(async { Some(task.await) }, async {
+            glommio::timer::sleep(PATIENCE).await;
+            None
+        })
+        .await
+    }
+
+    #[test]
+    fn next_returns_at_once_when_something_waits() {
+        run_local(|| async {
+            let q = ExchangeQueue::new(10);
+            let e = unicast("d1");
+            q.feed(Rc::clone(&e)).expect("room");
+            let next = within_patience(q.next()).await.expect("no wait");
+            assert!(next.exchange().is_some_and(|got| same(got, &e)));
+            assert!(
+                q.waker.borrow().is_none(),
+                "no waker kept when nothing waited"
+            );
+        });
+    }
+
+    #[test]
+    fn next_wakes_when_fed_from_another_task() {
+        run_local(|| async {
+            let q = Rc::new(ExchangeQueue::new(10));
+            let started = Rc::new(Cell::new(false));
+            let waiter = {
+                let q = Rc::clone(&q);
+                let started = Rc::clone(&started);
+                glommio::spawn_local(async move {
+                    started.set(true);
+                    q.next().await
+                })
+            };
+            // Let the waiter block on the empty queue.
+            assert!(yield_until(|| started.get() && q.waker.borrow().is_some()).await);
+            let e = unicast("d1");
+            let feeder = {
+                let q = Rc::clone(&q);
+                let e = Rc::clone(&e);
+                glommio::spawn_local(async move { q.feed(e).is_ok() })
+            };
+            assert!(feeder.await);
+            let next = within_patience(waiter).await.expect("the waiter was woken");
+            assert!(next.exchange().is_some_and(|got| same(got, &e)));
+            assert!(q.is_empty());
+        });
+    }
+
+    #[test]
+    fn next_wakes_on_terminate_from_another_task() {
+        run_local(|| async {
+            let q = Rc::new(ExchangeQueue::new(10));
+            let waiter = {
+                let q = Rc::clone(&q);
+                glommio::spawn_local(async move { q.next().await })
+            };
+            assert!(yield_until(|| q.waker.borrow().is_some()).await);
+            let terminator = {
+                let q = Rc::clone(&q);
+                glommio::spawn_local(async move { q.terminate() })
+            };
+            terminator.await;
+            let next = within_patience(waiter).await.expect("the waiter was woken");
+            assert!(matches!(next, Next::Terminated));
+        });
+    }
+
+    #[test]
+    fn next_waits_again_after_each_exchange() {
+        run_local(|| async {
+            let q = Rc::new(ExchangeQueue::new(10));
+            let taken = Rc::new(Cell::new(0usize));
+            let consumer = {
+                let q = Rc::clone(&q);
+                let taken = Rc::clone(&taken);
+                glommio::spawn_local(async move {
+                    let mut got = Vec::new();
+                    loop {
+                        match q.next().await {
+                            Next::Exchange(e) => {
+                                got.push(e);
+                                taken.set(got.len());
+                            }
+                            Next::Terminated => return got,
+                        }
+                    }
+                })
+            };
+            let fed: Vec<ExchangeRef> = (0..3).map(|i| unicast(&format!("d{i}"))).collect();
+            for (i, e) in fed.iter().enumerate() {
+                assert!(
+                    yield_until(|| q.waker.borrow().is_some()).await,
+                    "waiting before {i}"
+                );
+                q.feed(Rc::clone(e)).expect("room");
+                assert!(yield_until(|| taken.get() == i + 1).await, "took {i}");
+            }
+            assert!(yield_until(|| q.waker.borrow().is_some()).await);
+            q.terminate();
+            let got = within_patience(consumer).await.expect("the consumer ended");
+            assert_eq!(got.len(), 3);
+            for (g, e) in got.iter().zip(&fed) {
+                assert!(same(g, e));
+            }
+        });
+    }
+}

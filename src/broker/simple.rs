@@ -138,6 +138,11 @@ impl SimpleBroker {
     pub fn session_count(&self) -> usize {
         self.inner.local.session_count()
     }
+
+    /// What the broker has delivered since it was made.
+    pub fn stats(&self) -> super::DeliveryStats {
+        self.inner.local.stats()
+    }
 }
 
 impl Broker for SimpleBroker {

@@ -682,3 +682,67 @@ impl BrokerSending for ShardedSending {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn owner_is_the_same_on_every_thread_and_every_call() {
+        let here: Vec<ShardId> = (0..100)
+            .map(|i| owner_of_device(&format!("dev-{i}"), 4))
+            .collect();
+        let there = std::thread::spawn(|| {
+            (0..100)
+                .map(|i| owner_of_device(&format!("dev-{i}"), 4))
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(here, there);
+    }
+
+    #[test]
+    fn devices_spread_evenly_over_shards() {
+        let mut counts = [0usize; 4];
+        for i in 0..20_000 {
+            counts[owner_of_device(&format!("device-{i:08}"), 4).0] += 1;
+        }
+        for c in counts {
+            assert!((4_000..6_000).contains(&c), "uneven spread: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn a_unicast_channel_lives_with_its_device() {
+        for n in 1..=8 {
+            for d in ["x", "dev-2", "phone-77"] {
+                assert_eq!(
+                    owner_of_channel(&InternalChannelId::unicast("user", d), n),
+                    owner_of_device(d, n)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zero_shards_count_as_one() {
+        assert_eq!(owner_of_device("dev", 0), ShardId(0));
+        assert_eq!(owner_of_channel(&InternalChannelId::System, 0), ShardId(0));
+    }
+
+    proptest! {
+        #[test]
+        fn owner_stays_in_range(device in ".*", n in 1usize..64) {
+            prop_assert!(owner_of_device(&device, n).0 < n);
+            prop_assert!(owner_of_channel(&InternalChannelId::unicast("u", &device), n).0 < n);
+        }
+
+        #[test]
+        fn sequencer_stays_in_range(hex in "[0-9a-f]{32}", n in 1usize..64) {
+            let chan = InternalChannelId::from_hex(&hex).expect("32 hex digits");
+            prop_assert!(owner_of_channel(&chan, n).0 < n);
+        }
+    }
+}

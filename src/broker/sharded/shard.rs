@@ -16,6 +16,7 @@ use super::{
     ShardedSending, owner_of_device,
 };
 use crate::broker::local::{LocalBroker, LocalSession};
+use crate::broker::DeliveryStats;
 use crate::broker::{Broker, BrokerError, SessionTracker};
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
@@ -141,6 +142,11 @@ impl Shard {
     /// How many sessions are registered here.
     pub fn session_count(&self) -> usize {
         self.core.local.session_count()
+    }
+
+    /// What this shard has delivered since it started.
+    pub fn stats(&self) -> DeliveryStats {
+        self.core.local.stats()
     }
 
     /// Runs `job` on shard `dest` (here too, after the current task turn), in order with
