@@ -103,3 +103,645 @@ pub fn apply_notify(
     )?;
     Ok(NotifyVerdict::Accepted { msg_id })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{InMemoryPendingStore, ManualClock};
+
+    fn t(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + secs)
+    }
+
+    /// A store whose clock reads `t(0)` until the test moves it.
+    fn store() -> (InMemoryPendingStore, Rc<ManualClock>) {
+        let clock = Rc::new(ManualClock::new(t(0)));
+        (InMemoryPendingStore::with_clock(clock.clone()), clock)
+    }
+
+    fn dev() -> InternalChannelId {
+        InternalChannelId::unicast("user1", "dev1")
+    }
+
+    /// The payload sent with the notification labelled `label`.
+    fn payload(label: &str) -> Payload {
+        Payload::from_json(&format!(r#"{{"m":"{label}"}}"#)).expect("valid JSON")
+    }
+
+    /// A notify of `app` to `dev()` carrying `payload(label)`, live until `t(expires)`.
+    fn req(app: &str, label: &str, expires: u64) -> UnicastRequest {
+        UnicastRequest {
+            chan_id: dev(),
+            app_id: app.to_owned(),
+            payload: payload(label),
+            expiration: t(expires),
+            replace_tag: None,
+            clear_pending: false,
+        }
+    }
+
+    fn tagged(app: &str, label: &str, expires: u64, tag: &str) -> UnicastRequest {
+        UnicastRequest {
+            replace_tag: Some(tag.to_owned()),
+            ..req(app, label, expires)
+        }
+    }
+
+    fn clearing(app: &str, label: &str, expires: u64) -> UnicastRequest {
+        UnicastRequest {
+            clear_pending: true,
+            ..req(app, label, expires)
+        }
+    }
+
+    /// Applies `r` under the label of its payload as message id; the in-memory store
+    /// never fails.
+    fn notify(s: &dyn PendingStore, r: &UnicastRequest, max_per_app: usize) -> NotifyVerdict {
+        let data: serde_json::Value = serde_json::from_str(r.payload.get()).expect("JSON");
+        let label = data["m"].as_str().expect("a payload made by `payload`");
+        apply_notify(s, r, max_per_app, label.to_owned()).expect("in-memory store never fails")
+    }
+
+    fn accepted(label: &str) -> NotifyVerdict {
+        NotifyVerdict::Accepted {
+            msg_id: label.to_owned(),
+        }
+    }
+
+    fn refused(newest: &str) -> NotifyVerdict {
+        NotifyVerdict::TooManyPending {
+            newest: payload(newest),
+        }
+    }
+
+    /// `(app, msg id)` of everything `chan` holds, expired or not, oldest first.
+    fn held_in(s: &dyn PendingStore, chan: &InternalChannelId) -> Vec<(String, String)> {
+        let (_, ns, metas) = s
+            .get_channel_unfiltered(chan)
+            .expect("in-memory store never fails");
+        assert_eq!(
+            ns.len(),
+            metas.len(),
+            "notifications and metadata misaligned"
+        );
+        ns.iter()
+            .map(|n| (n.app_id.to_string(), n.msg_id.to_string()))
+            .collect()
+    }
+
+    fn held(s: &dyn PendingStore) -> Vec<(String, String)> {
+        held_in(s, &dev())
+    }
+
+    fn entries(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|&(app, msg)| (app.to_owned(), msg.to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn accepted_notify_appends_the_request_under_the_given_msg_id() {
+        let (s, _) = store();
+        let first = UnicastRequest {
+            payload: Payload::from_json(r#" {"a": [1, 2],  "b":null} "#).expect("valid JSON"),
+            ..tagged("app1", "ignored", 100, "tag1")
+        };
+        assert_eq!(
+            apply_notify(&s, &first, 10, "msg-7".to_owned()),
+            Ok(accepted("msg-7"))
+        );
+        let second = req("app2", "n2", 200);
+        assert_eq!(
+            apply_notify(&s, &second, 10, "msg-8".to_owned()),
+            Ok(accepted("msg-8"))
+        );
+
+        let (level, ns, metas) = s.get_channel_unfiltered(&dev()).expect("unfiltered");
+        assert_eq!(level, 0, "a unicast append does not move the level");
+        assert_eq!(
+            ns,
+            [
+                Notification::unicast("app1", "msg-7", first.payload.clone()),
+                Notification::unicast("app2", "msg-8", payload("n2")),
+            ]
+        );
+        // The payload is kept as received, not re-encoded.
+        assert_eq!(ns[0].payload.get(), r#"{"a": [1, 2],  "b":null}"#);
+        assert_eq!(
+            metas,
+            [
+                Metadata {
+                    expiration: t(100),
+                    replace_tag: Some(Arc::from("tag1")),
+                },
+                Metadata {
+                    expiration: t(200),
+                    replace_tag: None,
+                },
+            ]
+        );
+        // Only the addressed channel was touched.
+        assert!(held_in(&s, &InternalChannelId::unicast("user1", "dev2")).is_empty());
+    }
+
+    #[test]
+    fn notify_beyond_the_apps_limit_is_refused_with_its_newest_pending_payload() {
+        let (s, _) = store();
+        assert_eq!(notify(&s, &req("app1", "m1", 100), 2), accepted("m1"));
+        assert_eq!(notify(&s, &req("app1", "m2", 50), 2), accepted("m2"));
+        // Newer than app1's, but another app's: not what app1 is told about.
+        assert_eq!(notify(&s, &req("app2", "m3", 100), 2), accepted("m3"));
+
+        // The newest is the last appended, not the one expiring last.
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 2), refused("m2"));
+        assert_eq!(
+            held(&s),
+            entries(&[("app1", "m1"), ("app1", "m2"), ("app2", "m3")]),
+            "nothing is appended when refused"
+        );
+        // Refusals stick while nothing changes.
+        assert_eq!(notify(&s, &req("app1", "m5", 100), 2), refused("m2"));
+        assert_eq!(held(&s).len(), 3);
+    }
+
+    #[test]
+    fn other_apps_notifications_do_not_count_towards_the_limit() {
+        let (s, _) = store();
+        assert_eq!(notify(&s, &req("app2", "m1", 100), 2), accepted("m1"));
+        assert_eq!(notify(&s, &req("app2", "m2", 100), 2), accepted("m2"));
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 2), accepted("m3"));
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 2), accepted("m4"));
+        assert_eq!(notify(&s, &req("app1", "m5", 100), 2), refused("m4"));
+        assert_eq!(notify(&s, &req("app2", "m6", 100), 2), refused("m2"));
+        // The same app on another device has its own limit.
+        let other = UnicastRequest {
+            chan_id: InternalChannelId::unicast("user1", "dev2"),
+            ..req("app1", "m7", 100)
+        };
+        assert_eq!(notify(&s, &other, 2), accepted("m7"));
+        assert_eq!(
+            held(&s),
+            entries(&[
+                ("app2", "m1"),
+                ("app2", "m2"),
+                ("app1", "m3"),
+                ("app1", "m4")
+            ])
+        );
+    }
+
+    #[test]
+    fn expired_notifications_are_scrubbed_first_and_do_not_count() {
+        let (s, clock) = store();
+        assert_eq!(notify(&s, &req("app1", "m1", 10), 2), accepted("m1"));
+        assert_eq!(notify(&s, &req("app1", "m2", 100), 2), accepted("m2"));
+        assert_eq!(notify(&s, &req("app2", "m3", 10), 2), accepted("m3"));
+
+        // Expiring exactly now is still live: counted, and the notify is refused.
+        clock.set(t(10));
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 2), refused("m2"));
+        assert_eq!(held(&s).len(), 3);
+
+        clock.advance(Duration::from_nanos(1));
+        assert_eq!(notify(&s, &req("app1", "m5", 100), 2), accepted("m5"));
+        // Every expired notification of the channel went, other apps' too.
+        assert_eq!(held(&s), entries(&[("app1", "m2"), ("app1", "m5")]));
+    }
+
+    #[test]
+    fn refused_notify_still_scrubs_and_names_the_newest_live_payload() {
+        let (s, clock) = store();
+        assert_eq!(notify(&s, &req("app1", "m1", 100), 2), accepted("m1"));
+        assert_eq!(notify(&s, &req("app1", "m2", 20), 2), accepted("m2"));
+        assert_eq!(notify(&s, &req("app2", "m3", 20), 2), accepted("m3"));
+
+        clock.set(t(21));
+        // m2 is app1's newest but has expired: m1 is what is pending.
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 1), refused("m1"));
+        // The refused notify touched the channel: the expired ones of every app went.
+        assert_eq!(held(&s), entries(&[("app1", "m1")]));
+    }
+
+    #[test]
+    fn clear_pending_removes_only_the_apps_pending_and_appends_at_the_limit() {
+        let (s, _) = store();
+        assert_eq!(notify(&s, &req("app1", "m1", 100), 2), accepted("m1"));
+        assert_eq!(notify(&s, &req("app2", "m2", 100), 2), accepted("m2"));
+        assert_eq!(
+            notify(&s, &tagged("app1", "m3", 100, "x"), 2),
+            accepted("m3")
+        );
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 2), refused("m3"));
+
+        assert_eq!(notify(&s, &clearing("app1", "m5", 100), 2), accepted("m5"));
+        assert_eq!(held(&s), entries(&[("app2", "m2"), ("app1", "m5")]));
+        // The cleared ones no longer count: one more fits, then the limit is back.
+        assert_eq!(notify(&s, &req("app1", "m6", 100), 2), accepted("m6"));
+        assert_eq!(notify(&s, &req("app1", "m7", 100), 2), refused("m6"));
+        assert_eq!(
+            held(&s),
+            entries(&[("app2", "m2"), ("app1", "m5"), ("app1", "m6")])
+        );
+    }
+
+    #[test]
+    fn clear_pending_with_nothing_pending_just_appends() {
+        let (s, _) = store();
+        assert_eq!(notify(&s, &req("app2", "m1", 100), 2), accepted("m1"));
+        assert_eq!(notify(&s, &clearing("app1", "m2", 100), 2), accepted("m2"));
+        assert_eq!(held(&s), entries(&[("app2", "m1"), ("app1", "m2")]));
+    }
+
+    #[test]
+    fn clear_pending_with_a_replace_tag_still_clears_everything_of_the_app() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 100, "x"), 5),
+            accepted("m1")
+        );
+        assert_eq!(
+            notify(&s, &tagged("app1", "m2", 100, "y"), 5),
+            accepted("m2")
+        );
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 5), accepted("m3"));
+        let r = UnicastRequest {
+            clear_pending: true,
+            ..tagged("app1", "m4", 100, "x")
+        };
+        assert_eq!(notify(&s, &r, 5), accepted("m4"));
+        assert_eq!(held(&s), entries(&[("app1", "m4")]));
+    }
+
+    #[test]
+    fn matching_replace_tag_replaces_the_apps_pending_one_even_at_the_limit() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 100, "a"), 2),
+            accepted("m1")
+        );
+        assert_eq!(
+            notify(&s, &tagged("app1", "m2", 100, "b"), 2),
+            accepted("m2")
+        );
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 2), refused("m2"));
+
+        assert_eq!(
+            notify(&s, &tagged("app1", "m4", 200, "a"), 2),
+            accepted("m4")
+        );
+        let (_, ns, metas) = s.get_channel_unfiltered(&dev()).expect("unfiltered");
+        assert_eq!(
+            ns,
+            [
+                Notification::unicast("app1", "m2", payload("m2")),
+                Notification::unicast("app1", "m4", payload("m4")),
+            ]
+        );
+        assert_eq!(metas[1].replace_tag.as_deref(), Some("a"));
+        assert_eq!(metas[1].expiration, t(200));
+        // Still at the limit, and the replacement is now the newest.
+        assert_eq!(notify(&s, &req("app1", "m5", 100), 2), refused("m4"));
+    }
+
+    #[test]
+    fn matching_replace_tag_below_the_limit_removes_the_old_one() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 100, "a"), 5),
+            accepted("m1")
+        );
+        assert_eq!(notify(&s, &req("app1", "m2", 100), 5), accepted("m2"));
+        assert_eq!(
+            notify(&s, &tagged("app1", "m3", 100, "a"), 5),
+            accepted("m3")
+        );
+        assert_eq!(held(&s), entries(&[("app1", "m2"), ("app1", "m3")]));
+    }
+
+    #[test]
+    fn replace_tag_of_another_app_does_not_replace_and_at_the_limit_is_refused() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app2", "m1", 100, "a"), 2),
+            accepted("m1")
+        );
+        assert_eq!(
+            notify(&s, &tagged("app1", "m2", 100, "b"), 2),
+            accepted("m2")
+        );
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 2), accepted("m3"));
+
+        assert_eq!(
+            notify(&s, &tagged("app1", "m4", 100, "a"), 2),
+            refused("m3")
+        );
+        assert_eq!(
+            held(&s),
+            entries(&[("app2", "m1"), ("app1", "m2"), ("app1", "m3")])
+        );
+
+        // Below the limit it appends, and app2's "a" stays.
+        assert_eq!(
+            notify(&s, &tagged("app1", "m5", 100, "a"), 3),
+            accepted("m5")
+        );
+        assert_eq!(
+            held(&s),
+            entries(&[
+                ("app2", "m1"),
+                ("app1", "m2"),
+                ("app1", "m3"),
+                ("app1", "m5")
+            ])
+        );
+    }
+
+    #[test]
+    fn replace_tag_without_a_match_below_the_limit_simply_appends() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 100, "x"), 3),
+            accepted("m1")
+        );
+        assert_eq!(notify(&s, &req("app1", "m2", 100), 3), accepted("m2"));
+        assert_eq!(
+            notify(&s, &tagged("app1", "m3", 100, "y"), 3),
+            accepted("m3")
+        );
+        assert_eq!(
+            held(&s),
+            entries(&[("app1", "m1"), ("app1", "m2"), ("app1", "m3")])
+        );
+        // And at the limit, an unmatched tag is refused like any other notify.
+        assert_eq!(
+            notify(&s, &tagged("app1", "m4", 100, "z"), 3),
+            refused("m3")
+        );
+        assert_eq!(held(&s).len(), 3);
+    }
+
+    #[test]
+    fn untagged_notifications_never_replace_each_other() {
+        let (s, _) = store();
+        assert_eq!(notify(&s, &req("app1", "m1", 100), 3), accepted("m1"));
+        assert_eq!(notify(&s, &req("app1", "m2", 100), 3), accepted("m2"));
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 3), accepted("m3"));
+        assert_eq!(
+            held(&s),
+            entries(&[("app1", "m1"), ("app1", "m2"), ("app1", "m3")])
+        );
+        assert_eq!(notify(&s, &req("app1", "m4", 100), 3), refused("m3"));
+        assert_eq!(held(&s).len(), 3);
+    }
+
+    #[test]
+    fn expired_notification_with_the_tag_is_not_replaced_but_scrubbed() {
+        let (s, clock) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 10, "a"), 1),
+            accepted("m1")
+        );
+        clock.set(t(11));
+        // Nothing live is pending: m2 is accepted though it replaces nothing.
+        assert_eq!(
+            notify(&s, &tagged("app1", "m2", 100, "a"), 1),
+            accepted("m2")
+        );
+        assert_eq!(held(&s), entries(&[("app1", "m2")]));
+    }
+
+    #[test]
+    fn snapshot_after_two_notifies_with_the_same_tag_shows_only_the_newest() {
+        let (s, _) = store();
+        assert_eq!(
+            notify(&s, &tagged("app1", "m1", 100, "a"), 5),
+            accepted("m1")
+        );
+        assert_eq!(
+            notify(&s, &tagged("app2", "m2", 100, "a"), 5),
+            accepted("m2")
+        );
+        assert_eq!(
+            notify(&s, &tagged("app1", "m3", 100, "a"), 5),
+            accepted("m3")
+        );
+        let (level, live) = s.get_channel_snapshot(&dev()).expect("snapshot");
+        assert_eq!(level, 0);
+        assert_eq!(
+            live,
+            [
+                Notification::unicast("app2", "m2", payload("m2")),
+                Notification::unicast("app1", "m3", payload("m3")),
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_limit_refuses_with_a_null_payload_when_nothing_is_pending() {
+        let (s, _) = store();
+        let refused_null = NotifyVerdict::TooManyPending {
+            newest: Payload::null(),
+        };
+        assert_eq!(notify(&s, &req("app1", "m1", 100), 0), refused_null);
+        assert!(held(&s).is_empty());
+        // Another app's pending notification is not app1's newest.
+        assert_eq!(notify(&s, &clearing("app2", "m2", 100), 0), accepted("m2"));
+        assert_eq!(notify(&s, &req("app1", "m3", 100), 0), refused_null);
+        let NotifyVerdict::TooManyPending { newest } = notify(&s, &req("app1", "m4", 100), 0)
+        else {
+            panic!("a zero limit must refuse");
+        };
+        assert_eq!(newest.get(), "null");
+        // With something of app1 pending, that is what a refusal names.
+        assert_eq!(notify(&s, &clearing("app1", "m5", 100), 0), accepted("m5"));
+        assert_eq!(notify(&s, &req("app1", "m6", 100), 0), refused("m5"));
+        assert_eq!(held(&s), entries(&[("app2", "m2"), ("app1", "m5")]));
+    }
+
+    /// The store operations [`FaultyStore`] can fail.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Op {
+        Scrub,
+        Unfiltered,
+        Append,
+    }
+
+    /// An in-memory store whose chosen operation fails after some successful calls.
+    ///
+    /// (`crate::broker::testing::FailingPendingStore` fails only snapshots and drops,
+    /// neither of which `apply_notify` calls.)
+    #[derive(Debug)]
+    struct FaultyStore {
+        inner: InMemoryPendingStore,
+        /// The failing operation and how many calls of it succeed first.
+        fail: Cell<Option<(Op, usize)>>,
+    }
+
+    impl FaultyStore {
+        fn new(op: Op, successes: usize) -> Self {
+            Self {
+                inner: store().0,
+                fail: Cell::new(Some((op, successes))),
+            }
+        }
+
+        fn check(&self, op: Op) -> Result<(), StoreError> {
+            match self.fail.get() {
+                Some((o, 0)) if o == op => Err(StoreError::Unavailable(format!("{op:?} failed"))),
+                Some((o, n)) if o == op => {
+                    self.fail.set(Some((o, n - 1)));
+                    Ok(())
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    impl PendingStore for FaultyStore {
+        fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
+            self.inner.register(device_id, app_id)
+        }
+
+        fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
+            self.inner.unregister(device_id, app_id)
+        }
+
+        fn get_internal_channel_id_from_token(
+            &self,
+            token: &str,
+            app_id: &str,
+            user_id: &str,
+            device_id: &str,
+        ) -> Result<InternalChannelId, StoreError> {
+            self.inner
+                .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
+        }
+
+        fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
+            self.inner.get_internal_channel_id(name)
+        }
+
+        fn append_to_channel(
+            &self,
+            chan: &InternalChannelId,
+            payload: Payload,
+            expiration: SystemTime,
+        ) -> Result<i64, StoreError> {
+            self.inner.append_to_channel(chan, payload, expiration)
+        }
+
+        fn append_to_unicast_channel(
+            &self,
+            chan: &InternalChannelId,
+            notification: Notification,
+            meta: Metadata,
+        ) -> Result<(), StoreError> {
+            self.check(Op::Append)?;
+            self.inner
+                .append_to_unicast_channel(chan, notification, meta)
+        }
+
+        fn get_channel_snapshot(
+            &self,
+            chan: &InternalChannelId,
+        ) -> Result<(i64, Vec<Notification>), StoreError> {
+            self.inner.get_channel_snapshot(chan)
+        }
+
+        fn get_channel_unfiltered(
+            &self,
+            chan: &InternalChannelId,
+        ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
+            self.check(Op::Unfiltered)?;
+            self.inner.get_channel_unfiltered(chan)
+        }
+
+        fn scrub(
+            &self,
+            chan: &InternalChannelId,
+            criteria: ScrubCriteria<'_>,
+        ) -> Result<(), StoreError> {
+            self.check(Op::Scrub)?;
+            self.inner.scrub(chan, criteria)
+        }
+
+        fn drop_by_msg_id(
+            &self,
+            chan: &InternalChannelId,
+            targets: &[Notification],
+        ) -> Result<(), StoreError> {
+            self.inner.drop_by_msg_id(chan, targets)
+        }
+    }
+
+    fn unavailable(op: Op) -> Result<NotifyVerdict, StoreError> {
+        Err(StoreError::Unavailable(format!("{op:?} failed")))
+    }
+
+    #[test]
+    fn failing_read_of_the_channel_is_returned_and_nothing_appended() {
+        let s = FaultyStore::new(Op::Unfiltered, 0);
+        assert_eq!(
+            apply_notify(&s, &req("app1", "m1", 100), 2, "m1".to_owned()),
+            unavailable(Op::Unfiltered)
+        );
+        assert!(held(&s.inner).is_empty());
+    }
+
+    #[test]
+    fn failing_expiry_scrub_is_returned_and_nothing_appended() {
+        let s = FaultyStore::new(Op::Scrub, 0);
+        for r in [
+            req("app1", "m1", 100),
+            clearing("app1", "m1", 100),
+            tagged("app1", "m1", 100, "a"),
+        ] {
+            assert_eq!(
+                apply_notify(&s, &r, 2, "m1".to_owned()),
+                unavailable(Op::Scrub),
+                "{r:?}"
+            );
+        }
+        assert!(held(&s.inner).is_empty());
+    }
+
+    #[test]
+    fn failing_clear_is_returned_and_nothing_appended() {
+        // The expiry scrub succeeds; the clearing one fails.
+        let s = FaultyStore::new(Op::Scrub, 1);
+        assert_eq!(
+            apply_notify(&s, &clearing("app1", "m1", 100), 2, "m1".to_owned()),
+            unavailable(Op::Scrub)
+        );
+        assert!(held(&s.inner).is_empty());
+    }
+
+    #[test]
+    fn failing_replacement_is_returned_and_the_old_one_kept() {
+        // Two successful scrubs: those of the first notify and the expiry one of the second.
+        let s = FaultyStore::new(Op::Scrub, 2);
+        assert_eq!(
+            apply_notify(&s, &tagged("app1", "m1", 100, "a"), 2, "m1".to_owned()),
+            Ok(accepted("m1"))
+        );
+        assert_eq!(
+            apply_notify(&s, &tagged("app1", "m2", 100, "a"), 2, "m2".to_owned()),
+            unavailable(Op::Scrub)
+        );
+        assert_eq!(held(&s.inner), entries(&[("app1", "m1")]));
+    }
+
+    #[test]
+    fn failing_append_is_returned() {
+        let s = FaultyStore::new(Op::Append, 0);
+        assert_eq!(
+            apply_notify(&s, &req("app1", "m1", 100), 2, "m1".to_owned()),
+            unavailable(Op::Append)
+        );
+        assert!(held(&s.inner).is_empty());
+    }
+}
