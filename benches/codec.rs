@@ -13,8 +13,11 @@ use pushbroker::protocol::{
 fn payloads(n: usize) -> Vec<Payload> {
     (0..n)
         .map(|i| {
-            Payload::from_json(&format!(r#"{{"daily/mako":{{"build":{i},"note":"{}"}}}}"#, "x".repeat(64)))
-                .expect("bench payload is JSON")
+            Payload::from_json(&format!(
+                r#"{{"daily/mako":{{"build":{i},"note":"{}"}}}}"#,
+                "x".repeat(64)
+            ))
+            .expect("bench payload is JSON")
         })
         .collect()
 }
@@ -38,25 +41,57 @@ fn codec(c: &mut Criterion) {
                 black_box(encode_frame(&mut buf, black_box(msg)).expect("encodes"));
             })
         });
+        // Baseline: the same JSON built and written as a generic serde_json::Value, as a
+        // codec without typed messages would.
+        let value: serde_json::Value = serde_json::from_slice(&buf[2..]).expect("JSON");
+        group.bench_with_input(
+            BenchmarkId::new("baseline_value_to_vec", n),
+            &value,
+            |b, v| b.iter(|| black_box(serde_json::to_vec(black_box(v)).expect("encodes"))),
+        );
         let frame = buf.clone();
-        group.bench_with_input(BenchmarkId::new("decode_broadcast", n), &frame, |b, frame| {
-            b.iter(|| black_box(decode_message(black_box(frame), MAX_FRAME_BODY).expect("decodes")))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("baseline_value_from_slice", n),
+            &frame,
+            |b, f| {
+                b.iter(|| {
+                    black_box(
+                        serde_json::from_slice::<serde_json::Value>(black_box(&f[2..]))
+                            .expect("decodes"),
+                    )
+                })
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("decode_broadcast", n),
+            &frame,
+            |b, frame| {
+                b.iter(|| {
+                    black_box(decode_message(black_box(frame), MAX_FRAME_BODY).expect("decodes"))
+                })
+            },
+        );
 
         let notifs: Vec<Notification> = ps
             .iter()
             .enumerate()
-            .map(|(i, p)| Notification::unicast("com.example.app_app", &format!("msg-{i}"), p.clone()))
+            .map(|(i, p)| {
+                Notification::unicast("com.example.app_app", &format!("msg-{i}"), p.clone())
+            })
             .collect();
         let msg = Message::Notifications(NotificationsMsg {
             notifications: Cow::Borrowed(&notifs),
         });
-        group.bench_with_input(BenchmarkId::new("encode_notifications", n), &msg, |b, msg| {
-            b.iter(|| {
-                buf.clear();
-                black_box(encode_frame(&mut buf, black_box(msg)).expect("encodes"));
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("encode_notifications", n),
+            &msg,
+            |b, msg| {
+                b.iter(|| {
+                    buf.clear();
+                    black_box(encode_frame(&mut buf, black_box(msg)).expect("encodes"));
+                })
+            },
+        );
     }
     group.throughput(Throughput::Elements(1));
     let mut buf = Vec::new();

@@ -15,7 +15,10 @@ use pushbroker::store::{InMemoryPendingStore, InternalChannelId, Metadata, Pendi
 fn notifications(n: usize, size: usize) -> Vec<Notification> {
     (0..n)
         .map(|i| {
-            let p = format!(r#"{{"daily/mako":{{"build":{i},"note":"{}"}}}}"#, "x".repeat(size));
+            let p = format!(
+                r#"{{"daily/mako":{{"build":{i},"note":"{}"}}}}"#,
+                "x".repeat(size)
+            );
             Notification::broadcast(Payload::from_json(&p).expect("bench payload is JSON"))
         })
         .collect()
@@ -34,25 +37,34 @@ fn broadcast(c: &mut Criterion) {
     for n in [1usize, 10] {
         let notifs = notifications(n, 100);
         // A new exchange each time: decoding payloads, filtering, encoding.
-        group.bench_with_input(BenchmarkId::new("new_and_first_prepare", n), &notifs, |b, notifs| {
-            let mut sess = session();
-            b.iter(|| {
-                let ex = BroadcastExchange::new(InternalChannelId::System, n as i64, notifs.clone());
-                black_box(ex.prepare(&mut sess).expect("prepares"));
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("new_and_first_prepare", n),
+            &notifs,
+            |b, notifs| {
+                let mut sess = session();
+                b.iter(|| {
+                    let ex =
+                        BroadcastExchange::new(InternalChannelId::System, n as i64, notifs.clone());
+                    black_box(ex.prepare(&mut sess).expect("prepares"));
+                })
+            },
+        );
         // One exchange, many sessions: every prepare after the first reuses the frames.
         let ex = BroadcastExchange::new(InternalChannelId::System, n as i64, notifs.clone());
         group.bench_with_input(BenchmarkId::new("cached_prepare", n), &ex, |b, ex| {
             let mut sess = session();
             b.iter(|| black_box(ex.prepare(&mut sess).expect("prepares")))
         });
-        group.bench_with_input(BenchmarkId::new("cached_prepare_and_ack", n), &ex, |b, ex| {
-            b.iter(|| {
-                let mut sess = session();
-                black_box(perform_acking(ex, &mut sess).expect("performs"));
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("cached_prepare_and_ack", n),
+            &ex,
+            |b, ex| {
+                b.iter(|| {
+                    let mut sess = session();
+                    black_box(perform_acking(ex, &mut sess).expect("performs"));
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -66,13 +78,18 @@ fn split(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("split_payloads", n), &payloads, |b, ps| {
             b.iter(|| black_box(split_payloads(black_box(ps))))
         });
-        group.bench_with_input(BenchmarkId::new("prepare_split_broadcast", n), &notifs, |b, notifs| {
-            let mut sess = session();
-            b.iter(|| {
-                let ex = BroadcastExchange::new(InternalChannelId::System, n as i64, notifs.clone());
-                black_box(ex.prepare(&mut sess).expect("prepares"));
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("prepare_split_broadcast", n),
+            &notifs,
+            |b, notifs| {
+                let mut sess = session();
+                b.iter(|| {
+                    let ex =
+                        BroadcastExchange::new(InternalChannelId::System, n as i64, notifs.clone());
+                    black_box(ex.prepare(&mut sess).expect("prepares"));
+                })
+            },
+        );
     }
     group.finish();
 }
@@ -85,7 +102,10 @@ fn unicast(c: &mut Criterion) {
     group.bench_function("append_prepare_ack_1", |b| {
         let store = Rc::new(InMemoryPendingStore::new());
         let mut sess = TestBrokerSession::new("dev-1", store.clone());
-        let ex = UnicastExchange { chan_id: chan.clone(), cached_ok: false };
+        let ex = UnicastExchange {
+            chan_id: chan.clone(),
+            cached_ok: false,
+        };
         let payload = Payload::from_json(r#"{"message":"hello","badge":1}"#).expect("JSON");
         b.iter(|| {
             store

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use super::{BrokerError, BrokerSession, ErrAbort, Exchange, Prepared};
-use crate::protocol::{BroadcastMsg, Message, Notification, NotificationsMsg, Payload, encode_frame};
+use crate::protocol::{
+    BroadcastMsg, Message, Notification, NotificationsMsg, Payload, encode_frame,
+};
 use crate::store::InternalChannelId;
 
 /// Where a part's frame bytes are.
@@ -119,13 +121,21 @@ pub struct BroadcastExchange {
     pub top_level: i64,
     /// The channel's live notifications, oldest first; the last is at `top_level`.
     pub notifications: Arc<[Notification]>,
-    /// Each payload decoded as a JSON object (`None` when it is not one), for the system
-    /// channel's filter.
-    pub decoded: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
+    /// Payload index → the payload decoded as a JSON object (`None` when it is not one),
+    /// for the system channel's filter. Filled on first need: devices are usually one
+    /// level behind, so only the newest payloads are ever decoded. Borrowed only inside a
+    /// method.
+    decoded: RefCell<AHashMap<usize, Option<JsonObject>>>,
     /// Device tag → first payload index → the encoded frames. Borrowed only inside
     /// `prepare`.
-    encoded: RefCell<AHashMap<Box<str>, AHashMap<usize, Rc<Encoded>>>>,
+    encoded: RefCell<EncodingCache>,
 }
+
+/// A payload decoded as a JSON object.
+pub type JsonObject = serde_json::Map<String, serde_json::Value>;
+
+/// Device tag → first payload index → the frames encoded for that window and tag.
+type EncodingCache = AHashMap<Box<str>, AHashMap<usize, Rc<Encoded>>>;
 
 impl fmt::Debug for BroadcastExchange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -142,30 +152,44 @@ impl PartialEq for BroadcastExchange {
         self.chan_id == other.chan_id
             && self.top_level == other.top_level
             && self.notifications == other.notifications
-            && self.decoded == other.decoded
     }
 }
 
 impl BroadcastExchange {
     /// An exchange for `chan_id` at `top_level` with its live `notifications` (the
-    /// original's literal plus `Init`: payloads are decoded here, once).
+    /// original's literal plus `Init`; payloads are decoded when a filter first needs
+    /// them, once).
     pub fn new(
         chan_id: InternalChannelId,
         top_level: i64,
         notifications: impl Into<Arc<[Notification]>>,
     ) -> Self {
-        let notifications = notifications.into();
-        let decoded = notifications
-            .iter()
-            .map(|n| serde_json::from_str(n.payload.get()).ok())
-            .collect();
         Self {
             chan_id,
             top_level,
-            notifications,
-            decoded,
+            notifications: notifications.into(),
+            decoded: RefCell::new(AHashMap::new()),
             encoded: RefCell::new(AHashMap::new()),
         }
+    }
+
+    /// Every payload decoded as a JSON object (`None` for one that is not), oldest first:
+    /// the original's `Decoded`.
+    pub fn decoded(&self) -> Vec<Option<JsonObject>> {
+        (0..self.notifications.len())
+            .map(|i| self.with_decoded(i, Option::clone))
+            .collect()
+    }
+
+    /// Runs `f` on payload `i` decoded, decoding it on first use.
+    fn with_decoded<R>(&self, i: usize, f: impl FnOnce(&Option<JsonObject>) -> R) -> R {
+        let mut decoded = self.decoded.borrow_mut();
+        let entry = decoded.entry(i).or_insert_with(|| {
+            self.notifications
+                .get(i)
+                .and_then(|n| serde_json::from_str(n.payload.get()).ok())
+        });
+        f(entry)
     }
 
     /// The index of the first notification a device at `client_level` gets: the last
@@ -185,9 +209,13 @@ impl BroadcastExchange {
             let filtered = if self.chan_id == InternalChannelId::System {
                 window
                     .iter()
-                    .zip(&self.decoded[start..])
-                    .filter(|(_, d)| d.as_ref().is_some_and(|m| m.contains_key(tag)))
-                    .map(|(n, _)| n.payload.clone())
+                    .enumerate()
+                    .filter(|(i, _)| {
+                        self.with_decoded(start + i, |d| {
+                            d.as_ref().is_some_and(|m| m.contains_key(tag))
+                        })
+                    })
+                    .map(|(_, n)| n.payload.clone())
                     .collect()
             } else {
                 window.iter().map(|n| n.payload.clone()).collect()
@@ -411,7 +439,11 @@ pub fn feed_pending(sess: &mut dyn BrokerSession) {
         };
         let client_level = sess.levels().get(&chan).copied().unwrap_or(0);
         if client_level != top_level {
-            sess.feed(Rc::new(BroadcastExchange::new(chan, top_level, notifications)));
+            sess.feed(Rc::new(BroadcastExchange::new(
+                chan,
+                top_level,
+                notifications,
+            )));
         }
     }
     let own = sess.internal_channel_id();
@@ -1025,13 +1057,13 @@ mod tests {
                 Notification::broadcast(payload("[1]")),
             ],
         );
-        assert_eq!(ex.decoded.len(), 2);
+        assert_eq!(ex.decoded().len(), 2);
         assert!(
-            ex.decoded[0]
+            ex.decoded()[0]
                 .as_ref()
                 .is_some_and(|m| m.contains_key("a/b"))
         );
-        assert_eq!(ex.decoded[1], None);
+        assert_eq!(ex.decoded()[1], None);
         let same = BroadcastExchange::new(InternalChannelId::System, 2, ex.notifications.clone());
         assert_eq!(ex, same);
         assert_ne!(

@@ -146,7 +146,10 @@ impl LocalBroker {
     /// Unregisters `sess` unless a newer session of the device replaced it.
     pub(crate) fn unregister(&self, sess: &LocalSession) {
         let mut registry = self.registry.borrow_mut();
-        if registry.get(&sess.device_id).is_some_and(|r| r.id == sess.id) {
+        if registry
+            .get(&sess.device_id)
+            .is_some_and(|r| r.id == sess.id)
+        {
             registry.remove(&sess.device_id);
         }
     }
@@ -188,8 +191,12 @@ impl LocalBroker {
         let Ok((top_level, notifications)) = self.get(&chan, false) else {
             return;
         };
-        self.fan_out(Rc::new(BroadcastExchange::new(chan, top_level, notifications)))
-            .await;
+        self.fan_out(Rc::new(BroadcastExchange::new(
+            chan,
+            top_level,
+            notifications,
+        )))
+        .await;
     }
 
     /// Feeds `exchange` to every session, yielding to the executor as needed so a large

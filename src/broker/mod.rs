@@ -51,8 +51,8 @@ use std::rc::Rc;
 use thiserror::Error;
 
 pub use exchange::{
-    BroadcastExchange, ConnMeta, ConnMetaExchange, ExchangesScratchArea, UnicastExchange,
-    feed_pending,
+    BroadcastExchange, ConnMeta, ConnMetaExchange, ExchangesScratchArea, JsonObject,
+    UnicastExchange, feed_pending,
 };
 pub use local::{DeliveryStats, LocalSession};
 pub use queue::{ExchangeQueue, Next};

@@ -48,7 +48,8 @@ impl BrokerConfig for TestBrokerConfig {
 }
 
 /// The store access of a [`TestBrokerSession`].
-pub type GetHook = Box<dyn Fn(&InternalChannelId, bool) -> Result<(i64, Vec<Notification>), BrokerError>>;
+pub type GetHook =
+    Box<dyn Fn(&InternalChannelId, bool) -> Result<(i64, Vec<Notification>), BrokerError>>;
 /// The drop access of a [`TestBrokerSession`].
 pub type DropHook = Box<dyn Fn(&InternalChannelId, &[Notification]) -> Result<(), BrokerError>>;
 
@@ -287,7 +288,8 @@ impl PendingStore for FailingPendingStore {
         notification: Notification,
         meta: Metadata,
     ) -> Result<(), StoreError> {
-        self.inner.append_to_unicast_channel(chan, notification, meta)
+        self.inner
+            .append_to_unicast_channel(chan, notification, meta)
     }
 
     fn get_channel_snapshot(
@@ -310,7 +312,11 @@ impl PendingStore for FailingPendingStore {
         self.inner.get_channel_unfiltered(chan)
     }
 
-    fn scrub(&self, chan: &InternalChannelId, criteria: ScrubCriteria<'_>) -> Result<(), StoreError> {
+    fn scrub(
+        &self,
+        chan: &InternalChannelId,
+        criteria: ScrubCriteria<'_>,
+    ) -> Result<(), StoreError> {
         self.inner.scrub(chan, criteria)
     }
 
@@ -419,6 +425,8 @@ where
         .make();
     match executor {
         Ok(ex) => ex.run(async move { make().await }),
-        Err(e) => panic!("cannot start a glommio executor ({e}); raise the locked-memory limit (ulimit -l)"),
+        Err(e) => panic!(
+            "cannot start a glommio executor ({e}); raise the locked-memory limit (ulimit -l)"
+        ),
     }
 }

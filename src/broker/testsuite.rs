@@ -6,7 +6,7 @@
 //! [`broker_conformance!`](crate::broker_conformance) macro stamps every behaviour into a
 //! `#[test]` of one module per implementation, so a failure names the broker that broke:
 //!
-//! ```ignore
+//! ```text
 //! pushbroker::broker_conformance!(simple, SimpleSuite::new, pushbroker::broker::testing::run_local);
 //! ```
 
@@ -95,7 +95,7 @@ impl Revealed {
                 chan_id: b.chan_id.clone(),
                 top_level: b.top_level,
                 notifications: b.notifications.to_vec(),
-                decoded: b.decoded.clone(),
+                decoded: b.decoded(),
             };
         }
         if let Some(u) = e.as_any().downcast_ref::<UnicastExchange>() {
@@ -337,7 +337,10 @@ pub async fn bad_levels_key_aborts_registration<H: SuiteBroker>(
     b.start().await;
     let mut msg = connect("dev-1");
     msg.levels = Some([("z".to_owned(), 5)].into_iter().collect());
-    let err = b.register(&msg, "s1").await.expect_err("registration must fail");
+    let err = b
+        .register(&msg, "s1")
+        .await
+        .expect_err("registration must fail");
     assert!(err.is_abort(), "{err:?}");
     assert_eq!(b.reveal_session("dev-1").await, None);
     b.stop().await;
@@ -369,11 +372,18 @@ pub async fn registering_with_pending_broadcast_queues_two_exchanges<H: SuiteBro
     make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
 ) {
     let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.append_to_channel(&InternalChannelId::System, payload(r#"{"m": "M"}"#), much_later())
-        .await
-        .expect("append");
+    b.append_to_channel(
+        &InternalChannelId::System,
+        payload(r#"{"m": "M"}"#),
+        much_later(),
+    )
+    .await
+    .expect("append");
     b.start().await;
-    let sess = b.register(&connect("dev-1"), "s1").await.expect("registration");
+    let sess = b
+        .register(&connect("dev-1"), "s1")
+        .await
+        .expect("registration");
     assert_eq!(sess.queued().await, 2);
     match sess.next_exchange().await {
         Some(Revealed::Broadcast { top_level, .. }) => assert_eq!(top_level, 1),
@@ -475,7 +485,10 @@ pub async fn store_failure_during_broadcast_is_logged<H: SuiteBroker>(
         TestBrokerConfig::default(),
     );
     b.start().await;
-    let sess = b.register(&connect("dev-1"), "s1").await.expect("registration");
+    let sess = b
+        .register(&connect("dev-1"), "s1")
+        .await
+        .expect("registration");
     clear_of_pending(&sess).await;
     b.broadcast(InternalChannelId::System).expect("broadcast");
     assert!(
@@ -532,7 +545,10 @@ pub async fn get_and_drop_through_a_session<H: SuiteBroker>(
     let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
     b.start().await;
     let chan = InternalChannelId::unicast("dev3", "dev3");
-    let sess = b.register(&connect("dev3"), "s1").await.expect("registration");
+    let sess = b
+        .register(&connect("dev3"), "s1")
+        .await
+        .expect("registration");
     b.append_to_unicast_channel(
         &chan,
         Notification::unicast("app1", "msg1", payload(r#"{"m": "M1"}"#)),
@@ -566,7 +582,10 @@ pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
     );
     b.start().await;
     let chan = InternalChannelId::unicast("dev3", "dev3");
-    let sess = b.register(&connect("dev3"), "s1").await.expect("registration");
+    let sess = b
+        .register(&connect("dev3"), "s1")
+        .await
+        .expect("registration");
     let err = sess.get(&chan, false).await.expect_err("get must fail");
     assert!(err.is_store(), "{err:?}");
     assert_eq!(err.to_string(), "get channel snapshot fail");
@@ -581,10 +600,18 @@ pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
         logs.captured()
     );
     logs.reset();
-    let err = sess.drop_by_msg_id(&chan, &[]).await.expect_err("drop must fail");
+    let err = sess
+        .drop_by_msg_id(&chan, &[])
+        .await
+        .expect_err("drop must fail");
     assert!(err.is_store(), "{err:?}");
     assert!(
-        logged(&logs, "ERROR", "unsuccessful, drop from channel Udev3:dev3: drop fail").await,
+        logged(
+            &logs,
+            "ERROR",
+            "unsuccessful, drop from channel Udev3:dev3: drop fail"
+        )
+        .await,
         "captured: {}",
         logs.captured()
     );
@@ -597,7 +624,10 @@ pub async fn feeding_a_session_queues_exactly_what_was_fed<H: SuiteBroker>(
 ) {
     let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
     b.start().await;
-    let sess = b.register(&connect("dev3"), "s1").await.expect("registration");
+    let sess = b
+        .register(&connect("dev3"), "s1")
+        .await
+        .expect("registration");
     clear_of_pending(&sess).await;
     let bcast = Revealed::Broadcast {
         chan_id: InternalChannelId::System,
@@ -704,7 +734,9 @@ impl SuiteBroker for SimpleSuite {
         payload: Payload,
         expiration: SystemTime,
     ) -> Result<(), StoreError> {
-        self.store.append_to_channel(chan, payload, expiration).map(|_| ())
+        self.store
+            .append_to_channel(chan, payload, expiration)
+            .map(|_| ())
     }
 
     async fn append_to_unicast_channel(
@@ -713,7 +745,8 @@ impl SuiteBroker for SimpleSuite {
         notification: Notification,
         meta: Metadata,
     ) -> Result<(), StoreError> {
-        self.store.append_to_unicast_channel(chan, notification, meta)
+        self.store
+            .append_to_unicast_channel(chan, notification, meta)
     }
 
     async fn get_channel_snapshot(
@@ -979,7 +1012,8 @@ impl SuiteBroker for ShardedSuite {
         let chan = chan.clone();
         self.sending
             .run_on(owner, move |s| {
-                s.store().append_to_unicast_channel(&chan, notification, meta)
+                s.store()
+                    .append_to_unicast_channel(&chan, notification, meta)
             })
             .await
             .map_err(store_error)?

@@ -361,7 +361,9 @@ impl ShardedBroker {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lifecycle> {
-        self.lifecycle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lifecycle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts every shard, each on its own thread named `<name>-<i>`; does nothing when
@@ -638,7 +640,10 @@ impl ShardedSending {
             .send_async(Request::Run(job))
             .await
             .map_err(|_| BrokerError::NotRunning)?;
-        answer.recv_async().await.map_err(|_| BrokerError::NotRunning)
+        answer
+            .recv_async()
+            .await
+            .map_err(|_| BrokerError::NotRunning)
     }
 
     /// Runs the future `job` makes as a task on shard `shard` and returns its output.
@@ -661,15 +666,18 @@ impl ShardedSending {
             .detach();
         })
         .await?;
-        answer.recv_async().await.map_err(|_| BrokerError::NotRunning)
+        answer
+            .recv_async()
+            .await
+            .map_err(|_| BrokerError::NotRunning)
     }
 }
 
 impl BrokerSending for ShardedSending {
     fn broadcast(&self, chan: InternalChannelId) -> Result<(), BrokerError> {
-        self.inboxes
-            .iter()
-            .try_for_each(|inbox| try_send(inbox, Request::Deliver(Delivery::Broadcast(chan.clone()))))
+        self.inboxes.iter().try_for_each(|inbox| {
+            try_send(inbox, Request::Deliver(Delivery::Broadcast(chan.clone())))
+        })
     }
 
     fn unicast(&self, chans: &[InternalChannelId]) -> Result<(), BrokerError> {

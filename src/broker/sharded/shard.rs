@@ -15,8 +15,8 @@ use super::{
     Delivery, MeshBatch, MeshMsg, Request, ShardConfig, ShardId, ShardJob, ShardReceivers,
     ShardedSending, owner_of_device,
 };
-use crate::broker::local::{LocalBroker, LocalSession};
 use crate::broker::DeliveryStats;
+use crate::broker::local::{LocalBroker, LocalSession};
 use crate::broker::{Broker, BrokerError, SessionTracker};
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
@@ -184,7 +184,10 @@ impl Shard {
         deliver: bool,
         reply: flume::Sender<Result<i64, BrokerError>>,
     ) -> Option<InternalChannelId> {
-        let top_level = match self.store().append_to_channel(&chan, payload.clone(), expiration) {
+        let top_level = match self
+            .store()
+            .append_to_channel(&chan, payload.clone(), expiration)
+        {
             Ok(top) => top,
             Err(e) => {
                 let _ = reply.send(Err(e.into()));
@@ -210,7 +213,10 @@ impl Shard {
             Some(applied_tx)
         };
         let notification = Notification::broadcast(payload);
-        for peer in (0..self.nr_shards()).map(ShardId).filter(|&p| p != self.id()) {
+        for peer in (0..self.nr_shards())
+            .map(ShardId)
+            .filter(|&p| p != self.id())
+        {
             self.core.outbox.push(
                 peer,
                 MeshMsg::Replicate {
@@ -239,7 +245,10 @@ impl Shard {
             .append_to_channel(chan, notification.payload, expiration)
         {
             Ok(top) if top != top_level => {
-                warn!("replica of {chan} on {} at level {top}, sequencer at {top_level}", self.id());
+                warn!(
+                    "replica of {chan} on {} at level {top}, sequencer at {top_level}",
+                    self.id()
+                );
             }
             Ok(_) => {}
             Err(e) => warn!("replica of {chan} on {} not updated: {e}", self.id()),
@@ -309,18 +318,8 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     let mut dirty = Dirty::new();
     'serve: loop {
         let first = future::or(
-            async {
-                rx.mesh
-                    .recv_async()
-                    .await
-                    .map_or(Got::Stop, Got::Mesh)
-            },
-            async {
-                rx.inbox
-                    .recv_async()
-                    .await
-                    .map_or(Got::Stop, Got::Request)
-            },
+            async { rx.mesh.recv_async().await.map_or(Got::Stop, Got::Mesh) },
+            async { rx.inbox.recv_async().await.map_or(Got::Stop, Got::Request) },
         )
         .await;
         let mut got = Some(first);
