@@ -77,7 +77,12 @@ async fn on_held<R: Send + 'static>(
         let rs = b
             .sending()
             .run_on(ShardId(i), move |s| {
-                HELD.with(|h| h.borrow_mut().iter_mut().map(|sess| f(s, sess)).collect::<Vec<_>>())
+                HELD.with(|h| {
+                    h.borrow_mut()
+                        .iter_mut()
+                        .map(|sess| f(s, sess))
+                        .collect::<Vec<_>>()
+                })
             })
             .await
             .expect("shard answers");
@@ -153,7 +158,10 @@ fn sessions_of_one_device_arriving_on_different_shards_last_wins() {
         });
     }))
     .expect("shard answers");
-    let first = rx.recv_timeout(PATIENCE).expect("first registered").expect("ok");
+    let first = rx
+        .recv_timeout(PATIENCE)
+        .expect("first registered")
+        .expect("ok");
     // A second connection of the same device, accepted on the owner itself.
     let second = block_on(register_on(&b, owner, device)).expect("second registered");
     assert_ne!(first, second);
@@ -162,8 +170,8 @@ fn sessions_of_one_device_arriving_on_different_shards_last_wins() {
         (sess.id(), sess.session_channel().is_terminated())
     }));
     assert_eq!(states, vec![(first, true), (second, false)]);
-    let live = block_on(b.sending().run_on(owner, move |s| s.session_of(device)))
-        .expect("owner answers");
+    let live =
+        block_on(b.sending().run_on(owner, move |s| s.session_of(device))).expect("owner answers");
     assert_eq!(live, Some(second));
     // The older session ending does not unregister the newer one.
     block_on(b.sending().run_on(owner, |s| {
@@ -173,8 +181,8 @@ fn sessions_of_one_device_arriving_on_different_shards_last_wins() {
         });
     }))
     .expect("owner answers");
-    let live = block_on(b.sending().run_on(owner, move |s| s.session_of(device)))
-        .expect("owner answers");
+    let live =
+        block_on(b.sending().run_on(owner, move |s| s.session_of(device))).expect("owner answers");
     assert_eq!(live, Some(second));
     block_on(b.stop());
 }
@@ -231,7 +239,10 @@ fn one_broadcast_reaches_every_session_on_every_shard_exactly_once() {
         let msg = body(&per_device[0]);
         assert_eq!(msg["T"], "broadcast");
         assert_eq!(msg["TopLevel"], 1);
-        assert_eq!(msg["Payloads"], serde_json::json!([{"daily/mako": {"build": 7}}]));
+        assert_eq!(
+            msg["Payloads"],
+            serde_json::json!([{"daily/mako": {"build": 7}}])
+        );
     }
     block_on(b.stop());
 }
@@ -244,7 +255,12 @@ async fn on_shards<R: Send + 'static>(
     let mut out = Vec::new();
     for i in 0..b.nr_shards() {
         let f = f.clone();
-        out.push(b.sending().run_on(ShardId(i), f).await.expect("shard answers"));
+        out.push(
+            b.sending()
+                .run_on(ShardId(i), f)
+                .await
+                .expect("shard answers"),
+        );
     }
     out
 }
@@ -260,7 +276,11 @@ fn replicas_agree_after_concurrent_publishes() {
                 for i in 0..25 {
                     let p = payload(&format!(r#"{{"t":{t},"i":{i}}}"#));
                     loop {
-                        match block_on(sending.publish(InternalChannelId::System, p.clone(), later())) {
+                        match block_on(sending.publish(
+                            InternalChannelId::System,
+                            p.clone(),
+                            later(),
+                        )) {
                             Ok(_) => break,
                             Err(BrokerError::QueueFull) => std::thread::yield_now(),
                             Err(e) => panic!("publish failed: {e}"),
@@ -280,11 +300,16 @@ fn replicas_agree_after_concurrent_publishes() {
                 .expect("snapshot")
         }))
     };
-    assert!(eventually(|| snapshots().iter().all(|(top, _)| *top == 100)));
+    assert!(eventually(|| snapshots()
+        .iter()
+        .all(|(top, _)| *top == 100)));
     let snaps = snapshots();
     for (top, notifs) in &snaps {
         assert_eq!(*top, 100);
-        assert_eq!(notifs, &snaps[0].1, "every replica holds the same notifications in order");
+        assert_eq!(
+            notifs, &snaps[0].1,
+            "every replica holds the same notifications in order"
+        );
     }
     block_on(b.stop());
 }
@@ -312,13 +337,15 @@ fn unicasts_are_applied_and_delivered_on_the_owner_wherever_they_come_from() {
             block_on(b.sending().notify(req))
         } else {
             // From a task on shard 0, as an API handler there would.
-            block_on(
-                b.sending()
-                    .run_task_on(ShardId(0), move |s| async move { s.sending().notify(req).await }),
-            )
+            block_on(b.sending().run_task_on(ShardId(0), move |s| async move {
+                s.sending().notify(req).await
+            }))
             .expect("shard 0 answers")
         };
-        assert!(matches!(verdict, Ok(NotifyVerdict::Accepted { .. })), "{verdict:?}");
+        assert!(
+            matches!(verdict, Ok(NotifyVerdict::Accepted { .. })),
+            "{verdict:?}"
+        );
     }
     // Each device's channel is in its owner's store only.
     let held = block_on(on_shards(&b, |s| {
@@ -326,7 +353,11 @@ fn unicasts_are_applied_and_delivered_on_the_owner_wherever_they_come_from() {
             .filter(|i| {
                 let device = format!("udev-{i}");
                 let chan = InternalChannelId::unicast(&device, &device);
-                !s.store().get_channel_snapshot(&chan).expect("snapshot").1.is_empty()
+                !s.store()
+                    .get_channel_snapshot(&chan)
+                    .expect("snapshot")
+                    .1
+                    .is_empty()
             })
             .collect::<Vec<_>>()
     }));
@@ -353,7 +384,12 @@ fn unicasts_are_applied_and_delivered_on_the_owner_wherever_they_come_from() {
             }
         }
         let chan = sess.internal_channel_id();
-        let left = s.store().get_channel_snapshot(&chan).expect("snapshot").1.len();
+        let left = s
+            .store()
+            .get_channel_snapshot(&chan)
+            .expect("snapshot")
+            .1
+            .len();
         (sess.device_identifier().to_owned(), payloads, left)
     }));
     assert_eq!(delivered.len(), DEVICES);
@@ -387,11 +423,20 @@ fn notify_past_the_limit_answers_too_many_pending_with_the_newest_payload() {
         assert!(matches!(v, NotifyVerdict::Accepted { .. }));
     }
     let v = block_on(b.sending().notify(req(2))).expect("applied");
-    assert_eq!(v, NotifyVerdict::TooManyPending { newest: payload(r#"{"n":1}"#) });
+    assert_eq!(
+        v,
+        NotifyVerdict::TooManyPending {
+            newest: payload(r#"{"n":1}"#)
+        }
+    );
     let owner = owner_of_channel(&chan, 2);
     let c = chan.clone();
     let pending = block_on(b.sending().run_on(owner, move |s| {
-        s.store().get_channel_snapshot(&c).expect("snapshot").1.len()
+        s.store()
+            .get_channel_snapshot(&c)
+            .expect("snapshot")
+            .1
+            .len()
     }))
     .expect("owner answers");
     assert_eq!(pending, 2);
@@ -409,7 +454,9 @@ fn a_full_inbox_is_an_error_to_the_caller_not_a_wait() {
         .placement(ShardPlacement::Unbound)
         .build();
     let sending = b.sending();
-    sending.broadcast(InternalChannelId::System).expect("room for one");
+    sending
+        .broadcast(InternalChannelId::System)
+        .expect("room for one");
     match sending.broadcast(InternalChannelId::System) {
         Err(e @ BrokerError::QueueFull) => assert!(e.is_unavailable()),
         other => panic!("expected QueueFull, got {other:?}"),
@@ -460,9 +507,7 @@ fn a_session_that_never_reads_gets_broadcasts_coalesced() {
     // Let the last fan-out land, then look at the queue: the unicast exchange from
     // feeding pending and one broadcast exchange at the newest level.
     assert!(eventually(|| {
-        let got = block_on(on_held(&b, |_, sess| {
-            sess.session_channel().len()
-        }));
+        let got = block_on(on_held(&b, |_, sess| sess.session_channel().len()));
         got == vec![2]
     }));
     assert!(eventually(|| {
@@ -478,7 +523,10 @@ fn a_session_that_never_reads_gets_broadcasts_coalesced() {
         }));
         matches!(
             &last[0][..],
-            [Revealed::Unicast(_), Revealed::Broadcast { top_level: 50, .. }]
+            [
+                Revealed::Unicast(_),
+                Revealed::Broadcast { top_level: 50, .. }
+            ]
         )
     }));
     let stats = block_on(on_shards(&b, |s| s.stats()));
@@ -506,7 +554,10 @@ fn stop_releases_every_executor_thread() {
     assert_eq!(threads_named("stoptst"), 0);
     b.start().expect("shards start");
     // Each thread names itself once running.
-    assert!(eventually(|| threads_named("stoptst") >= 4), "one thread per shard");
+    assert!(
+        eventually(|| threads_named("stoptst") >= 4),
+        "one thread per shard"
+    );
     block_on(b.stop());
     assert!(!b.running());
     assert!(
@@ -517,8 +568,11 @@ fn stop_releases_every_executor_thread() {
     // And they come back on a restart.
     b.start().expect("shards restart");
     assert!(eventually(|| threads_named("stoptst") >= 4));
-    let top = block_on(b.sending().publish(InternalChannelId::System, payload("1"), later()))
-        .expect("a restarted broker serves");
+    let top = block_on(
+        b.sending()
+            .publish(InternalChannelId::System, payload("1"), later()),
+    )
+    .expect("a restarted broker serves");
     assert_eq!(top, 1);
     b.stop_blocking();
     assert!(eventually(|| threads_named("stoptst") == 0));
