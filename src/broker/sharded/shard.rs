@@ -21,6 +21,46 @@ use crate::broker::{Broker, BrokerError, SessionTracker};
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
 
+/// What one shard has counted, for `/metrics` and `/stats`: a plain value that can leave
+/// the shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardMetrics {
+    /// The shard.
+    pub shard: usize,
+    /// Sessions registered now.
+    pub sessions: usize,
+    /// Deliveries to sessions.
+    pub delivery: DeliveryStats,
+    /// Broadcast notifications sequenced here (this shard's channels).
+    pub broadcasts: u64,
+    /// Notifies applied here (this shard's devices).
+    pub unicasts: u64,
+    /// Connections moved here from another shard.
+    pub migrations_in: u64,
+    /// Connections moved from here to their owner.
+    pub migrations_out: u64,
+    /// API requests served here.
+    pub api_requests: u64,
+    /// API errors served here, by label.
+    pub api_errors: Vec<(&'static str, u64)>,
+}
+
+/// Counters a shard keeps beside its broker's delivery stats.
+#[derive(Default)]
+struct Counters {
+    broadcasts: Cell<u64>,
+    unicasts: Cell<u64>,
+    migrations_in: Cell<u64>,
+    migrations_out: Cell<u64>,
+    api_requests: Cell<u64>,
+    /// Label → count. Borrowed only inside a method.
+    api_errors: RefCell<Vec<(&'static str, u64)>>,
+}
+
+fn bump(c: &Cell<u64>) {
+    c.set(c.get() + 1);
+}
+
 /// What a shard is started with.
 pub(crate) struct ShardContext {
     pub(crate) id: ShardId,
@@ -89,6 +129,7 @@ struct ShardCore {
     /// Message ids: this prefix (process start, shard) plus a counter.
     msg_prefix: String,
     next_msg: Cell<u64>,
+    counters: Counters,
 }
 
 /// A shard as the tasks running on it see it: register sessions of the devices it owns,
@@ -149,6 +190,46 @@ impl Shard {
         self.core.local.stats()
     }
 
+    /// Everything this shard has counted.
+    pub fn metrics(&self) -> ShardMetrics {
+        let c = &self.core.counters;
+        ShardMetrics {
+            shard: self.core.id.0,
+            sessions: self.session_count(),
+            delivery: self.stats(),
+            broadcasts: c.broadcasts.get(),
+            unicasts: c.unicasts.get(),
+            migrations_in: c.migrations_in.get(),
+            migrations_out: c.migrations_out.get(),
+            api_requests: c.api_requests.get(),
+            api_errors: c.api_errors.borrow().clone(),
+        }
+    }
+
+    /// Counts a connection moved here from another shard.
+    pub fn count_migration_in(&self) {
+        bump(&self.core.counters.migrations_in);
+    }
+
+    /// Counts a connection moved from here to its owner.
+    pub fn count_migration_out(&self) {
+        bump(&self.core.counters.migrations_out);
+    }
+
+    /// Counts an API request served here.
+    pub fn count_api_request(&self) {
+        bump(&self.core.counters.api_requests);
+    }
+
+    /// Counts an API error served here, by its label.
+    pub fn count_api_error(&self, label: &'static str) {
+        let mut errors = self.core.counters.api_errors.borrow_mut();
+        match errors.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, n)) => *n += 1,
+            None => errors.push((label, 1)),
+        }
+    }
+
     /// Runs `job` on shard `dest` (here too, after the current task turn), in order with
     /// everything else this shard sends there.
     pub fn run_on(&self, dest: ShardId, job: impl FnOnce(&Shard) + Send + 'static) {
@@ -163,6 +244,7 @@ impl Shard {
 
     /// Applies a notify to this shard's store and delivers it if the device is here.
     fn notify(&self, req: &UnicastRequest) -> Result<NotifyVerdict, BrokerError> {
+        bump(&self.core.counters.unicasts);
         let verdict = apply_notify(
             &**self.store(),
             req,
@@ -311,6 +393,7 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
             sending: context.sending,
             msg_prefix: format!("{started:x}-{:x}-", context.id.0),
             next_msg: Cell::new(0),
+            counters: Counters::default(),
             config: context.config,
         }),
     };

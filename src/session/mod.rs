@@ -1,0 +1,1 @@
+//! The per-device session loop.
