@@ -13,7 +13,7 @@ use ahash::AHashMap;
 
 use super::{BrokerError, BrokerSession, ErrAbort, Exchange, Prepared};
 use crate::protocol::{
-    BroadcastMsg, Message, Notification, NotificationsMsg, Payload, encode_frame,
+    BroadcastMsg, Message, Notification, NotificationsMsg, Payload, encode_frame, split_payloads,
 };
 use crate::store::InternalChannelId;
 
@@ -202,38 +202,58 @@ impl BroadcastExchange {
     }
 
     fn encode(&self, start: usize, tag: &str) -> Result<Encoded, BrokerError> {
+        // The level each live notification brings the device to: the last is at the top.
+        let count = self.notifications.len();
+        let level_of = |i: usize| {
+            let back = i64::try_from(count - 1 - i).unwrap_or(i64::MAX);
+            self.top_level.saturating_sub(back)
+        };
+        // The payloads for this device and, index for index, the level of each.
+        let mut levels = Vec::new();
         let payloads: Option<Vec<Payload>> = if self.notifications.is_empty() {
             None
         } else {
-            let window = &self.notifications[start..];
-            let filtered = if self.chan_id == InternalChannelId::System {
-                window
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| {
-                        self.with_decoded(start + i, |d| {
-                            d.as_ref().is_some_and(|m| m.contains_key(tag))
-                        })
-                    })
-                    .map(|(_, n)| n.payload.clone())
-                    .collect()
-            } else {
-                window.iter().map(|n| n.payload.clone()).collect()
-            };
+            let filter = self.chan_id == InternalChannelId::System;
+            let mut filtered = Vec::new();
+            for (i, n) in self.notifications.iter().enumerate().skip(start) {
+                if !filter
+                    || self.with_decoded(i, |d| d.as_ref().is_some_and(|m| m.contains_key(tag)))
+                {
+                    filtered.push(n.payload.clone());
+                    levels.push(level_of(i));
+                }
+            }
             Some(filtered)
         };
         let payload_count = payloads.as_ref().map_or(0, Vec::len);
-        let msg = BroadcastMsg {
-            app_id: Cow::Borrowed(""),
-            chan_id: Cow::Borrowed(self.chan_id.to_hex().unwrap_or_default()),
-            top_level: self.top_level,
-            payloads: payloads.map(Cow::Owned),
-        };
+        let chan_id = self.chan_id.to_hex().unwrap_or_default();
+        // Each part but the last brings the device to the level of its last payload, so a
+        // device that drops in between resumes right after it, even when the channel
+        // filter left out payloads in between; the last part brings it to the top level.
+        // (Counting only the payloads sent, as `BroadcastMsg::split` does, would claim a
+        // level beyond filtered-out payloads and lose the next part's on resume.)
+        // No payloads at all (`null`) is one part, as an empty list is.
+        let ranges = split_payloads(payloads.as_deref().unwrap_or_default());
+        let last = ranges.len() - 1;
         let mut buf = Vec::new();
-        let mut parts = Vec::new();
-        for part in msg.split() {
+        let mut parts = Vec::with_capacity(ranges.len());
+        for (k, range) in ranges.into_iter().enumerate() {
+            let top = if k == last {
+                self.top_level
+            } else {
+                range
+                    .end
+                    .checked_sub(1)
+                    .and_then(|i| levels.get(i).copied())
+                    .unwrap_or(self.top_level)
+            };
+            let part = BroadcastMsg {
+                app_id: Cow::Borrowed(""),
+                chan_id: Cow::Borrowed(chan_id),
+                top_level: top,
+                payloads: payloads.as_deref().map(|p| Cow::Borrowed(&p[range])),
+            };
             buf.clear();
-            let top = part.top_level;
             encode_frame(&mut buf, &Message::Broadcast(part))
                 .map_err(|e| ErrAbort::new(format!("cannot encode broadcast: {e}")))?;
             parts.push((Rc::from(&buf[..]), top));
@@ -910,6 +930,54 @@ mod tests {
         assert_eq!(level(&sess, &sys), Some(5));
     }
 
+    /// PROTOCOL §1 "Splitting": a part's TopLevel is the level reached by its last payload,
+    /// so a device that drops in between resumes correctly, also when the system
+    /// channel's filter left payloads out of the window.
+    #[test]
+    fn split_filtered_broadcast_resumes_after_the_last_payload_sent() {
+        let (store, _) = new_store();
+        let sys = InternalChannelId::System;
+        append(&store, &sys, r#"{"daily/mako":1}"#, much_later());
+        append(&store, &sys, &big_tagged(2), much_later());
+        append(&store, &sys, r#"{"weekly/mako":3}"#, much_later());
+        append(&store, &sys, &big_tagged(4), much_later());
+        append(&store, &sys, r#"{"weekly/mako":5}"#, much_later());
+        let ex = exchange_of(&store, &sys);
+        assert_eq!(ex.top_level, 5);
+
+        // All ACKed: two parts, the first at the level of payload 2, the last at the top.
+        let mut sess = at_level(session("dev1", &store), &sys, 1);
+        let frames = acked_frames(perform_acking(&ex, &mut sess).expect("performed"));
+        let parts: Vec<(i64, Option<Vec<String>>)> = frames
+            .iter()
+            .map(|f| {
+                let (_, top, payloads) = decode_broadcast(f);
+                (top, payloads)
+            })
+            .collect();
+        assert_eq!(
+            parts,
+            [
+                (2, Some(vec![big_tagged(2)])),
+                (5, Some(vec![big_tagged(4)]))
+            ]
+        );
+        assert_eq!(level(&sess, &sys), Some(5));
+
+        // Dropped after the first part: resuming delivers payload 4, nothing is lost.
+        let mut sess = at_level(session("dev2", &store), &sys, 1);
+        let err = perform_with(&ex, &mut sess, |i| i == 0).expect_err("second ACK missing");
+        assert!(err.is_abort(), "{err:?}");
+        assert_eq!(level(&sess, &sys), Some(2));
+        let frames = acked_frames(perform_acking(&ex, &mut sess).expect("performed"));
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            decode_broadcast(&frames[0]),
+            ("0".to_owned(), 5, Some(vec![big_tagged(4)]))
+        );
+        assert_eq!(level(&sess, &sys), Some(5));
+    }
+
     #[test]
     fn broadcast_frames_are_encoded_once_per_tag_and_window() {
         let (store, _) = new_store();
@@ -1048,27 +1116,41 @@ mod tests {
     }
 
     #[test]
-    fn broadcast_exchange_decodes_payloads_once_at_creation() {
+    fn broadcast_exchange_decodes_payloads_lazily_as_json_objects() {
+        let (store, _) = new_store();
         let ex = BroadcastExchange::new(
             InternalChannelId::System,
-            2,
+            3,
             vec![
-                Notification::broadcast(payload(r#"{"a/b":1}"#)),
+                Notification::broadcast(payload(r#"{"daily/mako":1}"#)),
                 Notification::broadcast(payload("[1]")),
+                Notification::broadcast(payload(r#"{"daily/mako":3}"#)),
             ],
         );
-        assert_eq!(ex.decoded().len(), 2);
-        assert!(
-            ex.decoded()[0]
-                .as_ref()
-                .is_some_and(|m| m.contains_key("a/b"))
+        assert!(ex.decoded.borrow().is_empty(), "nothing decoded before use");
+        // A device one level behind needs only the newest payload decoded.
+        let mut sess = at_level(session("dev1", &store), &InternalChannelId::System, 2);
+        assert_eq!(
+            ex.prepare(&mut sess).expect("prepared"),
+            Prepared::ExpectAck
         );
-        assert_eq!(ex.decoded()[1], None);
-        let same = BroadcastExchange::new(InternalChannelId::System, 2, ex.notifications.clone());
+        let mut keys: Vec<usize> = ex.decoded.borrow().keys().copied().collect();
+        keys.sort_unstable();
+        assert_eq!(keys, [2]);
+
+        let decoded = ex.decoded();
+        assert_eq!(decoded.len(), 3);
+        assert!(
+            decoded[0]
+                .as_ref()
+                .is_some_and(|m| m.contains_key("daily/mako"))
+        );
+        assert_eq!(decoded[1], None, "an array is not an object");
+        let same = BroadcastExchange::new(InternalChannelId::System, 3, ex.notifications.clone());
         assert_eq!(ex, same);
         assert_ne!(
             ex,
-            BroadcastExchange::new(InternalChannelId::System, 3, ex.notifications.clone())
+            BroadcastExchange::new(InternalChannelId::System, 4, ex.notifications.clone())
         );
     }
 
