@@ -1,1 +1,563 @@
-//! The per-device session loop.
+//! The per-device session loop: the hello (version byte and CONNECT), CONNACK,
+//! registration, then pings and exchanges until the session ends (PROTOCOL.md §1).
+//!
+//! Everything here is generic over the device stream (any futures-io
+//! `AsyncRead + AsyncWrite`: a glommio `TcpStream`, a TLS stream, the in-memory
+//! [`testing::pipe`]) and over a [`SessionClock`], so tests drive sessions with virtual
+//! time ([`testing::ManualClock`]) and never sleep.
+//!
+//! # Memory
+//!
+//! A session's future lives as long as its connection, and a shard holds hundreds of
+//! thousands of them, so the future holds no buffer of its own beyond a small `Vec` of
+//! the bytes that arrived and were not consumed yet. Reads go through one per-thread
+//! 64 KiB scratch buffer, borrowed only inside a `poll` (the notes' scratch-buffer
+//! pattern), and only what arrived is appended to the session's `Vec`. Timers are made
+//! only while something waits on them.
+//!
+//! # Ends
+//!
+//! A session always ends with a [`SessionEnd`], whose `Display` is the `REASON` of the
+//! log line `session(ID) ended with: REASON`. [`read_hello`] and [`run`] do not log that
+//! line nor close the stream: the caller (the listener) does both, since it also ends
+//! sessions that never got this far (a failed TLS handshake).
+
+pub mod testing;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::io as stdio;
+use std::pin::{Pin, pin};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use thiserror::Error;
+
+use crate::broker::{
+    Broker, BrokerError, BrokerSession, ErrAbort, Exchange, Next, Prepared, SessionTracker,
+};
+use crate::config::format_go_duration;
+use crate::protocol::{
+    ConnAckMsg, ConnAckParams, ConnectMsg, DecodeError, Message, VersionError, decode_version,
+    encode_frame,
+};
+
+use self::wire::{
+    MAX_PENDING, consume, deadline_after, poll_deadline, poll_read_into, read_message, read_more,
+    write_frame,
+};
+
+/// The PING frame, exactly `{"T":"ping"}` after its length prefix: deployed clients
+/// compare it byte for byte, and it never changes, so it is never encoded at run time.
+const PING_FRAME: &[u8] = b"\x00\x0c{\"T\":\"ping\"}";
+
+/// The timing of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// How long the server stays silent towards an idle device before it sends PING;
+    /// also what CONNACK tells the device (`PingInterval`).
+    pub ping_interval: Duration,
+    /// How long the device has to send the hello (version byte and CONNECT together),
+    /// to answer a PING or a part of an exchange, and how long one write may take.
+    pub exchange_timeout: Duration,
+}
+
+/// Time as a session sees it: real ([`GlommioClock`]) or virtual in tests
+/// ([`testing::ManualClock`]).
+pub trait SessionClock {
+    /// What [`SessionClock::sleep_until`] returns.
+    type Sleep: Future<Output = ()>;
+
+    /// Now.
+    fn now(&self) -> Instant;
+
+    /// A future that completes once the clock reads `deadline` or later.
+    fn sleep_until(&self, deadline: Instant) -> Self::Sleep;
+}
+
+/// The real clock: `Instant::now()` and glommio's reactor timers.
+///
+/// # Panics
+/// [`SessionClock::sleep_until`] panics outside a glommio executor (glommio's `Timer`
+/// needs its reactor).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlommioClock;
+
+impl SessionClock for GlommioClock {
+    type Sleep = GlommioSleep;
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> GlommioSleep {
+        GlommioSleep(glommio::timer::Timer::new(
+            deadline.saturating_duration_since(Instant::now()),
+        ))
+    }
+}
+
+/// A sleep of the [`GlommioClock`]: a glommio `Timer` (one `Rc`; it is inserted in the
+/// reactor's timer tree only when first polled).
+#[derive(Debug)]
+pub struct GlommioSleep(glommio::timer::Timer);
+
+impl Future for GlommioSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+/// What the session was waiting for when its time ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// The version byte and CONNECT.
+    Hello,
+    /// The PONG answering a PING.
+    Pong,
+    /// The ACK answering a part of an exchange.
+    Ack,
+    /// A write to complete (the device stopped reading).
+    Write,
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Waiting::Hello => "hello",
+            Waiting::Pong => "pong",
+            Waiting::Ack => "ack",
+            Waiting::Write => "write",
+        })
+    }
+}
+
+/// Why a session ended. `Display` is exactly the `REASON` logged in
+/// `session(ID) ended with: REASON`; branch on the variants or the `is_*` predicates,
+/// never on the text.
+#[derive(Debug, Error)]
+pub enum SessionEnd {
+    /// The device closed its side of the connection.
+    #[error("EOF")]
+    Eof,
+    /// The device did not send what was awaited in time (`"pong timeout"`, …).
+    #[error("{0} timeout")]
+    Timeout(Waiting),
+    /// The first byte was not wire format version 0.
+    #[error("unexpected wire format version")]
+    UnexpectedVersion(u8),
+    /// The first message was not CONNECT.
+    #[error("expected CONNECT message")]
+    ExpectedConnect,
+    /// A PING was answered with something other than PONG.
+    #[error("expected PONG message")]
+    ExpectedPong,
+    /// The broker or an exchange aborted the session (a bad CONNECT value, a part
+    /// answered with something other than ACK, …).
+    #[error(transparent)]
+    Abort(ErrAbort),
+    /// The broker failed otherwise (a store fault during an exchange, the broker not
+    /// running at registration, …).
+    #[error(transparent)]
+    Broker(BrokerError),
+    /// A newer registration of the same device took over.
+    #[error("terminated")]
+    Terminated,
+    /// The server sent CONNBROKEN.
+    #[error("connbroken")]
+    ConnBroken,
+    /// The server is shutting down; unacknowledged notifications stay pending.
+    #[error("shutdown")]
+    Shutdown,
+    /// While nothing was asked of it, the device sent more than one frame of the largest
+    /// size.
+    #[error("too much unsolicited data")]
+    Unsolicited,
+    /// A frame's body was not a message.
+    #[error("malformed message")]
+    Malformed(#[source] serde_json::Error),
+    /// A frame announced a body over the limit.
+    #[error("frame of {len} bytes is over the limit")]
+    FrameTooLarge {
+        /// The announced body length.
+        len: usize,
+    },
+    /// Reading from or writing to the device failed.
+    #[error(transparent)]
+    Io(stdio::Error),
+}
+
+impl SessionEnd {
+    /// Whether the device closed its side.
+    pub fn is_eof(&self) -> bool {
+        matches!(self, SessionEnd::Eof)
+    }
+
+    /// Whether something awaited (hello, PONG, ACK, a write) did not come in time.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, SessionEnd::Timeout(_))
+    }
+
+    /// Whether the broker or an exchange aborted the session.
+    pub fn is_abort(&self) -> bool {
+        matches!(self, SessionEnd::Abort(_))
+    }
+
+    /// Whether a newer registration of the device took over.
+    pub fn is_terminated(&self) -> bool {
+        matches!(self, SessionEnd::Terminated)
+    }
+
+    /// Whether the server's shutdown ended the session.
+    pub fn is_shutdown(&self) -> bool {
+        matches!(self, SessionEnd::Shutdown)
+    }
+
+    /// What was awaited when time ran out, for a timeout.
+    pub fn timed_out_waiting(&self) -> Option<Waiting> {
+        match self {
+            SessionEnd::Timeout(w) => Some(*w),
+            _ => None,
+        }
+    }
+}
+
+impl From<BrokerError> for SessionEnd {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Abort(a) => SessionEnd::Abort(a),
+            other => SessionEnd::Broker(other),
+        }
+    }
+}
+
+impl From<ErrAbort> for SessionEnd {
+    fn from(a: ErrAbort) -> Self {
+        SessionEnd::Abort(a)
+    }
+}
+
+impl From<stdio::Error> for SessionEnd {
+    /// An early end of stream (as a TLS stream reports a close without close_notify) is
+    /// the device closing: EOF.
+    fn from(e: stdio::Error) -> Self {
+        if e.kind() == stdio::ErrorKind::UnexpectedEof {
+            SessionEnd::Eof
+        } else {
+            SessionEnd::Io(e)
+        }
+    }
+}
+
+impl From<DecodeError> for SessionEnd {
+    fn from(e: DecodeError) -> Self {
+        match e {
+            DecodeError::Malformed(json) => SessionEnd::Malformed(json),
+            DecodeError::TooLarge { len, .. } => SessionEnd::FrameTooLarge { len },
+            // Callers read more on Incomplete and never convert it; were one to, the
+            // device cut a frame short: the stream ended early.
+            DecodeError::Incomplete { .. } => SessionEnd::Eof,
+        }
+    }
+}
+
+/// Reads the hello: the version byte, which must be 0, then CONNECT, both within one
+/// `exchange_timeout` from the call.
+///
+/// `buf` holds the bytes already read from `io` (possibly none); on success it holds the
+/// bytes that arrived past CONNECT, to hand to [`run`].
+///
+/// # Errors
+/// [`SessionEnd::UnexpectedVersion`], [`SessionEnd::ExpectedConnect`] when the first
+/// message is another, [`SessionEnd::Malformed`] for a frame that is no message,
+/// [`SessionEnd::Eof`] when the device closes first, `"hello timeout"` when the hello is
+/// not whole in time, or an I/O error.
+pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    config: &SessionConfig,
+    clock: &C,
+) -> Result<ConnectMsg, SessionEnd> {
+    let deadline = deadline_after(clock, config.exchange_timeout);
+    let mut sleep = pin!(None::<C::Sleep>);
+    loop {
+        match decode_version(buf) {
+            Ok(()) => break,
+            Err(VersionError::Unsupported(v)) => return Err(SessionEnd::UnexpectedVersion(v)),
+            Err(VersionError::Incomplete) => {
+                read_more(io, buf, &mut sleep, clock, deadline, Waiting::Hello).await?;
+            }
+        }
+    }
+    consume(buf, 1);
+    match read_message(io, buf, &mut sleep, clock, deadline, Waiting::Hello).await? {
+        Message::Connect(connect) => Ok(*connect),
+        _ => Err(SessionEnd::ExpectedConnect),
+    }
+}
+
+/// Runs a session after its hello: writes CONNACK, registers with `broker`, logs
+/// `session(ID) registered DEVICEID` at INFO, then pings and performs exchanges until
+/// the session ends (PROTOCOL.md §1 step 4). `buf` holds the bytes read past CONNECT.
+///
+/// - The first PING goes out one `ping_interval` after registration, and then one
+///   interval after the last PONG or the last part of an exchange; PONG must come within
+///   `exchange_timeout`.
+/// - While waiting for the ping timer or an exchange the session also reads, so a device
+///   that closes is noticed at once; bytes that arrive are kept (up to one frame of the
+///   largest size) and answer the next PING or exchange.
+/// - An exchange stops the ping timer. One with nothing to send resumes it with what was
+///   left of the interval (pinging at once if that is spent); one that sent something
+///   restarts it in full. Each part of an ACKed exchange must be answered by ACK within
+///   `exchange_timeout`.
+/// - Every write must complete within `exchange_timeout`.
+/// - `shutdown` completing ends the session at whatever point it is.
+///
+/// After a successful registration the session always unregisters, before returning or
+/// when its future is dropped (the broker ignores that for a session a newer one
+/// superseded). The caller logs the end and closes `io`.
+///
+/// # Returns
+/// Why the session ended; see [`SessionEnd`].
+#[allow(clippy::too_many_arguments)] // the session's whole context, passed by the listener
+pub async fn run<S, B, C, F>(
+    io: &mut S,
+    connect: &ConnectMsg,
+    buf: Vec<u8>,
+    broker: &B,
+    config: &SessionConfig,
+    clock: &C,
+    track: &dyn SessionTracker,
+    shutdown: F,
+) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    B: Broker,
+    C: SessionClock,
+    F: Future<Output = ()>,
+{
+    let mut shutdown = pin!(shutdown);
+    {
+        let connack = pin!(write_connack(io, config, clock));
+        if let Err(end) = until_shutdown(shutdown.as_mut(), connack).await {
+            return end;
+        }
+    }
+    let mut registered = match broker.register(connect, track).await {
+        Ok(sess) => Registered { broker, sess },
+        Err(e) => return e.into(),
+    };
+    tracing::info!(
+        "session({}) registered {}",
+        track.session_id(),
+        connect.device_id
+    );
+    let end = {
+        let serve = pin!(serve(io, &mut registered.sess, buf, config, clock));
+        match until_shutdown(shutdown, serve).await {
+            Ok(never) => match never {},
+            Err(end) => end,
+        }
+    };
+    drop(registered);
+    end
+}
+
+/// A registered session that unregisters when dropped: when [`run`] returns, and also
+/// when its future is dropped before (a cancelled task), so the registry never keeps a
+/// session that is gone.
+struct Registered<'a, B: Broker> {
+    broker: &'a B,
+    sess: B::Session,
+}
+
+impl<B: Broker> Drop for Registered<'_, B> {
+    fn drop(&mut self) {
+        self.broker.unregister(&self.sess);
+    }
+}
+
+/// Writes CONNACK with the configured ping interval.
+async fn write_connack<S: AsyncWrite + Unpin, C: SessionClock>(
+    io: &mut S,
+    config: &SessionConfig,
+    clock: &C,
+) -> Result<(), SessionEnd> {
+    let msg = Message::ConnAck(ConnAckMsg {
+        params: ConnAckParams {
+            ping_interval: format_go_duration(config.ping_interval),
+        },
+    });
+    let mut frame = Vec::new();
+    encode_frame(&mut frame, &msg)
+        .map_err(|e| ErrAbort::new(format!("cannot encode CONNACK: {e}")))?;
+    write_frame(io, &frame, clock, config.exchange_timeout).await
+}
+
+/// Runs `fut` until it completes or `shutdown` does ([`SessionEnd::Shutdown`]).
+///
+/// Both come pinned by the caller: a future taken by value would be stored twice in
+/// the caller's state (the argument, then the pinned local), and `serve`'s future is the
+/// bulk of a session's memory.
+fn until_shutdown<F, Fut, T>(
+    mut shutdown: Pin<&mut F>,
+    mut fut: Pin<&mut Fut>,
+) -> impl Future<Output = Result<T, SessionEnd>>
+where
+    F: Future<Output = ()>,
+    Fut: Future<Output = Result<T, SessionEnd>>,
+{
+    poll_fn(move |cx| {
+        if shutdown.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(SessionEnd::Shutdown));
+        }
+        fut.as_mut().poll(cx)
+    })
+}
+
+/// What ended an idle wait.
+enum Idle {
+    /// The ping timer fired.
+    Ping,
+    /// The session's queue has something.
+    Next(Next),
+}
+
+/// How an exchange went.
+enum Outcome {
+    /// Nothing was sent: the ping timer resumes.
+    Nop,
+    /// Everything was sent (and ACKed where asked): the interval restarts in full.
+    Sent,
+    /// CONNBROKEN was sent: the session ends.
+    Close,
+}
+
+/// The loop of a registered session; returns only to end it.
+async fn serve<S, C>(
+    io: &mut S,
+    sess: &mut dyn BrokerSession,
+    mut buf: Vec<u8>,
+    config: &SessionConfig,
+    clock: &C,
+) -> Result<std::convert::Infallible, SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: SessionClock,
+{
+    let mut ping_at = deadline_after(clock, config.ping_interval);
+    loop {
+        match idle(io, &mut buf, &*sess, ping_at, clock).await? {
+            Idle::Ping => {
+                write_frame(io, PING_FRAME, clock, config.exchange_timeout).await?;
+                let deadline = deadline_after(clock, config.exchange_timeout);
+                let mut sleep = pin!(None::<C::Sleep>);
+                match read_message(io, &mut buf, &mut sleep, clock, deadline, Waiting::Pong).await?
+                {
+                    Message::Pong => ping_at = deadline_after(clock, config.ping_interval),
+                    _ => return Err(SessionEnd::ExpectedPong),
+                }
+            }
+            Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
+            Idle::Next(Next::Exchange(exchange)) => {
+                match perform(io, &mut buf, &mut *sess, &*exchange, config, clock).await? {
+                    // The ping timer resumes where it was; a spent interval pings at once.
+                    Outcome::Nop => {}
+                    Outcome::Sent => ping_at = deadline_after(clock, config.ping_interval),
+                    Outcome::Close => return Err(SessionEnd::ConnBroken),
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the ping timer or the session's queue, reading from the device meanwhile:
+/// what arrives is kept in `buf`, and a close ends the wait at once.
+async fn idle<S, C>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    sess: &dyn BrokerSession,
+    ping_at: Instant,
+    clock: &C,
+) -> Result<Idle, SessionEnd>
+where
+    S: AsyncRead + Unpin,
+    C: SessionClock,
+{
+    let mut next = pin!(sess.session_channel().next());
+    let mut sleep = pin!(None::<C::Sleep>);
+    poll_fn(|cx| {
+        // The queue first: a termination or an exchange wins over a due ping.
+        if let Poll::Ready(next) = next.as_mut().poll(cx) {
+            return Poll::Ready(Ok(Idle::Next(next)));
+        }
+        if poll_deadline(&mut sleep, clock, ping_at, cx).is_ready() {
+            return Poll::Ready(Ok(Idle::Ping));
+        }
+        loop {
+            match poll_read_into(io, buf, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(SessionEnd::Eof)),
+                Poll::Ready(Ok(_)) if buf.len() > MAX_PENDING => {
+                    return Poll::Ready(Err(SessionEnd::Unsolicited));
+                }
+                // Kept for the next answer; read on until the device has nothing more.
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.into())),
+            }
+        }
+    })
+    .await
+}
+
+/// Performs one exchange: prepares it, writes its parts, and for an ACKed exchange reads
+/// the ACK of each part before the next.
+async fn perform<S, C>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+    sess: &mut dyn BrokerSession,
+    exchange: &dyn Exchange,
+    config: &SessionConfig,
+    clock: &C,
+) -> Result<Outcome, SessionEnd>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    C: SessionClock,
+{
+    let prepared = exchange.prepare(sess)?;
+    let expect_ack = match prepared {
+        Prepared::Nop => return Ok(Outcome::Nop),
+        Prepared::ExpectAck => true,
+        Prepared::OneWay { .. } => false,
+    };
+    loop {
+        let scratch = sess.exchange_scratch_area();
+        let done = scratch.is_last_part();
+        let Some(frame) = scratch.current_frame() else {
+            break;
+        };
+        write_frame(io, frame, clock, config.exchange_timeout).await?;
+        if expect_ack {
+            let deadline = deadline_after(clock, config.exchange_timeout);
+            let mut sleep = pin!(None::<C::Sleep>);
+            match read_message(io, buf, &mut sleep, clock, deadline, Waiting::Ack).await? {
+                Message::Ack => exchange.acked(sess, done)?,
+                _ => return Err(ErrAbort::expected_ack().into()),
+            }
+        }
+        if !sess.exchange_scratch_area().advance() {
+            break;
+        }
+    }
+    Ok(match prepared {
+        Prepared::OneWay { close_after: true } => Outcome::Close,
+        _ => Outcome::Sent,
+    })
+}
