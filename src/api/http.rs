@@ -1,0 +1,76 @@
+//! hyper on a glommio connection: [`serve_connection`] and [`handle`], which turns a hyper
+//! request into the core's [`RequestHead`] and body future.
+
+use std::convert::Infallible;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Incoming};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Request, Response};
+use tracing::debug;
+
+use super::ApiContext;
+use super::handlers::{BodyReadError, RequestHead, respond};
+use super::rt::{GlommioTimer, HyperIo};
+
+/// Serves one HTTP/1.1 connection until the client closes it, a header-read or write
+/// timeout ends it, or it fails. Keep-alive is on; every request is [`handle`]d on this
+/// shard. Failures are the client's business: logged at debug only.
+pub async fn serve_connection(stream: glommio::net::TcpStream, ctx: Rc<ApiContext>) {
+    let peer = stream.peer_addr().ok();
+    let settings = ctx.settings();
+    if !settings.http_write_timeout.is_zero() {
+        if let Err(e) = stream.set_write_timeout(Some(settings.http_write_timeout)) {
+            debug!(target: "pushbroker::api", ?peer, "cannot set the write timeout: {e}");
+        }
+    }
+    // Answers are small and whole: send them at once.
+    let _ = stream.set_nodelay(true);
+    let read_timeout = Some(settings.http_read_timeout).filter(|t| !t.is_zero());
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(GlommioTimer)
+        .keep_alive(true)
+        .header_read_timeout(read_timeout);
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = Rc::clone(&ctx);
+        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+    });
+    match builder.serve_connection(HyperIo(stream), service).await {
+        Ok(()) => debug!(target: "pushbroker::api", ?peer, "http connection closed"),
+        Err(e) => debug!(target: "pushbroker::api", ?peer, "http connection ended: {e}"),
+    }
+}
+
+/// Answers one request: hands its method, path, `Content-Type`, declared length,
+/// `Authorization` and a body reader to [`respond`].
+///
+/// The declared length is the one hyper frames the body with: the `Content-Length`, `0`
+/// for a request with neither `Content-Length` nor `Transfer-Encoding` (no body, by
+/// HTTP/1.1 framing), unknown for a chunked body. The body is read only when the
+/// endpoint's checks pass, and never beyond the configured `max_body`.
+pub async fn handle(ctx: &ApiContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let head = RequestHead {
+        method: &parts.method,
+        path: parts.uri.path(),
+        content_type: parts.headers.get(CONTENT_TYPE).map(|v| v.as_bytes()),
+        content_length: body.size_hint().exact(),
+        authorization: parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes()),
+    };
+    let max_body = ctx.settings().max_body;
+    respond(ctx, &head, read_body(body, max_body)).await
+}
+
+/// The whole body, at most `max_body` bytes.
+async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, BodyReadError> {
+    match Limited::new(body, max_body).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => {
+            debug!(target: "pushbroker::api", "cannot read a request body: {e}");
+            Err(BodyReadError)
+        }
+    }
+}
