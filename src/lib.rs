@@ -9,12 +9,17 @@
 //!   clock.
 //! - [`api`]: the HTTP API for application servers.
 //! - [`config`]: the configuration (the original server's JSON keys) and Go durations.
+//! - [`server`]: device listeners (TCP/TLS, connection migration), the HTTP API on every
+//!   shard, start-up and shutdown.
+//! - [`logging`]: the log line format tools parse (binaries install it).
 //! - [`broker`]: the broker API (registration, sessions, exchanges), the one-process
 //!   [`broker::simple`] broker, test implementations and the conformance suite.
 
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod logging;
 pub mod protocol;
+pub mod server;
 pub mod session;
 pub mod store;

@@ -385,7 +385,11 @@ impl LogCapture {
 
     /// Makes this capture the current thread's subscriber until the guard drops.
     pub fn set_default(&self) -> tracing::dispatcher::DefaultGuard {
-        tracing::dispatcher::set_default(&self.dispatch())
+        let guard = tracing::dispatcher::set_default(&self.dispatch());
+        // Call sites first hit on threads without a subscriber may have cached "never";
+        // make them ask again now that one listens.
+        tracing::callsite::rebuild_interest_cache();
+        guard
     }
 
     /// What was captured so far.

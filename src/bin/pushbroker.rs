@@ -1,0 +1,94 @@
+//! `pushbroker`: runs the push server.
+//!
+//! `pushbroker CONFIG.json` reads the original server's configuration keys;
+//! `pushbroker` alone runs the embedded default (devices on 127.0.0.1:9090 over plain TCP,
+//! the HTTP API on 127.0.0.1:8080) and prints how to try it.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use pushbroker::config::{DEFAULT_CONFIG_JSON, ServerConfig};
+use pushbroker::server::Server;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+/// How long shutdown waits for sessions to end before stopping the shards.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A push-notification server speaking the Ubuntu Push protocol.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The configuration file (JSON, the original server's keys); without it the embedded
+    /// default runs.
+    config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+}
+
+/// Writes `text` to stdout: what the user asked to see, not a log line.
+#[allow(clippy::print_stdout)]
+fn say(text: &str) {
+    println!("{text}");
+}
+
+/// Reports a fatal error and its causes on stderr.
+#[allow(clippy::print_stderr)]
+fn fail(what: &str, err: &dyn std::error::Error) -> ExitCode {
+    let mut msg = format!("pushbroker: {what}: {err}");
+    let mut source = err.source();
+    while let Some(cause) = source {
+        msg.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{msg}");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        say(DEFAULT_CONFIG_JSON.trim_end());
+        return ExitCode::SUCCESS;
+    }
+    if let Err(e) = pushbroker::logging::init() {
+        return fail("cannot set up logging", &e);
+    }
+    let config = match &cli.config {
+        Some(path) => match ServerConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(&format!("bad configuration {}", path.display()), &e),
+        },
+        None => ServerConfig::embedded_default(),
+    };
+    // Listen for the stop signals before anything runs, so none is missed.
+    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => return fail("cannot handle signals", &e),
+    };
+    let server = match Server::start(&config) {
+        Ok(s) => s,
+        Err(e) => return fail("cannot start", &e),
+    };
+    if cli.config.is_none() {
+        let http = server.http_addr();
+        say(&format!(
+            "pushbroker runs the embedded default configuration (see --print-default-config).\n\
+             Devices connect to {devices} (plain TCP); the HTTP API is on {http}. Try:\n\
+             \n  curl -s -X POST -H 'Content-Type: application/json' \\\n\
+             \x20   -d '{{\"deviceid\":\"dev-1\",\"appid\":\"com.example.app_app\"}}' http://{http}/register\n\
+             \x20 curl -s -X POST -H 'Content-Type: application/json' \\\n\
+             \x20   -d '{{\"channel\":\"system\",\"expire_on\":\"2099-01-01T00:00:00Z\",\"data\":{{\"daily/mako\":[1]}}}}' http://{http}/broadcast\n\
+             \x20 curl -s http://{http}/delivery-hosts\n\
+             \nStop with Ctrl-C.",
+            devices = server.device_addr(),
+        ));
+    }
+    // Blocks until SIGINT or SIGTERM.
+    let _ = signals.forever().next();
+    server.shutdown(SHUTDOWN_GRACE);
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,320 @@
+//! Device listeners: every shard accepts on the same address, and each connection ends up
+//! on the shard that owns its device.
+//!
+//! # Choice: SO_REUSEPORT on every shard
+//!
+//! Every shard binds the device port with SO_REUSEPORT (glommio sets it) and accepts what
+//! the kernel hands it; there is no acceptor thread to become a bottleneck. The kernel
+//! spreads connections by their address, not by device, so the accepting shard does the
+//! TLS handshake, reads the version byte and CONNECT, computes the device's owner, and,
+//! when that is another shard, **migrates** the connection there (see
+//! [`migrate`](super::migrate)): the socket, the bytes already read past CONNECT, the
+//! rustls session and the parsed CONNECT travel over the mesh, and the owner runs the
+//! session on its own reactor. From then on the session's reads, writes, timers and
+//! exchanges all run on its owner.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::io::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream};
+use rustls::ServerConnection;
+use tracing::debug;
+
+use super::migrate;
+use super::tls::TlsStream;
+use crate::broker::SessionTracker;
+use crate::broker::sharded::{Shard, owner_of_device};
+use crate::protocol::ConnectMsg;
+use crate::session::{self, GlommioClock, SessionConfig};
+
+/// A device's connection: plain TCP, or TLS over TCP.
+#[derive(Debug)]
+pub(crate) enum DeviceStream {
+    /// Plain TCP (behind a TLS-terminating balancer, or in tests).
+    Plain(TcpStream),
+    /// TLS; boxed so the plain case stays small.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for DeviceStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DeviceStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            DeviceStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for DeviceStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            DeviceStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            DeviceStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DeviceStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            DeviceStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            DeviceStream::Plain(s) => Pin::new(s).poll_close(cx),
+            DeviceStream::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
+
+/// What the device listeners of every shard share (`Send`: built once, cloned in).
+#[derive(Clone)]
+pub(crate) struct DeviceSettings {
+    pub(crate) session: SessionConfig,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// One shard's device side: its settings, its shutdown signal, its session ids.
+pub(crate) struct DeviceContext {
+    pub(crate) shard: Shard,
+    pub(crate) settings: DeviceSettings,
+    /// Closed when the server shuts down: listeners stop, sessions end.
+    pub(crate) shutdown: Rc<glommio::sync::Semaphore>,
+    next_session: Cell<u64>,
+    /// Sessions running on this shard.
+    pub(crate) live: Cell<usize>,
+}
+
+impl DeviceContext {
+    pub(crate) fn new(
+        shard: Shard,
+        settings: DeviceSettings,
+        shutdown: Rc<glommio::sync::Semaphore>,
+    ) -> Self {
+        Self {
+            shard,
+            settings,
+            shutdown,
+            next_session: Cell::new(0),
+            live: Cell::new(0),
+        }
+    }
+
+    /// A session id unique across shards: a per-shard counter interleaved by shard.
+    fn session_id(&self) -> u64 {
+        let n = self.next_session.get();
+        self.next_session.set(n + 1);
+        n * self.shard.nr_shards() as u64 + self.shard.id().0 as u64
+    }
+}
+
+/// Resolves when the server shuts down.
+pub(crate) async fn shutdown(signal: &glommio::sync::Semaphore) {
+    // Nobody releases units: acquiring fails exactly when the semaphore is closed.
+    let _ = signal.acquire(1).await;
+}
+
+/// Names the session in log lines.
+struct Tracker(String);
+
+impl SessionTracker for Tracker {
+    fn session_id(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Accepts device connections on this shard until shutdown.
+pub(crate) async fn serve_devices(listener: TcpListener, ctx: Rc<DeviceContext>) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shutdown(&ctx.shutdown).await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                // Out of descriptors or a connection reset before accept: back off a
+                // moment rather than spin.
+                debug!("device accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let id = ctx.session_id();
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+        debug!("session({id}) connected {peer}");
+        let _ = stream.set_nodelay(true);
+        glommio::spawn_local(accept_session(Rc::clone(&ctx), stream, id)).detach();
+    }
+    debug!(shard = %ctx.shard.id(), "device listener stopped");
+}
+
+/// The state of a connection that leaves its shard for the owner's.
+struct Migrant {
+    fd: OwnedFd,
+    tls: Option<Box<ServerConnection>>,
+    connect: ConnectMsg,
+    buf: Vec<u8>,
+    id: u64,
+}
+
+/// Handshake, hello, then run here or move to the owner.
+async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64) {
+    let settings = &ctx.settings;
+    let clock = GlommioClock;
+    let mut io = match &settings.tls {
+        None => DeviceStream::Plain(stream),
+        Some(config) => match ServerConnection::new(Arc::clone(config)) {
+            Ok(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, Box::new(conn)))),
+            Err(e) => {
+                debug!("session({id}) ended with: tls: {e}");
+                return;
+            }
+        },
+    };
+    if let DeviceStream::Tls(tls) = &mut io {
+        let handshake = glommio::timer::timeout(settings.session.exchange_timeout, async {
+            Ok(tls.handshake().await)
+        });
+        match handshake.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!("session({id}) ended with: tls handshake: {e}");
+                return;
+            }
+            Err(_) => {
+                debug!("session({id}) ended with: tls handshake timeout");
+                return;
+            }
+        }
+    }
+    let mut buf = Vec::new();
+    let connect = match session::read_hello(&mut io, &mut buf, &settings.session, &clock).await {
+        Ok(c) => c,
+        Err(end) => {
+            debug!("session({id}) ended with: {end}");
+            return;
+        }
+    };
+    let owner = owner_of_device(&connect.device_id, ctx.shard.nr_shards());
+    if owner == ctx.shard.id() {
+        run_session(ctx, io, connect, buf, id).await;
+        return;
+    }
+    let (stream, tls) = match io {
+        DeviceStream::Plain(s) => (s, None),
+        DeviceStream::Tls(t) => {
+            let (s, conn) = t.into_parts();
+            (s, Some(conn))
+        }
+    };
+    let fd = match migrate::detach(stream) {
+        Ok(fd) => fd,
+        Err(e) => {
+            debug!("session({id}) ended with: cannot move to {owner}: {e}");
+            return;
+        }
+    };
+    ctx.shard.count_migration_out();
+    let migrant = Migrant {
+        fd,
+        tls,
+        connect,
+        buf,
+        id,
+    };
+    ctx.shard.run_on(owner, move |owner_shard| {
+        owner_shard.count_migration_in();
+        let Some(ctx) = device_context(owner_shard) else {
+            debug!(
+                "session({}) ended with: shard has no device listener",
+                migrant.id
+            );
+            return;
+        };
+        glommio::spawn_local(resume(ctx, migrant)).detach();
+    });
+}
+
+/// Rebuilds a migrated connection on its owner and runs its session.
+async fn resume(ctx: Rc<DeviceContext>, m: Migrant) {
+    let stream = migrate::attach(m.fd);
+    let io = match m.tls {
+        None => DeviceStream::Plain(stream),
+        Some(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, conn))),
+    };
+    run_session(ctx, io, m.connect, m.buf, m.id).await;
+}
+
+async fn run_session(
+    ctx: Rc<DeviceContext>,
+    mut io: DeviceStream,
+    connect: ConnectMsg,
+    buf: Vec<u8>,
+    id: u64,
+) {
+    ctx.live.set(ctx.live.get() + 1);
+    let tracker = Tracker(id.to_string());
+    let end = session::run(
+        &mut io,
+        &connect,
+        buf,
+        &ctx.shard,
+        &ctx.settings.session,
+        &GlommioClock,
+        &tracker,
+        shutdown(&ctx.shutdown),
+    )
+    .await;
+    ctx.live.set(ctx.live.get() - 1);
+    debug!("session({id}) ended with: {end}");
+    // Best effort: the device may be gone already.
+    let _ = futures_lite::io::AsyncWriteExt::close(&mut io).await;
+}
+
+thread_local! {
+    /// This shard's device context, for connections migrating in. Each shard thread has
+    /// its own; set when the shard's listener starts.
+    static DEVICE_CONTEXT: std::cell::RefCell<Option<Rc<DeviceContext>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Records `ctx` as this shard's device context.
+pub(crate) fn install_device_context(ctx: &Rc<DeviceContext>) {
+    DEVICE_CONTEXT.with(|c| *c.borrow_mut() = Some(Rc::clone(ctx)));
+}
+
+fn device_context(_shard: &Shard) -> Option<Rc<DeviceContext>> {
+    DEVICE_CONTEXT.with(|c| c.borrow().clone())
+}
+
+/// Sessions running on this shard now.
+pub(crate) fn live_sessions() -> usize {
+    DEVICE_CONTEXT.with(|c| c.borrow().as_ref().map_or(0, |ctx| ctx.live.get()))
+}
+
+/// Binds the device listener on this shard.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(Into::into)
+}

@@ -1,0 +1,280 @@
+//! The server: the sharded broker, device listeners and the HTTP API on every shard, and
+//! an orderly shutdown.
+//!
+//! [`Server::start`] takes a [`ServerConfig`], starts the shards, binds the HTTP and
+//! device addresses on every shard (SO_REUSEPORT; a port of 0 is picked once and shared),
+//! logs `listening for http on …` then `listening for devices on …`, and returns.
+//! [`Server::shutdown`] stops accepting, ends every session (unacknowledged
+//! notifications stay pending), and stops the shards.
+
+mod listener;
+mod migrate;
+pub mod tls;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use futures_lite::future::block_on;
+use thiserror::Error;
+use tracing::{debug, info};
+
+use crate::api::{ApiContext, ApiSettings};
+use crate::broker::BrokerError;
+use crate::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
+use crate::config::ServerConfig;
+use crate::session::SessionConfig;
+use listener::{DeviceContext, DeviceSettings};
+
+/// Why the server could not start.
+#[derive(Debug, Error)]
+pub enum ServerError {
+    /// An address in the configuration does not resolve.
+    #[error("bad address {addr:?} for {key}")]
+    Address {
+        /// The configuration key.
+        key: &'static str,
+        /// The address given.
+        addr: String,
+    },
+    /// The TLS certificate or key could not be used.
+    #[error("TLS setup failed")]
+    Tls(#[from] tls::TlsConfigError),
+    /// The shards could not start (often: too little locked memory for io_uring; raise
+    /// `ulimit -l`).
+    #[error("cannot start the shards (is the locked-memory limit, ulimit -l, at least 512 KiB?)")]
+    Shards(#[source] glommio::GlommioError<()>),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr} for {what}")]
+    Bind {
+        /// What the listener is for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A shard did not answer while starting.
+    #[error("a shard did not answer while starting")]
+    Broker(#[from] BrokerError),
+}
+
+fn resolve(key: &'static str, addr: &str) -> Result<SocketAddr, ServerError> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| ServerError::Address {
+            key,
+            addr: addr.to_owned(),
+        })
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Server {
+    broker: ShardedBroker,
+    http_addr: SocketAddr,
+    device_addr: SocketAddr,
+    /// Per shard: tells it to shut down.
+    shutdown: Vec<flume::Sender<()>>,
+}
+
+impl Server {
+    /// Starts the shards and listeners of `config`.
+    ///
+    /// # Errors
+    /// A [`ServerError`] saying what could not be set up; nothing is left running then.
+    pub fn start(config: &ServerConfig) -> Result<Server, ServerError> {
+        let http_addr = resolve("http_addr", &config.http_addr)?;
+        let device_addr = resolve("addr", &config.addr)?;
+        let tls = match (&config.cert_pem_file, &config.key_pem_file) {
+            (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+            _ => None,
+        };
+        let mut builder = if config.shards == 0 {
+            ShardedBrokerBuilder::per_cpu()
+        } else {
+            ShardedBrokerBuilder::new(config.shards)
+        };
+        builder = builder
+            .config(config)
+            .max_notifications_per_app(config.max_notifications_per_app)
+            .placement(ShardPlacement::Auto);
+        let broker = builder.build();
+        broker.start().map_err(ServerError::Shards)?;
+        let n = broker.nr_shards();
+
+        let api_settings = ApiSettings {
+            delivery_hosts: Vec::new(),
+            delivery_domain: config.delivery_domain.clone(),
+            http_read_timeout: config.http_read_timeout,
+            http_write_timeout: config.http_write_timeout,
+            statistics_auth: config
+                .statistics_auth_user
+                .clone()
+                .zip(config.statistics_auth_password.clone()),
+            max_body: 4096,
+        };
+        let device_settings = DeviceSettings {
+            session: SessionConfig {
+                ping_interval: config.ping_interval,
+                exchange_timeout: config.exchange_timeout,
+            },
+            tls,
+        };
+        // Shard 0 binds first: a configured port 0 is picked there, and the other shards
+        // join the picked ports (SO_REUSEPORT).
+        let mut shutdown = Vec::with_capacity(n);
+        let (mut http_addr, mut device_addr) = (http_addr, device_addr);
+        for i in 0..n {
+            let (tx, rx) = flume::bounded::<()>(1);
+            shutdown.push(tx);
+            let started = block_on(broker.sending().run_on(ShardId(i), {
+                let api_settings = api_settings.clone();
+                let device_settings = device_settings.clone();
+                move |shard| {
+                    start_shard(
+                        shard,
+                        http_addr,
+                        device_addr,
+                        api_settings,
+                        device_settings,
+                        rx,
+                    )
+                }
+            }));
+            let bound = match started {
+                Ok(Ok(bound)) => bound,
+                Ok(Err(e)) => {
+                    broker.stop_blocking();
+                    return Err(e);
+                }
+                Err(e) => {
+                    broker.stop_blocking();
+                    return Err(e.into());
+                }
+            };
+            (http_addr, device_addr) = bound;
+        }
+        info!("listening for http on {http_addr}");
+        info!("listening for devices on {device_addr}");
+        debug!(shards = n, "server started");
+        Ok(Server {
+            broker,
+            http_addr,
+            device_addr,
+            shutdown,
+        })
+    }
+
+    /// The HTTP API's address (the bound one: a configured port 0 is resolved).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The device listener's address (the bound one).
+    pub fn device_addr(&self) -> SocketAddr {
+        self.device_addr
+    }
+
+    /// The sharded broker.
+    pub fn broker(&self) -> &ShardedBroker {
+        &self.broker
+    }
+
+    /// Stops accepting, ends every session, waits up to `grace` for them to end, and
+    /// stops the shards. Blocks the calling thread (not for use on a shard).
+    pub fn shutdown(self, grace: Duration) {
+        for tx in &self.shutdown {
+            let _ = tx.send(());
+        }
+        let deadline = Instant::now() + grace;
+        let sending = self.broker.sending();
+        while Instant::now() < deadline {
+            let mut live = 0;
+            for i in 0..self.broker.nr_shards() {
+                live += block_on(sending.run_on(ShardId(i), |_| listener::live_sessions()))
+                    .unwrap_or(0);
+            }
+            if live == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.broker.stop_blocking();
+    }
+}
+
+/// Binds this shard's HTTP and device listeners and starts serving them; the addresses
+/// bound (with a configured port 0 resolved).
+fn start_shard(
+    shard: &crate::broker::sharded::Shard,
+    http_addr: SocketAddr,
+    device_addr: SocketAddr,
+    mut api_settings: ApiSettings,
+    device_settings: DeviceSettings,
+    shutdown: flume::Receiver<()>,
+) -> Result<(SocketAddr, SocketAddr), ServerError> {
+    let bind = |what, addr| {
+        listener::bind(addr)
+            .and_then(|l| Ok((l.local_addr().map_err(std::io::Error::from)?, l)))
+            .map_err(|source| ServerError::Bind { what, addr, source })
+    };
+    let (http_addr, http) = bind("http", http_addr)?;
+    let (device_addr, devices) = bind("devices", device_addr)?;
+    api_settings.delivery_hosts = vec![device_addr.to_string()];
+    let signal = Rc::new(glommio::sync::Semaphore::new(0));
+    let api = Rc::new(ApiContext::new(shard.clone(), api_settings));
+    let ctx = Rc::new(DeviceContext::new(
+        shard.clone(),
+        device_settings,
+        Rc::clone(&signal),
+    ));
+    listener::install_device_context(&ctx);
+    glommio::spawn_local(serve_http(http, api, Rc::clone(&signal))).detach();
+    glommio::spawn_local(listener::serve_devices(devices, ctx)).detach();
+    // The server's word to shut down closes the signal.
+    glommio::spawn_local(async move {
+        let _ = shutdown.recv_async().await;
+        signal.close();
+    })
+    .detach();
+    Ok((http_addr, device_addr))
+}
+
+/// Accepts HTTP connections on this shard until shutdown.
+async fn serve_http(
+    listener: glommio::net::TcpListener,
+    api: Rc<ApiContext>,
+    signal: Rc<glommio::sync::Semaphore>,
+) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            listener::shutdown(&signal).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                glommio::spawn_local(crate::api::serve_connection(stream, Rc::clone(&api)))
+                    .detach();
+            }
+            Some(Err(e)) => {
+                debug!("http accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+impl crate::broker::BrokerConfig for ServerConfig {
+    fn session_queue_size(&self) -> usize {
+        self.session_queue_size
+    }
+
+    fn broker_queue_size(&self) -> usize {
+        self.broker_queue_size
+    }
+}
