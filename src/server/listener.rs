@@ -219,7 +219,9 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64) {
     };
     let owner = owner_of_device(&connect.device_id, ctx.shard.nr_shards());
     if owner == ctx.shard.id() {
-        run_session(ctx, io, connect, buf, id).await;
+        // A task of its own: the long-lived session does not carry this task's hello
+        // and handshake state.
+        glommio::spawn_local(run_session(ctx, io, connect, buf, id)).detach();
         return;
     }
     let (stream, tls) = match io {
@@ -317,4 +319,27 @@ pub(crate) fn live_sessions() -> usize {
 /// Binds the device listener on this shard.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr).map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    fn future_size5<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The session task lives as long as the connection: its future is what an idle
+    /// device costs besides the socket. Keep it small (measured: see the message).
+    #[test]
+    fn an_idle_session_task_stays_small() {
+        let session = future_size5(run_session);
+        let accept = future_size(accept_session);
+        assert!(session <= 2048, "session task future is {session} B");
+        assert!(accept <= 2048, "accept task future is {accept} B");
+    }
 }
