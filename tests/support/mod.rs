@@ -2,6 +2,7 @@
 //! plain TCP or TLS, a raw HTTP/1.1 client, test certificates, and the server run either
 //! in this process or as the real binary.
 #![allow(dead_code)] // each test file uses part of this
+#![allow(unreachable_pub)] // a module of each test crate, not a public API
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -35,7 +36,9 @@ impl RecvError {
             RecvError::Eof => true,
             RecvError::Io(e) => matches!(
                 e.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
             ),
             RecvError::Timeout => false,
         }
@@ -97,8 +100,8 @@ static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(2);
 pub fn connect_tcp(addr: SocketAddr) -> TcpStream {
     let n = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
     let source = SocketAddr::from(([127, 0, (n / 250 % 250) as u8, (n % 250 + 2) as u8], 0));
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-        .expect("socket");
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
     // Falls back to the default source if that address cannot be used.
     let _ = socket.bind(&source.into());
     socket
@@ -121,8 +124,11 @@ impl Device {
     /// Connects over TLS, trusting `ca`.
     pub fn connect_tls(addr: SocketAddr, ca: &TestCa) -> Self {
         let tcp = connect_tcp(addr);
-        let conn = rustls::ClientConnection::new(ca.client_config(), "localhost".try_into().expect("name"))
-            .expect("client connection");
+        let conn = rustls::ClientConnection::new(
+            ca.client_config(),
+            "localhost".try_into().expect("name"),
+        )
+        .expect("client connection");
         Self {
             io: Transport::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
             buf: Vec::new(),
@@ -168,7 +174,8 @@ impl Device {
                 let len = usize::from(u16::from_be_bytes([self.buf[0], self.buf[1]]));
                 if self.buf.len() >= 2 + len {
                     let body: Vec<u8> = self.buf.drain(..2 + len).skip(2).collect();
-                    return serde_json::from_slice(&body).map_err(|e| RecvError::Io(io::Error::other(e)));
+                    return serde_json::from_slice(&body)
+                        .map_err(|e| RecvError::Io(io::Error::other(e)));
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -183,7 +190,14 @@ impl Device {
             match self.io.read(&mut chunk) {
                 Ok(0) => return Err(RecvError::Eof),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                // A signal interrupted the read: read again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(RecvError::Timeout);
                 }
                 Err(e) => return Err(RecvError::Io(e)),
@@ -195,7 +209,9 @@ impl Device {
     /// panics on anything else.
     pub fn expect(&mut self, t: &str) -> Value {
         loop {
-            let msg = self.recv().unwrap_or_else(|e| panic!("expected {t}, got {e:?}"));
+            let msg = self
+                .recv()
+                .unwrap_or_else(|e| panic!("expected {t}, got {e:?}"));
             if msg["T"] == t {
                 return msg;
             }
@@ -224,7 +240,7 @@ impl Device {
             match self.recv_within(deadline.saturating_duration_since(Instant::now())) {
                 Err(e) if e.is_closed() => return true,
                 Err(RecvError::Timeout) => return false,
-                Err(RecvError::Io(_)) => return true,
+                Err(RecvError::Eof | RecvError::Io(_)) => return true,
                 Ok(msg) if msg["T"] == "ping" => self.pong(),
                 Ok(_) => {}
             }
@@ -253,18 +269,30 @@ impl HttpResponse {
     /// The body as JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body))
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Sends one request on a new connection and reads the response (`Connection: close`).
-pub fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> HttpResponse {
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
     let mut s = connect_tcp(addr);
     s.set_read_timeout(Some(PATIENCE)).expect("timeout");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
@@ -287,7 +315,10 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
         addr,
         "POST",
         path,
-        &[("Content-Type", "application/json"), ("Content-Length", &len)],
+        &[
+            ("Content-Type", "application/json"),
+            ("Content-Length", &len),
+        ],
         &bytes,
     )
 }
@@ -309,17 +340,24 @@ fn parse_response(raw: &[u8]) -> HttpResponse {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let mut body = raw[split + 4..].to_vec();
-    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
         body = dechunk(&body);
     }
-    HttpResponse { status, headers, body }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
 }
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size =
+            usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -344,12 +382,16 @@ impl TestCa {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "pushbroker test CA");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pushbroker test CA");
         let ca = ca_params.self_signed(&ca_key).expect("ca cert");
         let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
         let leaf_params =
             rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
-        let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).expect("leaf cert");
+        let leaf = leaf_params
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .expect("leaf cert");
         std::fs::write(dir.join("cert.pem"), leaf.pem()).expect("write cert");
         std::fs::write(dir.join("key.pem"), leaf_key.serialize_pem()).expect("write key");
         Self {
@@ -412,6 +454,8 @@ impl ServerProcess {
     pub fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pushbroker"))
             .args(args)
+            // The log lines tests wait for are DEBUG: never inherit a quieter filter.
+            .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -434,7 +478,9 @@ impl ServerProcess {
             http_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             device_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
-        let http = p.wait_log(|l| l.contains("INFO listening for http on ")).expect("http listening line");
+        let http = p
+            .wait_log(|l| l.contains("INFO listening for http on "))
+            .expect("http listening line");
         let devices = p
             .wait_log(|l| l.contains("INFO listening for devices on "))
             .expect("devices listening line");
@@ -457,6 +503,11 @@ impl ServerProcess {
             }
         }
         None
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGTERM and waits for the exit status, up to [`PATIENCE`].
