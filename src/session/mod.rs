@@ -308,7 +308,8 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 /// the session ends (PROTOCOL.md §1 step 4). `buf` holds the bytes read past CONNECT.
 ///
 /// - The first PING goes out one `ping_interval` after registration, and then one
-///   interval after the last PONG or the last part of an exchange; PONG must come within
+///   interval after the previous PING went out or the last part of an exchange was
+///   ACKed; PONG must come within
 ///   `exchange_timeout`.
 /// - While waiting for the ping timer or an exchange the session also reads, so a device
 ///   that closes is noticed at once; bytes that arrive are kept (up to one frame of the
@@ -457,11 +458,14 @@ where
         match idle(io, &mut buf, &*sess, ping_at, clock).await? {
             Idle::Ping => {
                 write_frame(io, PING_FRAME, clock, config.exchange_timeout).await?;
+                // The next PING is due one interval after this one went out, not after the
+                // PONG came: the server is never silent longer than the interval.
+                let next_ping = deadline_after(clock, config.ping_interval);
                 let deadline = deadline_after(clock, config.exchange_timeout);
                 let mut sleep = pin!(None::<C::Sleep>);
                 match read_message(io, &mut buf, &mut sleep, clock, deadline, Waiting::Pong).await?
                 {
-                    Message::Pong => ping_at = deadline_after(clock, config.ping_interval),
+                    Message::Pong => ping_at = next_ping,
                     _ => return Err(SessionEnd::ExpectedPong),
                 }
             }
