@@ -35,8 +35,9 @@ fn unit_nanos(unit: &str) -> Option<u128> {
 ///
 /// Fractions are computed as Go's `time.ParseDuration` computes them (in `float64`,
 /// then truncated), so every string gives the same nanosecond count here as in Go:
-/// `"0.3333333333333333333h"` is exactly 20 minutes. Unlike Go, durations longer than
-/// about 292 years are accepted (a [`Duration`] holds them).
+/// `"0.3333333333333333333h"` is exactly 20 minutes. As in Go, durations longer than
+/// about 292 years (`i64::MAX` nanoseconds) are refused, so no deadline computed from a
+/// configured duration can overflow.
 ///
 /// ```
 /// use std::time::Duration;
@@ -111,6 +112,11 @@ pub fn parse_go_duration(text: &str) -> Result<Duration, DurationError> {
     }
     if negative && total != 0 {
         return Err(err("negative durations are not allowed"));
+    }
+    // Go's durations are an i64 of nanoseconds (about 292 years): refuse longer ones, so
+    // no deadline computed from a configured duration can overflow.
+    if total > i64::MAX as u128 {
+        return Err(err("overflow"));
     }
     let secs = u64::try_from(total / 1_000_000_000).map_err(|_| err("overflow"))?;
     // The remainder is below 10^9: it fits.
@@ -382,9 +388,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn format_then_parse_round_trips(secs in any::<u64>(), sub in 0u32..1_000_000_000) {
-            let d = Duration::new(secs, sub);
+        fn format_then_parse_round_trips(nanos in 0..=i64::MAX as u64) {
+            let d = Duration::from_nanos(nanos);
             prop_assert_eq!(parse_go_duration(&format_go_duration(d)), Ok(d));
+        }
+
+        #[test]
+        fn durations_beyond_gos_range_are_refused(secs in (i64::MAX as u64 / 1_000_000_000 + 1)..u64::MAX) {
+            let d = Duration::from_secs(secs);
+            prop_assert!(parse_go_duration(&format_go_duration(d)).is_err());
         }
 
         #[test]
