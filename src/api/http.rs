@@ -61,16 +61,33 @@ pub async fn handle(ctx: &ApiContext, req: Request<Incoming>) -> Response<Full<B
         authorization: parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes()),
     };
     let max_body = ctx.settings().max_body;
-    respond(ctx, &head, read_body(body, max_body)).await
+    let read_timeout = ctx.settings().http_read_timeout;
+    respond(ctx, &head, read_body(body, max_body, read_timeout)).await
 }
 
-/// The whole body, at most `max_body` bytes.
-async fn read_body(body: Incoming, max_body: usize) -> Result<Bytes, BodyReadError> {
-    match Limited::new(body, max_body).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => {
-            debug!(target: "pushbroker::api", "cannot read a request body: {e}");
-            Err(BodyReadError)
-        }
-    }
+/// The whole body, at most `max_body` bytes, within `read_timeout` (zero: no limit): a
+/// client that declares a body and stalls cannot hold its connection forever.
+async fn read_body(
+    body: Incoming,
+    max_body: usize,
+    read_timeout: std::time::Duration,
+) -> Result<Bytes, BodyReadError> {
+    let collect = async {
+        Limited::new(body, max_body)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| e.to_string())
+    };
+    let read = if read_timeout.is_zero() {
+        collect.await
+    } else {
+        glommio::timer::timeout(read_timeout, async { Ok(collect.await) })
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()))
+    };
+    read.map_err(|e| {
+        debug!(target: "pushbroker::api", "cannot read a request body: {e}");
+        BodyReadError
+    })
 }

@@ -291,8 +291,12 @@ async fn run_session(
     .await;
     ctx.live.set(ctx.live.get() - 1);
     debug!("session({id}) ended with: {end}");
-    // Best effort: the device may be gone already.
-    let _ = futures_lite::io::AsyncWriteExt::close(&mut io).await;
+    // Best effort, bounded: the device may be gone, or no longer reading.
+    let timeout = ctx.settings.session.exchange_timeout;
+    let _ = glommio::timer::timeout(timeout, async {
+        Ok(futures_lite::io::AsyncWriteExt::close(&mut io).await)
+    })
+    .await;
 }
 
 thread_local! {
