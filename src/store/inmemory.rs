@@ -223,6 +223,7 @@ impl PendingStore for InMemoryPendingStore {
                 _ => false,
             }
         });
+        forget_if_empty(&mut channels, chan);
         Ok(())
     }
 
@@ -242,7 +243,19 @@ impl PendingStore for InMemoryPendingStore {
             }
             DropPlan::Keep(keep) => channel.retain(&keep),
         }
+        forget_if_empty(&mut channels, chan);
         Ok(())
+    }
+}
+
+/// Forgets a channel that holds nothing and has no level to remember (an emptied
+/// unicast channel), so channels of devices that come and go do not accumulate.
+fn forget_if_empty(channels: &mut AHashMap<InternalChannelId, Channel>, chan: &InternalChannelId) {
+    if channels
+        .get(chan)
+        .is_some_and(|c| c.notifications.is_empty() && c.top_level == 0)
+    {
+        channels.remove(chan);
     }
 }
 
@@ -672,6 +685,34 @@ mod tests {
         s.scrub(&dev(), criteria).expect("scrub");
         assert_aligned(&s, &dev(), &[("m3", 100, Some("x")), ("m5", 100, None)]);
         assert_eq!(unfiltered(&s, &dev()).0, 0);
+    }
+
+    #[test]
+    fn emptied_unicast_channels_are_forgotten_and_broadcast_levels_kept() {
+        let (s, _clock) = store();
+        let chan = dev();
+        fill(&s, &chan, &[("app1", "m1", 100, None)]);
+        let (_, notifs) = s.get_channel_snapshot(&chan).expect("snapshot");
+        s.drop_by_msg_id(&chan, &notifs).expect("drop");
+        assert_eq!(s.channels.borrow().len(), 0, "the emptied channel is gone");
+        fill(&s, &chan, &[("app1", "m2", 100, None)]);
+        s.scrub(
+            &chan,
+            ScrubCriteria {
+                app_id: Some("app1"),
+                replace_tag: None,
+            },
+        )
+        .expect("scrub");
+        assert_eq!(s.channels.borrow().len(), 0, "the cleared channel is gone");
+        s.append_to_channel(&InternalChannelId::System, payload(1), t(10))
+            .expect("append");
+        s.scrub(&InternalChannelId::System, ScrubCriteria::default())
+            .expect("scrub");
+        let (top, _) = s
+            .get_channel_snapshot(&InternalChannelId::System)
+            .expect("snapshot");
+        assert_eq!(top, 1, "a broadcast channel keeps its level when emptied");
     }
 
     #[test]
