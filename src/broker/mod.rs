@@ -55,7 +55,7 @@ pub use exchange::{
     UnicastExchange, feed_pending,
 };
 pub use local::{DeliveryStats, LocalSession};
-pub use queue::{ExchangeQueue, Next};
+pub use queue::{ExchangeQueue, MIN_SESSION_QUEUE, Next};
 
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, StoreError};

@@ -59,12 +59,18 @@ impl fmt::Debug for ExchangeQueue {
     }
 }
 
+/// The least room a session queue has: what feeding a new session queues (a broadcast
+/// exchange for the system channel and a unicast exchange for the device's own channel),
+/// so a small configured size never drops what is pending.
+pub const MIN_SESSION_QUEUE: usize = 2;
+
 impl ExchangeQueue {
-    /// An empty queue holding at most `capacity` (at least 1) exchanges.
+    /// An empty queue holding at most `capacity` exchanges, and never fewer than
+    /// [`MIN_SESSION_QUEUE`].
     pub fn new(capacity: usize) -> Self {
         Self {
             items: RefCell::new(VecDeque::new()),
-            capacity: capacity.max(1),
+            capacity: capacity.max(MIN_SESSION_QUEUE),
             terminated: Cell::new(false),
             waker: RefCell::new(None),
         }
@@ -315,12 +321,18 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_at_least_one() {
-        let q = ExchangeQueue::new(0);
-        let e = unicast("d1");
-        q.feed(Rc::clone(&e)).expect("room for one");
-        assert!(q.feed(unicast("d2")).is_err());
-        assert!(same(&take(&q), &e));
+    fn capacity_holds_at_least_what_feeding_pending_queues() {
+        for configured in [0, 1] {
+            let q = ExchangeQueue::new(configured);
+            let e = unicast("d1");
+            let b = broadcast(1);
+            q.feed(Rc::clone(&b))
+                .expect("room for the pending broadcast");
+            q.feed(Rc::clone(&e)).expect("room for the pending unicast");
+            assert!(q.feed(unicast("d2")).is_err());
+            assert!(same(&take(&q), &b));
+            assert!(same(&take(&q), &e));
+        }
     }
 
     #[test]
