@@ -13,9 +13,11 @@ use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The filter used when `RUST_LOG` is not set: every debug line of the server, so the
-/// session lines tools wait for are written by default.
-pub const DEFAULT_FILTER: &str = "debug";
+/// The filter used when `RUST_LOG` is not set: INFO and above, plus the DEBUG session
+/// lines (`session(ID) connected …`, `… ended with: …`) that tools wait for; other
+/// per-request detail (API requests, broker internals) only when asked for, so a busy
+/// server does not write a line per request.
+pub const DEFAULT_FILTER: &str = "info,pushbroker::server::listener=debug";
 
 /// Formats events as `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message key=value…`.
 #[derive(Debug, Clone, Copy)]

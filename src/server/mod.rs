@@ -61,6 +61,14 @@ pub enum ServerError {
 }
 
 fn resolve(key: &'static str, addr: &str) -> Result<SocketAddr, ServerError> {
+    // Go's ":port" means every interface.
+    let with_host;
+    let addr = if addr.starts_with(':') {
+        with_host = format!("0.0.0.0{addr}");
+        &with_host
+    } else {
+        addr
+    };
     addr.to_socket_addrs()
         .ok()
         .and_then(|mut a| a.next())
@@ -92,11 +100,7 @@ impl Server {
             (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
             _ => None,
         };
-        let mut builder = if config.shards == 0 {
-            ShardedBrokerBuilder::per_cpu()
-        } else {
-            ShardedBrokerBuilder::new(config.shards)
-        };
+        let mut builder = ShardedBrokerBuilder::new(config.shard_count());
         builder = builder
             .config(config)
             .max_notifications_per_app(config.max_notifications_per_app)
@@ -157,8 +161,15 @@ impl Server {
             };
             (http_addr, device_addr) = bound;
         }
+        // Every shard is bound and can take migrated connections: log, then accept.
         info!("listening for http on {http_addr}");
         info!("listening for devices on {device_addr}");
+        for i in 0..n {
+            if let Err(e) = block_on(broker.sending().run_on(ShardId(i), |_| begin_serving())) {
+                broker.stop_blocking();
+                return Err(e.into());
+            }
+        }
         debug!(shards = n, "server started");
         Ok(Server {
             broker,
@@ -232,8 +243,14 @@ fn start_shard(
         Rc::clone(&signal),
     ));
     listener::install_device_context(&ctx);
-    glommio::spawn_local(serve_http(http, api, Rc::clone(&signal))).detach();
-    glommio::spawn_local(listener::serve_devices(devices, ctx)).detach();
+    // Accepting starts only once every shard is ready (see `begin_serving`).
+    let serve_signal = Rc::clone(&signal);
+    READY.with(|r| {
+        *r.borrow_mut() = Some(Box::new(move || {
+            glommio::spawn_local(serve_http(http, api, serve_signal)).detach();
+            glommio::spawn_local(listener::serve_devices(devices, ctx)).detach();
+        }))
+    });
     // The server's word to shut down closes the signal.
     glommio::spawn_local(async move {
         let _ = shutdown.recv_async().await;
@@ -241,6 +258,21 @@ fn start_shard(
     })
     .detach();
     Ok((http_addr, device_addr))
+}
+
+thread_local! {
+    /// This shard's accept loops, bound and ready, waiting for every shard to be ready
+    /// (so no connection migrates to a shard that cannot take it, and the listening
+    /// lines come first). Each shard thread has its own.
+    static READY: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Starts this shard's accept loops.
+fn begin_serving() {
+    if let Some(start) = READY.with(|r| r.borrow_mut().take()) {
+        start();
+    }
 }
 
 /// Accepts HTTP connections on this shard until shutdown.

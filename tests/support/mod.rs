@@ -454,8 +454,8 @@ impl ServerProcess {
     pub fn start_with(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_pushbroker"))
             .args(args)
-            // The log lines tests wait for are DEBUG: never inherit a quieter filter.
-            .env("RUST_LOG", "debug")
+            // Tests check what the server logs by default: never inherit a filter.
+            .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
