@@ -87,7 +87,9 @@ impl LocalBroker {
         self.stats.set(stats);
     }
 
-    fn feed(&self, queue: &ExchangeQueue, exchange: ExchangeRef, unicast: bool) {
+    /// Queues `exchange` on `queue`, counting it (or its refusal).
+    fn feed(&self, queue: &ExchangeQueue, exchange: ExchangeRef) {
+        let unicast = exchange.as_any().is::<UnicastExchange>();
         match queue.feed(exchange) {
             Ok(()) if unicast => self.count(|s| s.unicast_feeds += 1),
             Ok(()) => self.count(|s| s.broadcast_feeds += 1),
@@ -210,7 +212,7 @@ impl LocalBroker {
             .collect();
         self.count(|s| s.broadcast_fanouts += 1);
         for queue in queues {
-            self.feed(&queue, Rc::clone(&exchange), false);
+            self.feed(&queue, Rc::clone(&exchange));
             glommio::yield_if_needed().await;
         }
     }
@@ -233,17 +235,11 @@ impl LocalBroker {
                     chan_id: chan,
                     cached_ok: false,
                 });
-                self.feed(&queue, exchange, true);
+                self.feed(&queue, exchange);
                 true
             }
             None => false,
         }
-    }
-}
-
-pub(crate) fn feed_queue(queue: &ExchangeQueue, exchange: ExchangeRef) {
-    if let Err(refused) = queue.feed(exchange) {
-        debug!("session queue full, dropping {refused:?}");
     }
 }
 
@@ -334,7 +330,7 @@ impl BrokerSession for LocalSession {
     }
 
     fn feed(&self, exchange: ExchangeRef) {
-        feed_queue(&self.queue, exchange);
+        self.broker.feed(&self.queue, exchange);
     }
 
     fn internal_channel_id(&self) -> InternalChannelId {
