@@ -330,7 +330,7 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 #[allow(clippy::too_many_arguments)] // the session's whole context, passed by the listener
 pub async fn run<S, B, C, F>(
     io: &mut S,
-    connect: &ConnectMsg,
+    connect: ConnectMsg,
     buf: Vec<u8>,
     broker: &B,
     config: &SessionConfig,
@@ -351,7 +351,7 @@ where
             return end;
         }
     }
-    let mut registered = match broker.register(connect, track).await {
+    let mut registered = match broker.register(&connect, track).await {
         Ok(sess) => Registered { broker, sess },
         Err(e) => return e.into(),
     };
@@ -360,6 +360,9 @@ where
         track.session_id(),
         connect.device_id
     );
+    // The broker has taken what it needs: an idle session does not keep the CONNECT
+    // (its Info and Levels) for its whole life.
+    drop(connect);
     let end = {
         let serve = pin!(serve(io, &mut registered.sess, buf, config, clock));
         match until_shutdown(shutdown, serve).await {

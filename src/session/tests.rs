@@ -156,7 +156,7 @@ impl Env {
                         let _ = stopped.recv_async().await;
                     };
                     run(
-                        &mut io, &connect, buf, &*broker, &config, &clock, &sid, shutdown,
+                        &mut io, connect, buf, &*broker, &config, &clock, &sid, shutdown,
                     )
                     .await
                 }
@@ -928,7 +928,7 @@ fn the_session_future_is_small() {
             .expect("connect");
         let fut = run(
             &mut tcp,
-            &connect,
+            connect.clone(),
             Vec::new(),
             &broker,
             &config,
@@ -942,7 +942,7 @@ fn the_session_future_is_small() {
         let (mut server, _device) = pipe();
         let fut = run(
             &mut server,
-            &connect,
+            connect.clone(),
             Vec::new(),
             &broker,
             &config,
