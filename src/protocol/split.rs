@@ -61,6 +61,11 @@ impl<'a> BroadcastMsg<'a> {
     ///
     /// Each part's `TopLevel` is `TopLevel − len(Payloads) + payloads up to the part's end`,
     /// so the last part carries the message's `TopLevel`. `null` payloads stay one part.
+    ///
+    /// This holds for a message whose payloads are consecutive levels (nothing filtered
+    /// out), as a client or a tool sees one. The broker's broadcast exchange filters by
+    /// device tag, so it splits with [`split_payloads`] and gives each part the level of
+    /// its last kept payload instead.
     pub fn split(&self) -> Vec<BroadcastMsg<'_>> {
         let Some(payloads) = self.payloads.as_deref() else {
             return vec![self.borrowed(None, self.top_level)];
