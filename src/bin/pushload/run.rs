@@ -1,0 +1,685 @@
+//! The coordinator: starts or finds the server, starts the worker processes, drives the
+//! scenario through the HTTP API, checks every delivery the workers report, and measures
+//! the server and itself from `/proc`.
+
+use std::cell::{Cell, RefCell};
+use std::io::{BufReader, Write};
+use std::process::{Child, ChildStdin, Command as Process, Stdio};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rand::{Rng, SeedableRng};
+
+use crate::http::ApiClient;
+use crate::link::{self, Command, Event, FromWorker, Receipt, ReceiptKind, WorkerSpec};
+use crate::procfs::{self, now_ns};
+use crate::report::{Percentiles, Report};
+use crate::target::Target;
+use crate::wire;
+use crate::{Options, Scenario};
+
+/// Expiry of every notification pushload sends: far enough never to matter.
+const EXPIRE_ON: &str = "2099-01-01T00:00:00Z";
+/// The application id of pushload's notifications.
+const APP_ID: &str = "com.example.pushload_pushload";
+
+/// The worker processes and what they say.
+struct Workers {
+    children: Vec<Child>,
+    stdins: Vec<ChildStdin>,
+    rx: flume::Receiver<Option<FromWorker>>,
+}
+
+impl Workers {
+    fn spawn(specs: Vec<WorkerSpec>) -> Result<Self> {
+        let exe = std::env::current_exe().context("cannot find pushload's own executable")?;
+        let (tx, rx) = flume::unbounded();
+        let mut children = Vec::new();
+        let mut stdins = Vec::new();
+        for spec in specs {
+            let mut child = Process::new(&exe)
+                .arg("--worker")
+                .arg(serde_json::to_string(&spec)?)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("cannot start a worker process")?;
+            let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                bail!("a worker process has no pipes");
+            };
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name("worker-in".into())
+                .spawn(move || {
+                    let mut input = BufReader::with_capacity(1 << 16, stdout);
+                    while let Ok(Some(frame)) = link::read_frame(&mut input) {
+                        if tx.send(Some(frame)).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(None);
+                })
+                .context("cannot start a thread")?;
+            children.push(child);
+            stdins.push(stdin);
+        }
+        Ok(Workers {
+            children,
+            stdins,
+            rx,
+        })
+    }
+
+    fn send(&mut self, command: Command) -> Result<()> {
+        let mut line = serde_json::to_string(&command)?;
+        line.push('\n');
+        for stdin in &mut self.stdins {
+            stdin
+                .write_all(line.as_bytes())
+                .and_then(|()| stdin.flush())
+                .context("a worker process is gone")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Every delivery the workers report, checked against what was sent.
+struct Tally {
+    sessions: u32,
+    // Broadcasts: per broadcast, who has it, how many, when it was posted, when the last
+    // device got it.
+    bcast_seen: Vec<Vec<u64>>,
+    bcast_count: Vec<u32>,
+    bcast_posted: Vec<bool>,
+    bcast_post_ns: Vec<u64>,
+    bcast_last_ns: Vec<u64>,
+    // Notifies: per notify, its target, when it was posted, the answer, and whether it came.
+    notify_target: Vec<u32>,
+    notify_post_ns: Vec<u64>,
+    notify_status: Vec<u16>,
+    notify_seen: Vec<bool>,
+    notify_answered: u32,
+    notify_ok: u32,
+    notify_delivered: u32,
+    deliveries: u64,
+    duplicates: u64,
+    wrong: u64,
+    errors: u64,
+    problems: Vec<String>,
+    latency_us: Histogram<u64>,
+    progress: ProgressBar,
+}
+
+impl Tally {
+    fn problem(&mut self, what: String) {
+        self.errors += 1;
+        if self.problems.len() < 10 {
+            self.problems.push(what);
+        }
+    }
+
+    fn receipts(&mut self, batch: &[Receipt]) {
+        for r in batch {
+            match r.kind {
+                ReceiptKind::Broadcast => self.broadcast(r),
+                ReceiptKind::Notify => self.notify(r),
+            }
+        }
+        self.progress.inc(batch.len() as u64);
+    }
+
+    fn broadcast(&mut self, r: &Receipt) {
+        let k = r.item as usize;
+        if k >= self.bcast_seen.len() || r.device >= self.sessions || !self.bcast_posted[k] {
+            self.wrong += 1;
+            return;
+        }
+        let (word, bit) = (r.device as usize / 64, 1u64 << (r.device % 64));
+        if self.bcast_seen[k][word] & bit != 0 {
+            self.duplicates += 1;
+            return;
+        }
+        self.bcast_seen[k][word] |= bit;
+        self.bcast_count[k] += 1;
+        self.bcast_last_ns[k] = self.bcast_last_ns[k].max(r.at_ns);
+        self.deliveries += 1;
+        self.record_latency(r.at_ns, self.bcast_post_ns[k]);
+    }
+
+    fn notify(&mut self, r: &Receipt) {
+        let n = r.item as usize;
+        if n >= self.notify_target.len()
+            || self.notify_post_ns[n] == 0
+            || self.notify_target[n] != r.device
+            || r.addressed != r.device
+        {
+            self.wrong += 1;
+            return;
+        }
+        if self.notify_seen[n] {
+            self.duplicates += 1;
+            return;
+        }
+        self.notify_seen[n] = true;
+        self.notify_delivered += 1;
+        self.deliveries += 1;
+        self.record_latency(r.at_ns, self.notify_post_ns[n]);
+    }
+
+    fn record_latency(&mut self, at_ns: u64, posted_ns: u64) {
+        let us = at_ns.saturating_sub(posted_ns) / 1000;
+        let _ = self.latency_us.record(us.max(1));
+    }
+
+    /// Whether every notify has its answer and every accepted one has arrived.
+    fn unicast_done(&self) -> bool {
+        self.notify_answered as usize == self.notify_target.len()
+            && self.notify_delivered >= self.notify_ok
+    }
+}
+
+/// The coordinator's side of a run.
+struct Coordinator {
+    workers: Workers,
+    tally: Rc<RefCell<Tally>>,
+    ready: u32,
+    threads: u32,
+    connected_threads: u32,
+    connected_ok: u32,
+    connect_failed: u32,
+    connect_us: Histogram<u64>,
+    marks: Vec<u64>,
+    settled_threads: u32,
+    reconnects: u64,
+    finals: u32,
+    workers_gone: u32,
+}
+
+impl Coordinator {
+    /// Handles what the workers say until `done` holds or `deadline` passes; says which.
+    async fn pump(&mut self, deadline_ns: u64, done: impl Fn(&Coordinator) -> bool) -> bool {
+        while !done(self) {
+            let left = deadline_ns.saturating_sub(now_ns());
+            if left == 0 || self.workers_gone as usize == self.workers.children.len() {
+                return false;
+            }
+            let next =
+                tokio::time::timeout(Duration::from_nanos(left), self.workers.rx.recv_async())
+                    .await;
+            match next {
+                Ok(Ok(Some(FromWorker::Receipts(batch)))) => {
+                    self.tally.borrow_mut().receipts(&batch);
+                }
+                Ok(Ok(Some(FromWorker::Event(event)))) => self.event(event),
+                Ok(Ok(None)) => {
+                    self.workers_gone += 1;
+                    if self.finals < self.workers.children.len() as u32 {
+                        self.tally
+                            .borrow_mut()
+                            .problem("a worker process ended early".into());
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        true
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::Ready { threads } => {
+                self.ready += 1;
+                self.threads += threads;
+            }
+            Event::Connected {
+                ok,
+                failed,
+                first_error,
+                connect_us,
+            } => {
+                self.connected_threads += 1;
+                self.connected_ok += ok;
+                self.connect_failed += failed;
+                for us in connect_us {
+                    let _ = self.connect_us.record(us.max(1));
+                }
+                if let Some(e) = first_error {
+                    self.tally
+                        .borrow_mut()
+                        .problem(format!("{failed} devices could not connect, e.g. {e}"));
+                }
+            }
+            Event::Mark { cpu_us } => self.marks.push(cpu_us),
+            Event::Lost { device, reason } => self
+                .tally
+                .borrow_mut()
+                .problem(format!("device {device} lost its connection: {reason}")),
+            Event::Settled { reconnects } => {
+                self.settled_threads += 1;
+                self.reconnects += reconnects;
+            }
+            Event::Final { .. } => self.finals += 1,
+        }
+    }
+
+    /// CPU time of pushload's processes so far (µs): this one and every worker.
+    async fn client_cpu_us(&mut self, deadline_ns: u64) -> Result<u64> {
+        self.marks.clear();
+        self.workers.send(Command::Mark)?;
+        let k = self.workers.children.len();
+        if !self.pump(deadline_ns, |c| c.marks.len() == k).await {
+            bail!("the worker processes did not answer");
+        }
+        Ok(self.marks.iter().sum::<u64>() + procfs::cpu_us(std::process::id()).unwrap_or(0))
+    }
+}
+
+/// CPU, memory and time at the edges of a measured phase.
+struct Meter {
+    at_ns: u64,
+    server_cpu_us: Option<u64>,
+    client_cpu_us: u64,
+}
+
+impl Meter {
+    async fn read(c: &mut Coordinator, target: &Target, deadline_ns: u64) -> Result<Self> {
+        let client_cpu_us = c.client_cpu_us(deadline_ns).await?;
+        Ok(Meter {
+            at_ns: now_ns(),
+            server_cpu_us: target.cpu_us(),
+            client_cpu_us,
+        })
+    }
+}
+
+/// Runs the whole load run and reports it.
+pub(crate) fn run(opts: &Options) -> Result<Report> {
+    let dir = scratch_dir()?;
+    let timeout = Duration::from_secs(opts.timeout_secs);
+    let mut target = match (&opts.server, opts.devices, &opts.api) {
+        (Some(cmd), _, _) => Target::launch(cmd, opts.tls, &opts.server_config, &dir, timeout)?,
+        (None, Some(devices), Some(api)) => {
+            if opts.tls && opts.ca.is_none() {
+                bail!(
+                    "--tls with --devices needs --ca FILE, the CA the server's certificate chains to"
+                );
+            }
+            Target::attach(devices, api, opts.pid, opts.ca.clone())
+        }
+        _ => bail!("give --server 'CMD ARGS', or --devices HOST:PORT with --api URL"),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start an executor")?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, drive(opts, &mut target));
+    if target.exited() {
+        let tail = target.tail();
+        target.stop();
+        let _ = std::fs::remove_dir_all(&dir);
+        bail!("the server exited during the run; its last lines:\n{tail}");
+    }
+    target.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn scratch_dir() -> Result<std::path::PathBuf> {
+    let dir = std::env::temp_dir().join(format!("pushload-{}-{}", std::process::id(), now_ns()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour at 3 significant digits; the bounds are valid constants.
+    #[allow(clippy::expect_used)]
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
+    let n = opts.sessions;
+    let k = opts.workers.clamp(1, n.max(1));
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get() as u32);
+    let threads = opts.threads.unwrap_or((cpus / k).max(1));
+    let nonce = format!("{:x}", now_ns() % 0xffff_ffff);
+    let churn_lifetime_s =
+        (opts.scenario == Scenario::Churn).then(|| f64::from(n) / opts.churn_rate.max(0.001));
+    let specs = (0..k)
+        .map(|i| {
+            let first = n / k * i + i.min(n % k);
+            WorkerSpec {
+                first,
+                count: n / k + u32::from(i < n % k),
+                threads,
+                devices: target.devices,
+                tls_ca: if opts.tls { target.ca.clone() } else { None },
+                nonce: nonce.clone(),
+                connect_concurrency: (opts.connect_concurrency / k).max(1),
+                churn_lifetime_s,
+            }
+        })
+        .collect();
+    let progress = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec}") {
+        progress.set_style(style.progress_chars("=> "));
+    }
+    let tally = Rc::new(RefCell::new(Tally {
+        sessions: n,
+        bcast_seen: Vec::new(),
+        bcast_count: Vec::new(),
+        bcast_posted: Vec::new(),
+        bcast_post_ns: Vec::new(),
+        bcast_last_ns: Vec::new(),
+        notify_target: Vec::new(),
+        notify_post_ns: Vec::new(),
+        notify_status: Vec::new(),
+        notify_seen: Vec::new(),
+        notify_answered: 0,
+        notify_ok: 0,
+        notify_delivered: 0,
+        deliveries: 0,
+        duplicates: 0,
+        wrong: 0,
+        errors: 0,
+        problems: Vec::new(),
+        latency_us: histogram(),
+        progress: progress.clone(),
+    }));
+    let mut c = Coordinator {
+        workers: Workers::spawn(specs)?,
+        tally: Rc::clone(&tally),
+        ready: 0,
+        threads: 0,
+        connected_threads: 0,
+        connected_ok: 0,
+        connect_failed: 0,
+        connect_us: histogram(),
+        marks: Vec::new(),
+        settled_threads: 0,
+        reconnects: 0,
+        finals: 0,
+        workers_gone: 0,
+    };
+    let timeout_ns = opts.timeout_secs * 1_000_000_000;
+    let deadline = || now_ns() + timeout_ns;
+    let workers = c.workers.children.len();
+    if !c.pump(deadline(), |c| c.ready as usize == workers).await {
+        bail!("the worker processes did not start");
+    }
+
+    // Connect every device.
+    progress.set_message("connect");
+    progress.set_length(u64::from(n));
+    let rss_before = target.rss_kb();
+    let m0 = Meter::read(&mut c, target, deadline()).await?;
+    c.workers.send(Command::Connect)?;
+    let total_threads = c.threads;
+    c.pump(deadline(), |c| c.connected_threads == total_threads)
+        .await;
+    let m1 = Meter::read(&mut c, target, deadline()).await?;
+    progress.set_position(u64::from(c.connected_ok));
+    let connected = c.connected_ok;
+    let connect_s = (m1.at_ns - m0.at_ns) as f64 / 1e9;
+    let mut report = Report::new(opts, k);
+    report.sessions = connected;
+    report.connects_per_s = (connected > 0).then(|| f64::from(connected) / connect_s);
+    report.server_cpu_us_per_connect = per(cpu_delta(&m0, &m1), u64::from(connected));
+    report.connect_ms = Percentiles::of(&c.connect_us);
+    let rss_after = target.rss_kb();
+    report.server_rss_per_session_kb = rss_per_session(rss_before, rss_after, connected);
+
+    let (start, end) = match opts.scenario {
+        Scenario::Connect => (m0, m1),
+        Scenario::Idle => {
+            progress.set_message("idle");
+            let start = m1;
+            let until = now_ns() + opts.idle_secs * 1_000_000_000;
+            c.pump(until, |_| false).await;
+            let end = Meter::read(&mut c, target, deadline()).await?;
+            report.server_rss_per_session_kb =
+                rss_per_session(rss_before, target.rss_kb(), connected);
+            let session_s = f64::from(connected) * (end.at_ns - start.at_ns) as f64 / 1e9;
+            report.server_cpu_us_per_session_s = cpu_delta(&start, &end)
+                .filter(|_| session_s > 0.0)
+                .map(|cpu| cpu as f64 / session_s);
+            (start, end)
+        }
+        Scenario::Broadcast => {
+            let b = opts.broadcasts as usize;
+            {
+                let mut t = tally.borrow_mut();
+                t.bcast_seen = vec![vec![0u64; (n as usize).div_ceil(64)]; b];
+                t.bcast_count = vec![0; b];
+                t.bcast_posted = vec![false; b];
+                t.bcast_post_ns = vec![0; b];
+                t.bcast_last_ns = vec![0; b];
+            }
+            progress.set_message("broadcast");
+            progress.set_position(0);
+            progress.set_length(b as u64 * u64::from(connected));
+            let mut api = ApiClient::new(&target.api)?;
+            let start = m1;
+            let mut rounds = histogram();
+            for i in 0..b {
+                let body = format!(
+                    r#"{{"channel":"system","expire_on":"{EXPIRE_ON}","data":{}}}"#,
+                    wire::broadcast_data(&nonce, i as u32)
+                );
+                tally.borrow_mut().bcast_post_ns[i] = now_ns();
+                tally.borrow_mut().bcast_posted[i] = true;
+                match api.post("/broadcast", body).await {
+                    Ok(a) if a.status == 200 => {}
+                    Ok(a) => {
+                        let mut t = tally.borrow_mut();
+                        t.bcast_posted[i] = false;
+                        t.problem(format!(
+                            "/broadcast answered {}: {}",
+                            a.status,
+                            String::from_utf8_lossy(&a.body)
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        let mut t = tally.borrow_mut();
+                        t.bcast_posted[i] = false;
+                        t.problem(format!("/broadcast failed: {e:#}"));
+                        continue;
+                    }
+                }
+                let reached = c
+                    .pump(deadline(), |c| {
+                        let t = c.tally.borrow();
+                        t.bcast_count[i] >= connected
+                    })
+                    .await;
+                if !reached {
+                    break;
+                }
+                let t = tally.borrow();
+                let _ = rounds.record(((t.bcast_last_ns[i] - t.bcast_post_ns[i]) / 1000).max(1));
+            }
+            let end = Meter::read(&mut c, target, deadline()).await?;
+            report.round_ms = Percentiles::of(&rounds);
+            let t = tally.borrow();
+            report.expected =
+                t.bcast_posted.iter().filter(|p| **p).count() as u64 * u64::from(connected);
+            report.missing = report.expected.saturating_sub(t.deliveries);
+            (start, end)
+        }
+        Scenario::Unicast | Scenario::Churn => {
+            let m = opts.notifies as usize;
+            {
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(opts.seed);
+                let mut t = tally.borrow_mut();
+                t.notify_target = (0..m).map(|_| rng.random_range(0..n.max(1))).collect();
+                t.notify_post_ns = vec![0; m];
+                t.notify_status = vec![0; m];
+                t.notify_seen = vec![false; m];
+            }
+            progress.set_message(if opts.scenario == Scenario::Churn {
+                "churn"
+            } else {
+                "unicast"
+            });
+            progress.set_position(0);
+            progress.set_length(m as u64);
+            let churn = opts.scenario == Scenario::Churn;
+            if churn {
+                c.workers.send(Command::Churn)?;
+            }
+            let start = m1;
+            let next = Rc::new(Cell::new(0usize));
+            for _ in 0..opts.concurrency.max(1) {
+                let api = ApiClient::new(&target.api)?;
+                tokio::task::spawn_local(post_notifies(
+                    api,
+                    Rc::clone(&tally),
+                    Rc::clone(&next),
+                    nonce.clone(),
+                ));
+            }
+            if churn {
+                c.pump(deadline(), |c| {
+                    let t = c.tally.borrow();
+                    t.notify_answered as usize == t.notify_target.len()
+                })
+                .await;
+                c.workers.send(Command::Settle)?;
+                c.pump(deadline(), |c| c.settled_threads == total_threads)
+                    .await;
+                report.reconnects = Some(c.reconnects);
+            }
+            c.pump(deadline(), |c| c.tally.borrow().unicast_done())
+                .await;
+            let end = Meter::read(&mut c, target, deadline()).await?;
+            let t = tally.borrow();
+            report.expected = u64::from(t.notify_ok);
+            report.missing = t
+                .notify_status
+                .iter()
+                .zip(&t.notify_seen)
+                .filter(|(status, seen)| **status == 200 && !**seen)
+                .count() as u64;
+            let secs = (end.at_ns - start.at_ns) as f64 / 1e9;
+            report.notifies_per_s = Some(t.notify_answered as f64 / secs);
+            (start, end)
+        }
+    };
+    progress.finish_and_clear();
+
+    // Stop the workers and collect the last words.
+    let workers_total = c.workers.children.len() as u32;
+    let _ = c.workers.send(Command::Finish);
+    c.pump(now_ns() + 5_000_000_000, |c| c.finals == workers_total)
+        .await;
+
+    let t = tally.borrow();
+    report.deliveries = t.deliveries;
+    report.duplicates = t.duplicates;
+    report.wrong = t.wrong;
+    report.errors = t.errors;
+    report.problems = t.problems.clone();
+    report.phase_s = (end.at_ns - start.at_ns) as f64 / 1e9;
+    report.server_cpu_s = cpu_delta(&start, &end).map(|us| us as f64 / 1e6);
+    report.client_cpu_s = (end.client_cpu_us - start.client_cpu_us) as f64 / 1e6;
+    report.latency_ms = if matches!(opts.scenario, Scenario::Connect | Scenario::Idle) {
+        Percentiles::of(&c.connect_us)
+    } else {
+        Percentiles::of(&t.latency_us)
+    };
+    if t.deliveries > 0 {
+        report.server_cpu_us_per_delivery = per(cpu_delta(&start, &end), t.deliveries);
+        report.client_cpu_us_per_delivery =
+            Some((end.client_cpu_us - start.client_cpu_us) as f64 / t.deliveries as f64);
+        report.deliveries_per_s = Some(t.deliveries as f64 / report.phase_s);
+    }
+    if connected < n {
+        report
+            .problems
+            .push(format!("{} of {n} sessions did not connect", n - connected));
+    }
+    report.ok = connected == n
+        && report.errors == 0
+        && report.missing == 0
+        && report.duplicates == 0
+        && report.wrong == 0;
+    Ok(report)
+}
+
+fn cpu_delta(a: &Meter, b: &Meter) -> Option<u64> {
+    Some(b.server_cpu_us?.saturating_sub(a.server_cpu_us?))
+}
+
+fn per(total_us: Option<u64>, count: u64) -> Option<f64> {
+    (count > 0).then_some(total_us? as f64 / count as f64)
+}
+
+fn rss_per_session(before: Option<u64>, after: Option<u64>, sessions: u32) -> Option<f64> {
+    (sessions > 0).then_some(after?.saturating_sub(before?) as f64 / f64::from(sessions))
+}
+
+/// One keep-alive client's share of the notifies: takes the next number until none is
+/// left, and records each answer.
+async fn post_notifies(
+    mut api: ApiClient,
+    tally: Rc<RefCell<Tally>>,
+    next: Rc<Cell<usize>>,
+    nonce: String,
+) {
+    loop {
+        let n = next.get();
+        let device = {
+            let t = tally.borrow();
+            match t.notify_target.get(n) {
+                Some(&d) => d,
+                None => return,
+            }
+        };
+        next.set(n + 1);
+        let id = wire::device_id(&nonce, device);
+        let body = format!(
+            r#"{{"appid":"{APP_ID}","userid":"{id}","deviceid":"{id}","expire_on":"{EXPIRE_ON}","data":{}}}"#,
+            wire::notify_data(&nonce, n as u32, device)
+        );
+        tally.borrow_mut().notify_post_ns[n] = now_ns();
+        let answer = api.post("/notify", body).await;
+        let mut t = tally.borrow_mut();
+        t.notify_answered += 1;
+        match answer {
+            Ok(a) => {
+                t.notify_status[n] = a.status;
+                if a.status == 200 {
+                    t.notify_ok += 1;
+                } else {
+                    t.problem(format!(
+                        "/notify answered {}: {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    ));
+                }
+            }
+            Err(e) => {
+                t.notify_status[n] = 1;
+                t.problem(format!("/notify failed: {e:#}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,613 @@
+//! A worker process: runs a slice of the devices on a few threads, one tokio
+//! current-thread executor each, and reports every delivery to the coordinator.
+//!
+//! Each device is one task that connects, says hello, and then reads. Its reads go into
+//! its own buffer (grown only for a frame larger than any before), frames are classified
+//! by their prefix, the answers (ACK, PONG) are fixed bytes written at once, and this
+//! run's payloads are found by a byte search. Receipts collect per thread and leave in
+//! batches every few milliseconds.
+
+use std::cell::{Cell, RefCell};
+use std::io::{BufRead, BufWriter, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+
+use crate::link::{self, Command, Event, Receipt, ReceiptKind, WorkerSpec};
+use crate::procfs::{self, now_ns};
+use crate::target::TLS_SERVER_NAME;
+use crate::wire::{self, Kind, Markers};
+
+/// How often a thread sends its receipts to the coordinator.
+const FLUSH_EVERY: Duration = Duration::from_millis(2);
+/// Devices per loopback source address (each address has its own ephemeral ports).
+const DEVICES_PER_SOURCE: u32 = 1000;
+/// A device's first read buffer; a larger frame grows it.
+const FIRST_BUFFER: usize = 2048;
+/// Longest frame body the protocol allows.
+const MAX_FRAME: usize = u16::MAX as usize;
+
+/// What goes to the process's stdout writer.
+enum Out {
+    Receipts(Vec<Receipt>),
+    Event(Event),
+    /// Flush everything, then acknowledge.
+    Sync(flume::Sender<()>),
+}
+
+/// Runs a worker process to its end: commands from stdin, frames to stdout.
+pub(crate) fn main(spec: WorkerSpec) -> Result<()> {
+    let spec = Arc::new(spec);
+    let (out_tx, out_rx) = flume::unbounded::<Out>();
+    let writer = std::thread::Builder::new()
+        .name("worker-out".into())
+        .spawn(move || write_out(out_rx))
+        .context("cannot start the writer thread")?;
+
+    let tls = match &spec.tls_ca {
+        Some(ca) => Some(tls_connector(ca)?),
+        None => None,
+    };
+    let threads = spec.threads.max(1);
+    let mut commands = Vec::new();
+    for t in 0..threads {
+        let (tx, rx) = flume::unbounded();
+        commands.push(tx);
+        let ctx = ThreadSpec {
+            spec: Arc::clone(&spec),
+            thread: t,
+            threads,
+            tls: tls.clone(),
+            out: out_tx.clone(),
+        };
+        std::thread::Builder::new()
+            .name(format!("devices-{t}"))
+            .spawn(move || run_thread(ctx, rx))
+            .context("cannot start a device thread")?;
+    }
+    let _ = out_tx.send(Out::Event(Event::Ready { threads }));
+
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let command: Command =
+            serde_json::from_str(&line).with_context(|| format!("bad command {line:?}"))?;
+        match command {
+            Command::Mark => {
+                let cpu_us = procfs::cpu_us(std::process::id()).unwrap_or(0);
+                let _ = out_tx.send(Out::Event(Event::Mark { cpu_us }));
+            }
+            Command::Finish => {
+                let cpu_us = procfs::cpu_us(std::process::id()).unwrap_or(0);
+                let _ = out_tx.send(Out::Event(Event::Final { cpu_us }));
+                let (done_tx, done_rx) = flume::bounded(1);
+                let _ = out_tx.send(Out::Sync(done_tx));
+                let _ = done_rx.recv_timeout(Duration::from_secs(5));
+                // The device sockets close with the process.
+                std::process::exit(0);
+            }
+            other => {
+                for c in &commands {
+                    let _ = c.send(other);
+                }
+            }
+        }
+    }
+    // The coordinator is gone: nothing is left to report to.
+    drop(out_tx);
+    let _ = writer.join();
+    Ok(())
+}
+
+/// Writes frames to stdout, flushing whenever the queue runs dry.
+fn write_out(rx: flume::Receiver<Out>) {
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            let written = match msg {
+                Out::Receipts(r) => link::write_receipts(&mut out, &r),
+                Out::Event(e) => link::write_event(&mut out, &e),
+                Out::Sync(done) => {
+                    let r = out.flush();
+                    let _ = done.send(());
+                    r
+                }
+            };
+            if written.is_err() {
+                return;
+            }
+            next = rx.try_recv().ok();
+        }
+        if out.flush().is_err() {
+            return;
+        }
+    }
+}
+
+fn tls_connector(ca: &std::path::Path) -> Result<TlsConnector> {
+    let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.with_context(|| format!("bad certificate in {}", ca.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("unusable certificate in {}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// What a device thread is given.
+struct ThreadSpec {
+    spec: Arc<WorkerSpec>,
+    thread: u32,
+    threads: u32,
+    tls: Option<TlsConnector>,
+    out: flume::Sender<Out>,
+}
+
+/// Where churn is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Churn {
+    /// Not started: connections keep their deadlines but do not act on them.
+    Waiting,
+    /// Connections close at their deadlines and reconnect.
+    Active,
+    /// Over: connections stay.
+    Done,
+}
+
+/// One thread's devices and what they share.
+struct Thread {
+    spec: ThreadSpec,
+    markers: Markers,
+    devices: Vec<u32>,
+    receipts: RefCell<Vec<Receipt>>,
+    churn: Cell<Churn>,
+    /// Devices connected now.
+    connected: Cell<u32>,
+    /// Devices that gave up (lost when not churning, or never connected).
+    gone: Cell<u32>,
+    /// First connections resolved (connected or failed).
+    resolved: Cell<u32>,
+    failed: Cell<u32>,
+    first_error: RefCell<Option<String>>,
+    connect_us: RefCell<Vec<u64>>,
+    reconnects: Cell<u64>,
+    changed: Notify,
+    connect_slots: Semaphore,
+}
+
+fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = spec.out.send(Out::Event(Event::Lost {
+                device: u32::MAX,
+                reason: format!("cannot start an executor: {e}"),
+            }));
+            return;
+        }
+    };
+    let w = &spec.spec;
+    let devices: Vec<u32> = (w.first..w.first + w.count)
+        .filter(|d| (d - w.first) % spec.threads == spec.thread)
+        .collect();
+    let slots = (w.connect_concurrency / spec.threads).max(1) as usize;
+    let thread = Rc::new(Thread {
+        markers: Markers::new(&w.nonce),
+        devices,
+        receipts: RefCell::new(Vec::with_capacity(4096)),
+        churn: Cell::new(Churn::Waiting),
+        connected: Cell::new(0),
+        gone: Cell::new(0),
+        resolved: Cell::new(0),
+        failed: Cell::new(0),
+        first_error: RefCell::new(None),
+        connect_us: RefCell::new(Vec::new()),
+        reconnects: Cell::new(0),
+        changed: Notify::new(),
+        connect_slots: Semaphore::new(slots),
+        spec,
+    });
+    let local = tokio::task::LocalSet::new();
+    local.spawn_local(flush_receipts(Rc::clone(&thread)));
+    local.block_on(&runtime, control(thread, commands));
+}
+
+/// Sends the thread's receipts every [`FLUSH_EVERY`].
+async fn flush_receipts(t: Rc<Thread>) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let batch = {
+            let mut r = t.receipts.borrow_mut();
+            if r.is_empty() {
+                continue;
+            }
+            std::mem::replace(&mut *r, Vec::with_capacity(4096))
+        };
+        if t.spec.out.send(Out::Receipts(batch)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Carries out the coordinator's commands for this thread.
+async fn control(t: Rc<Thread>, commands: flume::Receiver<Command>) {
+    while let Ok(command) = commands.recv_async().await {
+        match command {
+            Command::Connect => {
+                for &d in &t.devices {
+                    tokio::task::spawn_local(device(Rc::clone(&t), d));
+                }
+                let all = t.devices.len() as u32;
+                while t.resolved.get() < all {
+                    t.changed.notified().await;
+                }
+                let event = Event::Connected {
+                    ok: all - t.failed.get(),
+                    failed: t.failed.get(),
+                    first_error: t.first_error.borrow_mut().take(),
+                    connect_us: std::mem::take(&mut *t.connect_us.borrow_mut()),
+                };
+                let _ = t.spec.out.send(Out::Event(event));
+            }
+            Command::Churn => t.churn.set(Churn::Active),
+            Command::Settle => {
+                t.churn.set(Churn::Done);
+                let all = t.devices.len() as u32;
+                while t.connected.get() + t.gone.get() < all {
+                    t.changed.notified().await;
+                }
+                let reconnects = t.reconnects.get();
+                let _ = t.spec.out.send(Out::Event(Event::Settled { reconnects }));
+            }
+            // Handled by the process's main thread.
+            Command::Mark | Command::Finish => {}
+        }
+    }
+}
+
+/// The loopback address device `index` connects from: 1,000 devices per address, spread
+/// over 127.0.0.0/8 so that ephemeral ports never run out.
+fn source_addr(index: u32) -> IpAddr {
+    let n = index / DEVICES_PER_SOURCE + 1;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        2 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
+}
+
+/// How a connection ended.
+enum End {
+    /// Closed on purpose to reconnect (churn).
+    Churned,
+    /// Lost: the server closed or failed.
+    Lost(String),
+}
+
+/// One device: connect, serve, and reconnect while churning.
+async fn device(t: Rc<Thread>, index: u32) {
+    let spec = &t.spec.spec;
+    let hello = wire::hello(&wire::device_id(&spec.nonce, index));
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(index));
+    let mut first = true;
+    loop {
+        let started = now_ns();
+        let slot = if first {
+            t.connect_slots.acquire().await.ok()
+        } else {
+            None
+        };
+        let connected = connect(&t, index, &hello).await;
+        drop(slot);
+        let (stream, buf) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if first {
+                    t.failed.set(t.failed.get() + 1);
+                    t.first_error
+                        .borrow_mut()
+                        .get_or_insert_with(|| format!("device {index}: {e}"));
+                    t.resolved.set(t.resolved.get() + 1);
+                } else {
+                    lost(&t, index, format!("reconnecting: {e}"));
+                }
+                t.gone.set(t.gone.get() + 1);
+                t.changed.notify_one();
+                return;
+            }
+        };
+        t.connected.set(t.connected.get() + 1);
+        if first {
+            t.connect_us.borrow_mut().push((now_ns() - started) / 1000);
+            t.resolved.set(t.resolved.get() + 1);
+            first = false;
+        } else {
+            t.reconnects.set(t.reconnects.get() + 1);
+        }
+        t.changed.notify_one();
+        let lifetime = spec
+            .churn_lifetime_s
+            .map(|mean| Duration::from_secs_f64(mean * rng.random_range(0.5..1.5)));
+        let end = match stream {
+            Stream::Plain(s) => serve(&t, index, s, buf, lifetime).await,
+            Stream::Tls(s) => serve(&t, index, *s, buf, lifetime).await,
+        };
+        t.connected.set(t.connected.get() - 1);
+        t.changed.notify_one();
+        match end {
+            End::Churned => continue,
+            End::Lost(reason) => {
+                lost(&t, index, reason);
+                t.gone.set(t.gone.get() + 1);
+                t.changed.notify_one();
+                return;
+            }
+        }
+    }
+}
+
+fn lost(t: &Thread, device: u32, reason: String) {
+    let _ = t.spec.out.send(Out::Event(Event::Lost { device, reason }));
+}
+
+enum Stream {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// Connects device `index`, says hello and reads CONNACK. Returns the stream and its
+/// read buffer holding whatever came after CONNACK.
+async fn connect(t: &Thread, index: u32, hello: &[u8]) -> std::io::Result<(Stream, Buffer)> {
+    let spec = &t.spec.spec;
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::new(source_addr(index), 0))?;
+    let tcp = socket.connect(spec.devices).await?;
+    tcp.set_nodelay(true)?;
+    let mut buf = Buffer::new();
+    match &t.spec.tls {
+        None => {
+            let mut s = tcp;
+            s.write_all(hello).await?;
+            read_connack(&mut s, &mut buf).await?;
+            Ok((Stream::Plain(s), buf))
+        }
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(TLS_SERVER_NAME)
+                .map_err(std::io::Error::other)?;
+            let mut s = tls.connect(name, tcp).await?;
+            s.write_all(hello).await?;
+            s.flush().await?;
+            read_connack(&mut s, &mut buf).await?;
+            Ok((Stream::Tls(Box::new(s)), buf))
+        }
+    }
+}
+
+async fn read_connack<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Buffer) -> std::io::Result<()> {
+    loop {
+        if let Some(frame) = buf.frame() {
+            let kind = wire::classify(buf.body(frame));
+            buf.consume(frame);
+            return match kind {
+                Some(Kind::Connack) => Ok(()),
+                other => Err(std::io::Error::other(format!(
+                    "expected CONNACK, got {other:?}"
+                ))),
+            };
+        }
+        if buf.fill(s).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// A device's read buffer: frames are handled in place.
+struct Buffer {
+    data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// A complete frame in a [`Buffer`]: its body's range.
+#[derive(Clone, Copy)]
+struct Frame {
+    body: usize,
+    end: usize,
+}
+
+impl Buffer {
+    fn new() -> Self {
+        Buffer {
+            data: vec![0; FIRST_BUFFER],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The next complete frame, if one is buffered.
+    fn frame(&self) -> Option<Frame> {
+        let have = &self.data[self.start..self.end];
+        if have.len() < 2 {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([have[0], have[1]]));
+        (have.len() >= 2 + len).then_some(Frame {
+            body: self.start + 2,
+            end: self.start + 2 + len,
+        })
+    }
+
+    fn body(&self, f: Frame) -> &[u8] {
+        &self.data[f.body..f.end]
+    }
+
+    fn consume(&mut self, f: Frame) {
+        self.start = f.end;
+    }
+
+    /// Reads more, making room first: moves a partial frame to the front and grows the
+    /// buffer if that frame is larger than it. Returns the bytes read (0: closed).
+    async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> std::io::Result<usize> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.start > 0 {
+            self.data.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.end >= 2 {
+            let need = 2 + usize::from(u16::from_be_bytes([self.data[0], self.data[1]]));
+            if need > self.data.len() {
+                self.data.resize(need.min(MAX_FRAME + 2), 0);
+            }
+        }
+        let n = s.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// The answers a read's frames need, written at once.
+struct Answers {
+    bytes: smallvec::SmallVec<[u8; 32]>,
+    receipts: smallvec::SmallVec<[Receipt; 4]>,
+    broken: bool,
+}
+
+/// Serves one connection: answers PINGs, ACKs deliveries and records them, until the
+/// server closes or, while churning, the connection's lifetime runs out.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    t: &Thread,
+    index: u32,
+    mut s: S,
+    mut buf: Buffer,
+    lifetime: Option<Duration>,
+) -> End {
+    let mut deadline = lifetime.map(|l| tokio::time::Instant::now() + l);
+    let mut answers = Answers {
+        bytes: smallvec::SmallVec::new(),
+        receipts: smallvec::SmallVec::new(),
+        broken: false,
+    };
+    loop {
+        let at_ns = now_ns();
+        while let Some(frame) = buf.frame() {
+            answer(t, index, buf.body(frame), at_ns, &mut answers);
+            buf.consume(frame);
+        }
+        if !answers.bytes.is_empty() {
+            if let Err(e) = write_answers(&mut s, &answers.bytes).await {
+                return End::Lost(format!("writing: {e}"));
+            }
+            answers.bytes.clear();
+            t.receipts.borrow_mut().extend(answers.receipts.drain(..));
+        }
+        if answers.broken {
+            return End::Lost("the server sent CONNBROKEN".into());
+        }
+        let read = match deadline {
+            None => buf.fill(&mut s).await,
+            Some(at) => match tokio::time::timeout_at(at, buf.fill(&mut s)).await {
+                Ok(r) => r,
+                Err(_) => match t.churn.get() {
+                    Churn::Active => return End::Churned,
+                    Churn::Waiting => {
+                        deadline = lifetime.map(|l| at + l);
+                        continue;
+                    }
+                    Churn::Done => {
+                        deadline = None;
+                        continue;
+                    }
+                },
+            },
+        };
+        match read {
+            Ok(0) => return End::Lost("EOF".into()),
+            Ok(_) => {}
+            Err(e) => return End::Lost(format!("reading: {e}")),
+        }
+    }
+}
+
+async fn write_answers<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(bytes).await?;
+    s.flush().await
+}
+
+/// Works out what one frame needs: its answer and what it delivered.
+fn answer(t: &Thread, index: u32, frame: &[u8], at_ns: u64, a: &mut Answers) {
+    match wire::classify(frame) {
+        Some(Kind::Ping) => a.bytes.extend_from_slice(wire::PONG),
+        Some(Kind::Broadcast) => {
+            a.bytes.extend_from_slice(wire::ACK);
+            t.markers.broadcasts(frame, |k| {
+                a.receipts.push(Receipt {
+                    kind: ReceiptKind::Broadcast,
+                    device: index,
+                    item: k,
+                    addressed: index,
+                    at_ns,
+                })
+            });
+        }
+        Some(Kind::Notifications) => {
+            a.bytes.extend_from_slice(wire::ACK);
+            t.markers.notifies(frame, |n, d| {
+                a.receipts.push(Receipt {
+                    kind: ReceiptKind::Notify,
+                    device: index,
+                    item: n,
+                    addressed: d,
+                    at_ns,
+                })
+            });
+        }
+        Some(Kind::ConnBroken) => a.broken = true,
+        // A second CONNACK, CONNWARN, SETPARAMS, or something unknown: no answer.
+        Some(Kind::Connack | Kind::OneWay) | None => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_spread_over_loopback() {
+        assert_eq!(source_addr(0), source_addr(999));
+        assert_ne!(source_addr(999), source_addr(1000));
+        for i in [0, 18_999, 70_000_000] {
+            match source_addr(i) {
+                IpAddr::V4(a) => assert_eq!(a.octets()[0], 127),
+                IpAddr::V6(_) => panic!("not v4"),
+            }
+        }
+    }
+}
