@@ -62,6 +62,10 @@ pub(crate) struct Options {
     /// Notifies (unicast, churn).
     #[arg(long, default_value_t = 10_000)]
     notifies: u32,
+    /// Notifies per second, 0 for as fast as the clients go [churn: notifies spread over
+    /// 10 seconds].
+    #[arg(long, default_value_t = 0.0)]
+    notify_rate: f64,
     /// Keep-alive HTTP clients sending notifies.
     #[arg(long, default_value_t = 16)]
     concurrency: u32,
@@ -81,9 +85,10 @@ pub(crate) struct Options {
     /// Worker processes running the devices (each stays under the open-files limit).
     #[arg(long, default_value_t = 1)]
     workers: u32,
-    /// Executor threads per worker [default: CPUs / workers, at least 1].
-    #[arg(long)]
-    threads: Option<u32>,
+    /// Executor threads per worker. One is cheapest per delivery (fewer wake-ups); it
+    /// keeps up with a server on every core of a small machine.
+    #[arg(long, default_value_t = 1)]
+    threads: u32,
     /// Seconds `idle` holds the sessions.
     #[arg(long, default_value_t = 10)]
     idle_secs: u64,

@@ -23,6 +23,8 @@ use crate::{Options, Scenario};
 
 /// Expiry of every notification pushload sends: far enough never to matter.
 const EXPIRE_ON: &str = "2099-01-01T00:00:00Z";
+/// Without `--notify-rate`, churn spreads its notifies over this many seconds.
+const CHURN_SECS: f64 = 10.0;
 /// The application id of pushload's notifications.
 const APP_ID: &str = "com.example.pushload_pushload";
 
@@ -353,8 +355,7 @@ fn histogram() -> Histogram<u64> {
 async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     let n = opts.sessions;
     let k = opts.workers.clamp(1, n.max(1));
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get() as u32);
-    let threads = opts.threads.unwrap_or((cpus / k).max(1));
+    let threads = opts.threads.max(1);
     let nonce = format!("{:x}", now_ns() % 0xffff_ffff);
     let churn_lifetime_s =
         (opts.scenario == Scenario::Churn).then(|| f64::from(n) / opts.churn_rate.max(0.001));
@@ -546,13 +547,23 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                 c.workers.send(Command::Churn)?;
             }
             let start = m1;
-            let next = Rc::new(Cell::new(0usize));
+            let rate = match (opts.notify_rate, churn) {
+                (r, _) if r > 0.0 => Some(r),
+                (_, true) => Some(f64::from(opts.notifies) / CHURN_SECS),
+                (_, false) => None,
+            };
+            let pace = Pace {
+                next: Cell::new(0),
+                start: tokio::time::Instant::now(),
+                interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+            };
+            let pace = Rc::new(pace);
             for _ in 0..opts.concurrency.max(1) {
                 let api = ApiClient::new(&target.api)?;
                 tokio::task::spawn_local(post_notifies(
                     api,
                     Rc::clone(&tally),
-                    Rc::clone(&next),
+                    Rc::clone(&pace),
                     nonce.clone(),
                 ));
             }
@@ -636,16 +647,24 @@ fn rss_per_session(before: Option<u64>, after: Option<u64>, sessions: u32) -> Op
     (sessions > 0).then_some(after?.saturating_sub(before?) as f64 / f64::from(sessions))
 }
 
+/// Which notify goes next, and when.
+struct Pace {
+    next: Cell<usize>,
+    start: tokio::time::Instant,
+    /// Time between two notifies; `None`: as fast as the clients go.
+    interval: Option<Duration>,
+}
+
 /// One keep-alive client's share of the notifies: takes the next number until none is
-/// left, and records each answer.
+/// left, waits for its time when paced, and records each answer.
 async fn post_notifies(
     mut api: ApiClient,
     tally: Rc<RefCell<Tally>>,
-    next: Rc<Cell<usize>>,
+    pace: Rc<Pace>,
     nonce: String,
 ) {
     loop {
-        let n = next.get();
+        let n = pace.next.get();
         let device = {
             let t = tally.borrow();
             match t.notify_target.get(n) {
@@ -653,7 +672,10 @@ async fn post_notifies(
                 None => return,
             }
         };
-        next.set(n + 1);
+        pace.next.set(n + 1);
+        if let Some(interval) = pace.interval {
+            tokio::time::sleep_until(pace.start + interval * n as u32).await;
+        }
         let id = wire::device_id(&nonce, device);
         let body = format!(
             r#"{{"appid":"{APP_ID}","userid":"{id}","deviceid":"{id}","expire_on":"{EXPIRE_ON}","data":{}}}"#,

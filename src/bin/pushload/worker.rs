@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpSocket;
@@ -27,8 +28,6 @@ use crate::procfs::{self, now_ns};
 use crate::target::TLS_SERVER_NAME;
 use crate::wire::{self, Kind, Markers};
 
-/// How often a thread sends its receipts to the coordinator.
-const FLUSH_EVERY: Duration = Duration::from_millis(2);
 /// Devices per loopback source address (each address has its own ephemeral ports).
 const DEVICES_PER_SOURCE: u32 = 1000;
 /// A device's first read buffer; a larger frame grows it.
@@ -179,6 +178,8 @@ struct Thread {
     markers: Markers,
     devices: Vec<u32>,
     receipts: RefCell<Vec<Receipt>>,
+    /// Wakes [`flush_receipts`].
+    receipts_ready: Notify,
     churn: Cell<Churn>,
     /// Devices connected now.
     connected: Cell<u32>,
@@ -195,10 +196,13 @@ struct Thread {
 }
 
 fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // Timers serve churn alone; without them the executor never reads the clock.
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_io();
+    if spec.spec.churn_lifetime_s.is_some() {
+        builder.enable_time();
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             let _ = spec.out.send(Out::Event(Event::Lost {
@@ -217,6 +221,7 @@ fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
         markers: Markers::new(&w.nonce),
         devices,
         receipts: RefCell::new(Vec::with_capacity(4096)),
+        receipts_ready: Notify::new(),
         churn: Cell::new(Churn::Waiting),
         connected: Cell::new(0),
         gone: Cell::new(0),
@@ -234,20 +239,14 @@ fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
     local.block_on(&runtime, control(thread, commands));
 }
 
-/// Sends the thread's receipts every [`FLUSH_EVERY`].
+/// Sends the thread's receipts to the coordinator. Woken by the first receipt after a
+/// flush, it runs after the tasks the same I/O turn woke, so one batch takes all of them
+/// without a timer.
 async fn flush_receipts(t: Rc<Thread>) {
-    let mut tick = tokio::time::interval(FLUSH_EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let batch = {
-            let mut r = t.receipts.borrow_mut();
-            if r.is_empty() {
-                continue;
-            }
-            std::mem::replace(&mut *r, Vec::with_capacity(4096))
-        };
-        if t.spec.out.send(Out::Receipts(batch)).is_err() {
+        t.receipts_ready.notified().await;
+        let batch = std::mem::replace(&mut *t.receipts.borrow_mut(), Vec::with_capacity(4096));
+        if !batch.is_empty() && t.spec.out.send(Out::Receipts(batch)).is_err() {
             return;
         }
     }
@@ -289,16 +288,23 @@ async fn control(t: Rc<Thread>, commands: flume::Receiver<Command>) {
     }
 }
 
-/// The loopback address device `index` connects from: 1,000 devices per address, spread
-/// over 127.0.0.0/8 so that ephemeral ports never run out.
-fn source_addr(index: u32) -> IpAddr {
+/// Ports each device has on its source address, used in turn by its connections.
+const PORTS_PER_DEVICE: u32 = 50;
+/// The first port of the source port range.
+const FIRST_PORT: u32 = 10_000;
+
+/// The address and port connection `generation` of device `index` comes from: 1,000
+/// devices per loopback address, spread over 127.0.0.0/8, each with its own ports.
+/// Choosing the port spares the kernel's search for a free one, which grows with the
+/// ports already bound to an address; ports come round again only after
+/// [`PORTS_PER_DEVICE`] connections (loopback may reuse a port in TIME_WAIT).
+fn source_addr(index: u32, generation: u32) -> SocketAddr {
     let n = index / DEVICES_PER_SOURCE + 1;
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        2 + (n >> 16) as u8,
-        (n >> 8) as u8,
-        n as u8,
-    ))
+    let ip = Ipv4Addr::new(127, 2 + (n >> 16) as u8, (n >> 8) as u8, n as u8);
+    let port = FIRST_PORT
+        + (index % DEVICES_PER_SOURCE) * PORTS_PER_DEVICE
+        + generation % PORTS_PER_DEVICE;
+    SocketAddr::new(IpAddr::V4(ip), port as u16)
 }
 
 /// How a connection ended.
@@ -313,8 +319,9 @@ enum End {
 async fn device(t: Rc<Thread>, index: u32) {
     let spec = &t.spec.spec;
     let hello = wire::hello(&wire::device_id(&spec.nonce, index));
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(u64::from(index));
+    let mut rng = SmallRng::seed_from_u64(u64::from(index));
     let mut first = true;
+    let mut generation = 0u32;
     loop {
         let started = now_ns();
         let slot = if first {
@@ -322,7 +329,8 @@ async fn device(t: Rc<Thread>, index: u32) {
         } else {
             None
         };
-        let connected = connect(&t, index, &hello).await;
+        let connected = connect(&t, index, generation, &hello).await;
+        generation = generation.wrapping_add(1);
         drop(slot);
         let (stream, buf) = match connected {
             Ok(c) => c,
@@ -350,12 +358,9 @@ async fn device(t: Rc<Thread>, index: u32) {
             t.reconnects.set(t.reconnects.get() + 1);
         }
         t.changed.notify_one();
-        let lifetime = spec
-            .churn_lifetime_s
-            .map(|mean| Duration::from_secs_f64(mean * rng.random_range(0.5..1.5)));
         let end = match stream {
-            Stream::Plain(s) => serve(&t, index, s, buf, lifetime).await,
-            Stream::Tls(s) => serve(&t, index, *s, buf, lifetime).await,
+            Stream::Plain(s) => serve(&t, index, s, buf, &mut rng).await,
+            Stream::Tls(s) => serve(&t, index, *s, buf, &mut rng).await,
         };
         t.connected.set(t.connected.get() - 1);
         t.changed.notify_one();
@@ -382,11 +387,20 @@ enum Stream {
 
 /// Connects device `index`, says hello and reads CONNACK. Returns the stream and its
 /// read buffer holding whatever came after CONNACK.
-async fn connect(t: &Thread, index: u32, hello: &[u8]) -> std::io::Result<(Stream, Buffer)> {
+async fn connect(
+    t: &Thread,
+    index: u32,
+    generation: u32,
+    hello: &[u8],
+) -> std::io::Result<(Stream, Buffer)> {
     let spec = &t.spec.spec;
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::new(source_addr(index), 0))?;
+    let source = source_addr(index, generation);
+    if socket.bind(source).is_err() {
+        // The port is taken (something else listens on it): let the kernel pick one.
+        socket.bind(SocketAddr::new(source.ip(), 0))?;
+    }
     let tcp = socket.connect(spec.devices).await?;
     tcp.set_nodelay(true)?;
     let mut buf = Buffer::new();
@@ -499,6 +513,13 @@ struct Answers {
     broken: bool,
 }
 
+/// A connection's lifetime while churning: uniform between 0 and twice the mean, so that
+/// `sessions / mean` connections close each second from the start.
+fn lifetime(t: &Thread, rng: &mut SmallRng) -> Option<Duration> {
+    let mean = t.spec.spec.churn_lifetime_s?;
+    Some(Duration::from_secs_f64(mean * rng.random_range(0.0..2.0)))
+}
+
 /// Serves one connection: answers PINGs, ACKs deliveries and records them, until the
 /// server closes or, while churning, the connection's lifetime runs out.
 async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
@@ -506,9 +527,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     index: u32,
     mut s: S,
     mut buf: Buffer,
-    lifetime: Option<Duration>,
+    rng: &mut SmallRng,
 ) -> End {
-    let mut deadline = lifetime.map(|l| tokio::time::Instant::now() + l);
+    let mut deadline = lifetime(t, rng).map(|l| tokio::time::Instant::now() + l);
     let mut answers = Answers {
         bytes: smallvec::SmallVec::new(),
         receipts: smallvec::SmallVec::new(),
@@ -525,7 +546,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 return End::Lost(format!("writing: {e}"));
             }
             answers.bytes.clear();
-            t.receipts.borrow_mut().extend(answers.receipts.drain(..));
+            if !answers.receipts.is_empty() {
+                let mut receipts = t.receipts.borrow_mut();
+                if receipts.is_empty() {
+                    t.receipts_ready.notify_one();
+                }
+                receipts.extend(answers.receipts.drain(..));
+            }
         }
         if answers.broken {
             return End::Lost("the server sent CONNBROKEN".into());
@@ -537,7 +564,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(_) => match t.churn.get() {
                     Churn::Active => return End::Churned,
                     Churn::Waiting => {
-                        deadline = lifetime.map(|l| at + l);
+                        deadline = lifetime(t, rng).map(|l| at + l);
                         continue;
                     }
                     Churn::Done => {
@@ -601,13 +628,26 @@ mod tests {
 
     #[test]
     fn sources_spread_over_loopback() {
-        assert_eq!(source_addr(0), source_addr(999));
-        assert_ne!(source_addr(999), source_addr(1000));
+        assert_eq!(source_addr(0, 0).ip(), source_addr(999, 0).ip());
+        assert_ne!(source_addr(999, 0).ip(), source_addr(1000, 0).ip());
         for i in [0, 18_999, 70_000_000] {
-            match source_addr(i) {
+            match source_addr(i, 0).ip() {
                 IpAddr::V4(a) => assert_eq!(a.octets()[0], 127),
                 IpAddr::V6(_) => panic!("not v4"),
             }
         }
+    }
+
+    #[test]
+    fn each_connection_of_an_address_has_its_own_port() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..DEVICES_PER_SOURCE {
+            for g in 0..PORTS_PER_DEVICE {
+                let a = source_addr(i, g);
+                assert!(a.port() >= FIRST_PORT as u16);
+                assert!(seen.insert(a), "{a} twice");
+            }
+        }
+        assert_eq!(source_addr(5, 0), source_addr(5, PORTS_PER_DEVICE));
     }
 }
