@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rand::{Rng, SeedableRng};
+use tokio::sync::Notify;
 
 use crate::http::ApiClient;
 use crate::link::{self, Command, Event, FromWorker, Receipt, ReceiptKind, WorkerSpec};
@@ -197,6 +198,8 @@ impl Tally {
 struct Coordinator {
     workers: Workers,
     tally: Rc<RefCell<Tally>>,
+    /// Notified when an API call has its answer.
+    answered: Rc<Notify>,
     ready: u32,
     threads: u32,
     connected_threads: u32,
@@ -218,9 +221,13 @@ impl Coordinator {
             if left == 0 || self.workers_gone as usize == self.workers.children.len() {
                 return false;
             }
-            let next =
-                tokio::time::timeout(Duration::from_nanos(left), self.workers.rx.recv_async())
-                    .await;
+            // Wakes for what a worker says and for each API answer, since either may be
+            // what `done` waits for.
+            let next = tokio::select! {
+                m = self.workers.rx.recv_async() => Ok(m),
+                () = self.answered.notified() => continue,
+                () = tokio::time::sleep(Duration::from_nanos(left)) => Err(()),
+            };
             match next {
                 Ok(Ok(Some(FromWorker::Receipts(batch)))) => {
                     self.tally.borrow_mut().receipts(&batch);
@@ -407,6 +414,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     let mut c = Coordinator {
         workers: Workers::spawn(specs)?,
         tally: Rc::clone(&tally),
+        answered: Rc::new(Notify::new()),
         ready: 0,
         threads: 0,
         connected_threads: 0,
@@ -564,6 +572,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                     api,
                     Rc::clone(&tally),
                     Rc::clone(&pace),
+                    Rc::clone(&c.answered),
                     nonce.clone(),
                 ));
             }
@@ -661,6 +670,7 @@ async fn post_notifies(
     mut api: ApiClient,
     tally: Rc<RefCell<Tally>>,
     pace: Rc<Pace>,
+    answered: Rc<Notify>,
     nonce: String,
 ) {
     loop {
@@ -703,5 +713,7 @@ async fn post_notifies(
                 t.problem(format!("/notify failed: {e:#}"));
             }
         }
+        drop(t);
+        answered.notify_one();
     }
 }
