@@ -19,7 +19,36 @@ pub(crate) fn now_ns() -> u64 {
 const TICKS_PER_S: u64 = 100;
 
 /// User plus system CPU time of process `pid` (all its threads), in microseconds.
+///
+/// The sum of its threads' run time in `/proc/PID/task/*/schedstat`: the nanosecond
+/// figure that `utime + stime` in `/proc/PID/stat` is rounded from to 10 ms ticks, too
+/// coarse for a phase of a second. Without schedstat (a kernel built without it), and
+/// for threads that ended, `/proc/PID/stat`'s figure, whichever is larger.
 pub(crate) fn cpu_us(pid: u32) -> io::Result<u64> {
+    let ticks_us = stat_cpu_us(pid)?;
+    Ok(schedstat_cpu_us(pid).unwrap_or(0).max(ticks_us))
+}
+
+/// The sum of the run times in `/proc/PID/task/*/schedstat` (first field, ns), in µs.
+fn schedstat_cpu_us(pid: u32) -> io::Result<u64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between listing and reading.
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        ns += text
+            .split_ascii_whitespace()
+            .next()
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected schedstat"))?;
+    }
+    Ok(ns / 1000)
+}
+
+/// utime + stime of `/proc/PID/stat`, in µs.
+fn stat_cpu_us(pid: u32) -> io::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     parse_stat_cpu_ticks(&stat)
         .map(|ticks| ticks * (1_000_000 / TICKS_PER_S))
