@@ -234,8 +234,10 @@ impl Coordinator {
                 }
                 Ok(Ok(Some(FromWorker::Event(event)))) => self.event(event),
                 Ok(Ok(None)) => {
+                    // A worker's stream ends after its final word, in order: one that
+                    // ends with fewer final words than ended streams ended early.
                     self.workers_gone += 1;
-                    if self.finals < self.workers.children.len() as u32 {
+                    if self.finals < self.workers_gone {
                         self.tally
                             .borrow_mut()
                             .problem("a worker process ended early".into());
@@ -330,6 +332,9 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
         }
         _ => bail!("give --server 'CMD ARGS', or --devices HOST:PORT with --api URL"),
     };
+    if let Some(pid) = target.started_pid() {
+        stop_server_on_signals(pid, dir.clone())?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -345,6 +350,26 @@ pub(crate) fn run(opts: &Options) -> Result<Report> {
     target.stop();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Kills the server pushload started (in its own process group, so a terminal's Ctrl-C
+/// does not reach it) when pushload is interrupted or terminated, then exits.
+fn stop_server_on_signals(pid: u32, dir: std::path::PathBuf) -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot handle signals")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                let group = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+                let _ = std::fs::remove_dir_all(&dir);
+                std::process::exit(128 + signal);
+            }
+        })
+        .context("cannot start a thread")?;
+    Ok(())
 }
 
 fn scratch_dir() -> Result<std::path::PathBuf> {

@@ -147,6 +147,11 @@ impl Target {
         Ok(target)
     }
 
+    /// The process id of a server pushload started (also its process group).
+    pub(crate) fn started_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's last stderr lines.
     pub(crate) fn tail(&self) -> String {
         match self.tail.lock() {
