@@ -44,8 +44,8 @@ fi
 mkdir -p "$OUT"
 MACHINE=$OUT/MACHINE.md
 
-# Prints a command in a form that can be pasted into a shell.
-quote() { printf '%q ' "$@" | sed 's/ $//'; }
+# Prints a command in a form that can be pasted into a shell from the repository root.
+quote() { printf '%q ' "$@" | sed -e 's/ $//' -e "s|$ROOT/||g"; }
 
 BUILD=(cargo build --release --locked --bin pushbroker --bin pushload)
 echo "+ $(quote "${BUILD[@]}")"
