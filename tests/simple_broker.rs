@@ -1,6 +1,6 @@
 //! The simple broker through its public API: registration while stopped, the sending
-//! facet across threads, the broker's own bounded queue, unicast to absent devices and a
-//! large broadcast fan-out.
+//! facet across threads, the broker's own bounded queue, unicast to absent devices, a
+//! large broadcast fan-out, and catch-up sharing one exchange per backlog.
 
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,7 +13,9 @@ use pushbroker::broker::{
     ExchangeRef, Next, SessionId, UnicastExchange,
 };
 use pushbroker::protocol::{ConnectMsg, Notification, Payload};
-use pushbroker::store::{InMemoryPendingStore, InternalChannelId, Metadata, PendingStore};
+use pushbroker::store::{
+    Clock, InMemoryPendingStore, InternalChannelId, ManualClock, Metadata, PendingStore,
+};
 
 /// How long a test waits for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -337,6 +339,113 @@ fn one_broadcast_reaches_two_thousand_sessions_exactly_once() {
         }
         // Nothing more comes for anyone.
         assert!(sessions.iter().all(|s| s.session_channel().is_empty()));
+        b.stop().await;
+    });
+}
+
+/// The broadcast exchange and the unicast one that registering at level 0 behind `chan`'s
+/// backlog feeds `sess`; the broadcast one is returned.
+fn catch_up_exchange(sess: &SimpleBrokerSession) -> ExchangeRef {
+    let fed = drain(&sess.queue());
+    assert_eq!(fed.len(), 2, "broadcast then unicast, got {fed:?}");
+    as_unicast(&fed[1]);
+    Rc::clone(&fed[0])
+}
+
+#[test]
+fn sessions_catching_up_on_one_backlog_share_one_exchange() {
+    run_local(|| async {
+        let store = Rc::new(InMemoryPendingStore::new());
+        let big = "x".repeat(2000);
+        for i in 0..50 {
+            store
+                .append_to_channel(
+                    &InternalChannelId::System,
+                    payload(&format!(r#"{{"daily/mako":{i},"pad":"{big}"}}"#)),
+                    much_later(),
+                )
+                .expect("append");
+        }
+        let b = broker(&store, TestBrokerConfig::default());
+        b.start();
+        let mut sessions = Vec::new();
+        let mut shared: Option<ExchangeRef> = None;
+        for i in 0..100 {
+            let mut sess = register(&b, &format!("dev{i}")).await;
+            let got = catch_up_exchange(&sess);
+            assert_eq!(as_broadcast(&got).top_level, 50, "dev{i}");
+            // One exchange, and so one encoded copy of the window, for every device
+            // behind the same backlog.
+            match &shared {
+                None => shared = Some(Rc::clone(&got)),
+                Some(s) => assert!(Rc::ptr_eq(s, &got), "dev{i} got its own exchange"),
+            }
+            match perform_acking(got.as_ref(), &mut sess).expect("performed") {
+                Performed::Acked(frames) => {
+                    let bodies: Vec<&str> = frames.iter().map(|f| frame_body(f)).collect();
+                    let payloads: usize =
+                        bodies.iter().map(|b| b.matches("daily/mako").count()).sum();
+                    assert_eq!(payloads, 50, "dev{i} got every payload");
+                }
+                other => panic!("dev{i}: expected an ACKed broadcast, got {other:?}"),
+            }
+            assert_eq!(sess.levels().get(&InternalChannelId::System), Some(&50));
+            sessions.push(sess);
+        }
+
+        // Once the channel moves on, a device arriving later gets the new state.
+        store
+            .append_to_channel(
+                &InternalChannelId::System,
+                payload(r#"{"daily/mako":"new"}"#),
+                much_later(),
+            )
+            .expect("append");
+        let late = register(&b, "late").await;
+        let got = catch_up_exchange(&late);
+        assert_eq!(as_broadcast(&got).top_level, 51);
+        assert!(!Rc::ptr_eq(shared.as_ref().expect("shared"), &got));
+        b.stop().await;
+    });
+}
+
+#[test]
+fn a_kept_exchange_is_not_handed_out_after_one_of_its_notifications_expired() {
+    run_local(|| async {
+        let clock = Rc::new(ManualClock::new(SystemTime::now()));
+        let store = Rc::new(InMemoryPendingStore::with_clock(
+            Rc::clone(&clock) as Rc<dyn Clock>
+        ));
+        let soon = clock.now() + Duration::from_secs(60);
+        for (i, expiry) in [much_later(), soon, much_later()].into_iter().enumerate() {
+            store
+                .append_to_channel(
+                    &InternalChannelId::System,
+                    payload(&format!(r#"{{"daily/mako":{i}}}"#)),
+                    expiry,
+                )
+                .expect("append");
+        }
+        let b = broker(&store, TestBrokerConfig::default());
+        b.start();
+        let first = register(&b, "dev1").await;
+        let before = catch_up_exchange(&first);
+        assert_eq!(as_broadcast(&before).notifications.len(), 3);
+
+        clock.advance(Duration::from_secs(120));
+        let second = register(&b, "dev2").await;
+        let after = catch_up_exchange(&second);
+        assert!(
+            !Rc::ptr_eq(&before, &after),
+            "the expired state was handed out"
+        );
+        let after = as_broadcast(&after);
+        assert_eq!(after.top_level, 3);
+        assert_eq!(
+            after.notifications.len(),
+            2,
+            "the expired notification is left out"
+        );
         b.stop().await;
     });
 }

@@ -454,16 +454,12 @@ impl Exchange for ConnMetaExchange {
 /// (the broker logged it; the next broadcast tries again).
 pub fn feed_pending(sess: &mut dyn BrokerSession) {
     for chan in [InternalChannelId::System] {
-        let Ok((top_level, notifications)) = sess.get(&chan, true) else {
+        let Ok(exchange) = sess.broadcast_exchange(&chan) else {
             continue;
         };
         let client_level = sess.levels().get(&chan).copied().unwrap_or(0);
-        if client_level != top_level {
-            sess.feed(Rc::new(BroadcastExchange::new(
-                chan,
-                top_level,
-                notifications,
-            )));
+        if client_level != exchange.top_level {
+            sess.feed(exchange);
         }
     }
     let own = sess.internal_channel_id();

@@ -55,6 +55,11 @@ pub(crate) struct LocalBroker {
     next_session: Cell<u64>,
     /// What it has done.
     stats: Cell<DeliveryStats>,
+    /// The latest exchange of each broadcast channel, handed to every session that needs
+    /// the channel's current state (fan-out and catch-up alike), so that its frames are
+    /// encoded once per window and device tag on this executor. Borrowed only inside a
+    /// method.
+    broadcasts: RefCell<AHashMap<InternalChannelId, Rc<BroadcastExchange>>>,
 }
 
 impl fmt::Debug for LocalBroker {
@@ -74,6 +79,7 @@ impl LocalBroker {
             session_queue_size,
             next_session: Cell::new(0),
             stats: Cell::new(DeliveryStats::default()),
+            broadcasts: RefCell::new(AHashMap::new()),
         })
     }
 
@@ -190,15 +196,42 @@ impl LocalBroker {
     /// exchange. A store failure is logged and skips the delivery (the next broadcast
     /// tries again).
     pub(crate) async fn deliver_broadcast(&self, chan: InternalChannelId) {
-        let Ok((top_level, notifications)) = self.get(&chan, false) else {
+        let Ok(exchange) = self.broadcast_exchange(&chan, false) else {
             return;
         };
-        self.fan_out(Rc::new(BroadcastExchange::new(
-            chan,
+        self.fan_out(exchange).await;
+    }
+
+    /// The exchange for broadcast channel `chan` as the store has it now: the kept one
+    /// while the channel has not changed, else a new one, kept from then on.
+    ///
+    /// The snapshot is read every time, since notifications expire: at one top level the
+    /// live notifications only ever shrink, so the kept exchange still holds when the
+    /// snapshot has its top level, its length and its first and last notification.
+    pub(crate) fn broadcast_exchange(
+        &self,
+        chan: &InternalChannelId,
+        cached_ok: bool,
+    ) -> Result<Rc<BroadcastExchange>, BrokerError> {
+        let (top_level, notifications) = self.get(chan, cached_ok)?;
+        if let Some(kept) = self.broadcasts.borrow().get(chan) {
+            let same = kept.top_level == top_level
+                && kept.notifications.len() == notifications.len()
+                && kept.notifications.first() == notifications.first()
+                && kept.notifications.last() == notifications.last();
+            if same {
+                return Ok(Rc::clone(kept));
+            }
+        }
+        let exchange = Rc::new(BroadcastExchange::new(
+            chan.clone(),
             top_level,
             notifications,
-        )))
-        .await;
+        ));
+        self.broadcasts
+            .borrow_mut()
+            .insert(chan.clone(), Rc::clone(&exchange));
+        Ok(exchange)
     }
 
     /// Feeds `exchange` to every session, yielding to the executor as needed so a large
@@ -327,6 +360,13 @@ impl BrokerSession for LocalSession {
         targets: &[Notification],
     ) -> Result<(), BrokerError> {
         self.broker.drop_by_msg_id(chan, targets)
+    }
+
+    fn broadcast_exchange(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<Rc<BroadcastExchange>, BrokerError> {
+        self.broker.broadcast_exchange(chan, true)
     }
 
     fn feed(&self, exchange: ExchangeRef) {

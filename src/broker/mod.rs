@@ -213,6 +213,26 @@ pub trait BrokerSession {
         chan: &InternalChannelId,
         targets: &[Notification],
     ) -> Result<(), BrokerError>;
+    /// The exchange that delivers broadcast channel `chan` as it is now: [`get`] and
+    /// [`BroadcastExchange::new`] in one step. A broker that keeps the latest exchange of
+    /// each channel hands the same one to every session, so sessions catching up on the
+    /// same window share its encoded frames instead of each encoding its own copy.
+    ///
+    /// # Errors
+    /// A store failure (already logged by the broker).
+    ///
+    /// [`get`]: BrokerSession::get
+    fn broadcast_exchange(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<Rc<BroadcastExchange>, BrokerError> {
+        let (top_level, notifications) = self.get(chan, true)?;
+        Ok(Rc::new(BroadcastExchange::new(
+            chan.clone(),
+            top_level,
+            notifications,
+        )))
+    }
     /// Queues `exchange` on this session.
     fn feed(&self, exchange: ExchangeRef);
     /// The session's own unicast channel: (device, device).
