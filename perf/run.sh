@@ -136,3 +136,4 @@ python3 perf/table.py "$OUT" >"$OUT/TABLES.md"
 cat "$OUT/TABLES.md"
 echo
 echo "results in $OUT ($failed failed runs)"
+[ "$failed" -eq 0 ]

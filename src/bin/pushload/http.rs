@@ -61,6 +61,22 @@ impl ApiClient {
         }
     }
 
+    /// POSTs a JSON `body` to `path`, giving up after `timeout`.
+    pub(crate) async fn post_within(
+        &mut self,
+        timeout: std::time::Duration,
+        path: &str,
+        body: String,
+    ) -> Result<Answer> {
+        match tokio::time::timeout(timeout, self.post(path, body)).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.sender = None;
+                bail!("no answer within {timeout:?}")
+            }
+        }
+    }
+
     /// POSTs a JSON `body` to `path`.
     pub(crate) async fn post(&mut self, path: &str, body: String) -> Result<Answer> {
         let request = hyper::Request::post(path)

@@ -30,6 +30,8 @@ pub(crate) struct WorkerSpec {
     pub(crate) connect_concurrency: u32,
     /// Mean lifetime of a connection while churning, in seconds; `None` without churn.
     pub(crate) churn_lifetime_s: Option<f64>,
+    /// Longest time from connecting to CONNACK, in seconds.
+    pub(crate) timeout_s: u64,
 }
 
 /// What the coordinator tells a worker, one JSON line each.

@@ -51,7 +51,7 @@ pub(crate) struct Options {
     #[arg(long, requires = "devices")]
     pid: Option<u32>,
     /// Device sessions.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     sessions: u32,
     /// What to measure.
     #[arg(long, value_enum, default_value_t = Scenario::Broadcast)]
@@ -82,7 +82,8 @@ pub(crate) struct Options {
     /// Write the result as one JSON object to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Worker processes running the devices (each stays under the open-files limit).
+    /// Worker processes running the devices; each holds its share of the sessions'
+    /// sockets, so use more where one process's open-files limit is below the sessions.
     #[arg(long, default_value_t = 1)]
     workers: u32,
     /// Executor threads per worker. One is cheapest per delivery (fewer wake-ups); it
@@ -102,8 +103,9 @@ pub(crate) struct Options {
     /// (e.g. '{"shards":1}').
     #[arg(long, value_parser = parse_object, default_value = "{}")]
     server_config: serde_json::Map<String, serde_json::Value>,
-    /// Longest wait for any one step (server start, connecting, a broadcast round, the
-    /// last deliveries), in seconds.
+    /// Longest wait for any one step (server start, a device's CONNACK, connecting them
+    /// all, an API answer, a broadcast round, the notifies beyond their pacing), in
+    /// seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
     /// Internal: run as a worker process with this specification.

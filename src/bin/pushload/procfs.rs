@@ -18,33 +18,19 @@ pub(crate) fn now_ns() -> u64 {
 /// Clock ticks per second of `/proc/PID/stat` times (`USER_HZ`, 100 on Linux).
 const TICKS_PER_S: u64 = 100;
 
-/// User plus system CPU time of process `pid` (all its threads), in microseconds.
+/// User plus system CPU time of process `pid` (all its threads, ended ones included), in
+/// microseconds.
 ///
-/// The sum of its threads' run time in `/proc/PID/task/*/schedstat`: the nanosecond
+/// Read from the process's CPU-time clock (`clock_getcpuclockid`), in nanoseconds: the
 /// figure that `utime + stime` in `/proc/PID/stat` is rounded from to 10 ms ticks, too
-/// coarse for a phase of a second. Without schedstat (a kernel built without it), and
-/// for threads that ended, `/proc/PID/stat`'s figure, whichever is larger.
+/// coarse for a phase of a second. `/proc/PID/stat` when that clock cannot be read.
 pub(crate) fn cpu_us(pid: u32) -> io::Result<u64> {
-    let ticks_us = stat_cpu_us(pid)?;
-    Ok(schedstat_cpu_us(pid).unwrap_or(0).max(ticks_us))
-}
-
-/// The sum of the run times in `/proc/PID/task/*/schedstat` (first field, ns), in µs.
-fn schedstat_cpu_us(pid: u32) -> io::Result<u64> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let path = task?.path().join("schedstat");
-        // A thread may end between listing and reading.
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        ns += text
-            .split_ascii_whitespace()
-            .next()
-            .and_then(|f| f.parse::<u64>().ok())
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected schedstat"))?;
+    let clock = nix::time::clock_getcpuclockid(nix::unistd::Pid::from_raw(pid as i32))
+        .and_then(clock_gettime);
+    match clock {
+        Ok(t) => Ok(t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000),
+        Err(_) => stat_cpu_us(pid),
     }
-    Ok(ns / 1000)
 }
 
 /// utime + stime of `/proc/PID/stat`, in µs.

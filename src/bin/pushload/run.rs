@@ -22,7 +22,8 @@ use crate::target::Target;
 use crate::wire;
 use crate::{Options, Scenario};
 
-/// Expiry of every notification pushload sends: far enough never to matter.
+/// Expiry of every notify pushload sends: far enough never to matter (each goes to one of
+/// this run's own devices).
 const EXPIRE_ON: &str = "2099-01-01T00:00:00Z";
 /// Without `--notify-rate`, churn spreads its notifies over this many seconds.
 const CHURN_SECS: f64 = 10.0;
@@ -116,19 +117,33 @@ struct Tally {
     notify_seen: Vec<bool>,
     notify_answered: u32,
     notify_ok: u32,
-    notify_delivered: u32,
+    /// Notifies answered 200 that have arrived.
+    notify_delivered_ok: u32,
     deliveries: u64,
     duplicates: u64,
     wrong: u64,
     errors: u64,
+    /// A phase ran out of time.
+    unfinished: bool,
     problems: Vec<String>,
     latency_us: Histogram<u64>,
     progress: ProgressBar,
 }
 
 impl Tally {
+    /// An error: a session lost, a connection failed, an API call failed or refused.
     fn problem(&mut self, what: String) {
         self.errors += 1;
+        self.say(what);
+    }
+
+    /// A phase that ran out of time: the run is not ok, whatever its counts say.
+    fn unfinished(&mut self, what: String) {
+        self.unfinished = true;
+        self.say(what);
+    }
+
+    fn say(&mut self, what: String) {
         if self.problems.len() < 10 {
             self.problems.push(what);
         }
@@ -177,7 +192,9 @@ impl Tally {
             return;
         }
         self.notify_seen[n] = true;
-        self.notify_delivered += 1;
+        if self.notify_status[n] == 200 {
+            self.notify_delivered_ok += 1;
+        }
         self.deliveries += 1;
         self.record_latency(r.at_ns, self.notify_post_ns[n]);
     }
@@ -190,7 +207,7 @@ impl Tally {
     /// Whether every notify has its answer and every accepted one has arrived.
     fn unicast_done(&self) -> bool {
         self.notify_answered as usize == self.notify_target.len()
-            && self.notify_delivered >= self.notify_ok
+            && self.notify_delivered_ok == self.notify_ok
     }
 }
 
@@ -403,6 +420,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                 nonce: nonce.clone(),
                 connect_concurrency: (opts.connect_concurrency / k).max(1),
                 churn_lifetime_s,
+                timeout_s: opts.timeout_secs,
             }
         })
         .collect();
@@ -427,11 +445,12 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
         notify_seen: Vec::new(),
         notify_answered: 0,
         notify_ok: 0,
-        notify_delivered: 0,
+        notify_delivered_ok: 0,
         deliveries: 0,
         duplicates: 0,
         wrong: 0,
         errors: 0,
+        unfinished: false,
         problems: Vec::new(),
         latency_us: histogram(),
         progress: progress.clone(),
@@ -452,6 +471,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
         finals: 0,
         workers_gone: 0,
     };
+    let timeout = Duration::from_secs(opts.timeout_secs);
     let timeout_ns = opts.timeout_secs * 1_000_000_000;
     let deadline = || now_ns() + timeout_ns;
     let workers = c.workers.children.len();
@@ -510,16 +530,21 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
             progress.set_position(0);
             progress.set_length(b as u64 * u64::from(connected));
             let mut api = ApiClient::new(&target.api)?;
+            // Broadcasts stay live an hour: long enough for the run, short enough not to
+            // pile up on a server that runs on.
+            let bcast_expiry = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+                .format(&time::format_description::well_known::Rfc3339)
+                .context("cannot format an expiry")?;
             let start = m1;
             let mut rounds = histogram();
             for i in 0..b {
                 let body = format!(
-                    r#"{{"channel":"system","expire_on":"{EXPIRE_ON}","data":{}}}"#,
+                    r#"{{"channel":"system","expire_on":"{bcast_expiry}","data":{}}}"#,
                     wire::broadcast_data(&nonce, i as u32)
                 );
                 tally.borrow_mut().bcast_post_ns[i] = now_ns();
                 tally.borrow_mut().bcast_posted[i] = true;
-                match api.post("/broadcast", body).await {
+                match api.post_within(timeout, "/broadcast", body).await {
                     Ok(a) if a.status == 200 => {}
                     Ok(a) => {
                         let mut t = tally.borrow_mut();
@@ -545,10 +570,17 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                     })
                     .await;
                 if !reached {
+                    let mut t = tally.borrow_mut();
+                    let got = t.bcast_count[i];
+                    t.unfinished(format!(
+                        "broadcast {i} reached {got} of {connected} devices within {} s",
+                        opts.timeout_secs
+                    ));
                     break;
                 }
                 let t = tally.borrow();
-                let _ = rounds.record(((t.bcast_last_ns[i] - t.bcast_post_ns[i]) / 1000).max(1));
+                let round_us = t.bcast_last_ns[i].saturating_sub(t.bcast_post_ns[i]) / 1000;
+                let _ = rounds.record(round_us.max(1));
             }
             let end = Meter::read(&mut c, target, deadline()).await?;
             report.round_ms = Percentiles::of(&rounds);
@@ -589,6 +621,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                 next: Cell::new(0),
                 start: tokio::time::Instant::now(),
                 interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+                timeout,
             };
             let pace = Rc::new(pace);
             for _ in 0..opts.concurrency.max(1) {
@@ -601,19 +634,42 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                     nonce.clone(),
                 ));
             }
+            // The phase may last as long as its pacing plus a timeout.
+            let paced_s = rate.map_or(0.0, |r| f64::from(opts.notifies) / r);
+            let phase_deadline = now_ns() + (paced_s * 1e9) as u64 + timeout_ns;
+            let mut finished = true;
             if churn {
-                c.pump(deadline(), |c| {
-                    let t = c.tally.borrow();
-                    t.notify_answered as usize == t.notify_target.len()
-                })
-                .await;
-                c.workers.send(Command::Settle)?;
-                c.pump(deadline(), |c| c.settled_threads == total_threads)
+                finished &= c
+                    .pump(phase_deadline, |c| {
+                        let t = c.tally.borrow();
+                        t.notify_answered as usize == t.notify_target.len()
+                    })
                     .await;
+                c.workers.send(Command::Settle)?;
+                let settled = c
+                    .pump(deadline(), |c| c.settled_threads == total_threads)
+                    .await;
+                if !settled {
+                    tally
+                        .borrow_mut()
+                        .unfinished("devices did not all reconnect after churn".into());
+                }
                 report.reconnects = Some(c.reconnects);
             }
-            c.pump(deadline(), |c| c.tally.borrow().unicast_done())
+            finished &= c
+                .pump(phase_deadline, |c| c.tally.borrow().unicast_done())
                 .await;
+            // Accepted notifies that never came are counted missing; what else is left
+            // undone makes the run unfinished.
+            if !finished && tally.borrow().notify_answered < opts.notifies {
+                let mut t = tally.borrow_mut();
+                let (answered, accepted, arrived) =
+                    (t.notify_answered, t.notify_ok, t.notify_delivered_ok);
+                t.problem(format!(
+                    "the notifies did not finish in time: {answered} of {m} answered, \
+                     {arrived} of {accepted} accepted ones arrived"
+                ));
+            }
             let end = Meter::read(&mut c, target, deadline()).await?;
             let t = tally.borrow();
             report.expected = u64::from(t.notify_ok);
@@ -644,7 +700,8 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     report.problems = t.problems.clone();
     report.phase_s = (end.at_ns - start.at_ns) as f64 / 1e9;
     report.server_cpu_s = cpu_delta(&start, &end).map(|us| us as f64 / 1e6);
-    report.client_cpu_s = (end.client_cpu_us - start.client_cpu_us) as f64 / 1e6;
+    let client_cpu_us = end.client_cpu_us.saturating_sub(start.client_cpu_us);
+    report.client_cpu_s = client_cpu_us as f64 / 1e6;
     report.latency_ms = if matches!(opts.scenario, Scenario::Connect | Scenario::Idle) {
         Percentiles::of(&c.connect_us)
     } else {
@@ -652,8 +709,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     };
     if t.deliveries > 0 {
         report.server_cpu_us_per_delivery = per(cpu_delta(&start, &end), t.deliveries);
-        report.client_cpu_us_per_delivery =
-            Some((end.client_cpu_us - start.client_cpu_us) as f64 / t.deliveries as f64);
+        report.client_cpu_us_per_delivery = Some(client_cpu_us as f64 / t.deliveries as f64);
         report.deliveries_per_s = Some(t.deliveries as f64 / report.phase_s);
     }
     if connected < n {
@@ -662,6 +718,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
             .push(format!("{} of {n} sessions did not connect", n - connected));
     }
     report.ok = connected == n
+        && !t.unfinished
         && report.errors == 0
         && report.missing == 0
         && report.duplicates == 0
@@ -687,6 +744,8 @@ struct Pace {
     start: tokio::time::Instant,
     /// Time between two notifies; `None`: as fast as the clients go.
     interval: Option<Duration>,
+    /// Longest wait for one answer.
+    timeout: Duration,
 }
 
 /// One keep-alive client's share of the notifies: takes the next number until none is
@@ -717,7 +776,7 @@ async fn post_notifies(
             wire::notify_data(&nonce, n as u32, device)
         );
         tally.borrow_mut().notify_post_ns[n] = now_ns();
-        let answer = api.post("/notify", body).await;
+        let answer = api.post_within(pace.timeout, "/notify", body).await;
         let mut t = tally.borrow_mut();
         t.notify_answered += 1;
         match answer {
@@ -725,6 +784,9 @@ async fn post_notifies(
                 t.notify_status[n] = a.status;
                 if a.status == 200 {
                     t.notify_ok += 1;
+                    if t.notify_seen[n] {
+                        t.notify_delivered_ok += 1;
+                    }
                 } else {
                     t.problem(format!(
                         "/notify answered {}: {}",

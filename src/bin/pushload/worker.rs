@@ -5,7 +5,7 @@
 //! its own buffer (grown only for a frame larger than any before), frames are classified
 //! by their prefix, the answers (ACK, PONG) are fixed bytes written at once, and this
 //! run's payloads are found by a byte search. Receipts collect per thread and leave in
-//! batches every few milliseconds.
+//! one batch per I/O turn.
 
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, BufWriter, Write};
@@ -101,10 +101,11 @@ pub(crate) fn main(spec: WorkerSpec) -> Result<()> {
             }
         }
     }
-    // The coordinator is gone: nothing is left to report to.
+    // The coordinator is gone: nothing is left to report to, and the device threads
+    // would run on forever.
     drop(out_tx);
-    let _ = writer.join();
-    Ok(())
+    drop(writer);
+    std::process::exit(0);
 }
 
 /// Writes frames to stdout, flushing whenever the queue runs dry.
@@ -196,13 +197,11 @@ struct Thread {
 }
 
 fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
-    // Timers serve churn alone; without them the executor never reads the clock.
-    let mut builder = tokio::runtime::Builder::new_current_thread();
-    builder.enable_io();
-    if spec.spec.churn_lifetime_s.is_some() {
-        builder.enable_time();
-    }
-    let runtime = match builder.build() {
+    // Timers bound connecting and time churn; none is armed while devices just read.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             let _ = spec.out.send(Out::Event(Event::Lost {
@@ -323,13 +322,21 @@ async fn device(t: Rc<Thread>, index: u32) {
     let mut first = true;
     let mut generation = 0u32;
     loop {
-        let started = now_ns();
         let slot = if first {
             t.connect_slots.acquire().await.ok()
         } else {
             None
         };
-        let connected = connect(&t, index, generation, &hello).await;
+        let started = now_ns();
+        let deadline = Duration::from_secs(spec.timeout_s);
+        let connected =
+            match tokio::time::timeout(deadline, connect(&t, index, generation, &hello)).await {
+                Ok(c) => c,
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no CONNACK within {deadline:?}"),
+                )),
+            };
         generation = generation.wrapping_add(1);
         drop(slot);
         let (stream, buf) = match connected {
@@ -394,12 +401,20 @@ async fn connect(
     hello: &[u8],
 ) -> std::io::Result<(Stream, Buffer)> {
     let spec = &t.spec.spec;
-    let socket = TcpSocket::new_v4()?;
+    let socket = if spec.devices.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
-    let source = source_addr(index, generation);
-    if socket.bind(source).is_err() {
-        // The port is taken (something else listens on it): let the kernel pick one.
-        socket.bind(SocketAddr::new(source.ip(), 0))?;
+    // Spread over loopback addresses when the server is on loopback; elsewhere the
+    // kernel picks the source.
+    if spec.devices.is_ipv4() && spec.devices.ip().is_loopback() {
+        let source = source_addr(index, generation);
+        if socket.bind(source).is_err() {
+            // The port is taken (something else listens on it): let the kernel pick one.
+            socket.bind(SocketAddr::new(source.ip(), 0))?;
+        }
     }
     let tcp = socket.connect(spec.devices).await?;
     tcp.set_nodelay(true)?;
@@ -513,11 +528,14 @@ struct Answers {
     broken: bool,
 }
 
-/// A connection's lifetime while churning: uniform between 0 and twice the mean, so that
-/// `sessions / mean` connections close each second from the start.
+/// A connection's lifetime while churning: exponential with the given mean, so that
+/// `sessions / mean` connections close each second from the start (memoryless: the
+/// rate holds whenever churn begins).
 fn lifetime(t: &Thread, rng: &mut SmallRng) -> Option<Duration> {
     let mean = t.spec.spec.churn_lifetime_s?;
-    Some(Duration::from_secs_f64(mean * rng.random_range(0.0..2.0)))
+    // 1 - U lies in (0, 1]: its logarithm is finite.
+    let u: f64 = 1.0 - rng.random::<f64>();
+    Some(Duration::from_secs_f64(-mean * u.ln()))
 }
 
 /// Serves one connection: answers PINGs, ACKs deliveries and records them, until the
