@@ -21,6 +21,7 @@
 //! | `http_read_timeout` | duration | `"5s"` | Longest time to read one HTTP request. |
 //! | `http_write_timeout` | duration | `"5s"` | Longest time to write one HTTP response. |
 //! | `max_notifications_per_app` | integer ≥ 1 | `100` | Live notifications an application may have pending for one device; beyond it a notify answers 413 `too-many-pending`. |
+//! | `broadcast_backlog` | integer ≥ 1 | `1000` | Live notifications a broadcast channel keeps; appending beyond it drops the oldest (levels keep counting, so a device further behind gets the newest ones). Bounds what catch-up can hold. |
 //! | `delivery_domain` | string | `""` | The `domain` that `/delivery-hosts` returns; empty for none. |
 //! | `shards` | integer | `0` | Broker shards (one thread each); `0` means one per available CPU. |
 //! | `statistics_auth_user` | string | none | User for the statistics endpoint's basic auth. Set with `statistics_auth_password` or not at all; without both, statistics need no auth. |
@@ -80,6 +81,7 @@ const KNOWN_KEYS: &[&str] = &[
     "http_read_timeout",
     "http_write_timeout",
     "max_notifications_per_app",
+    "broadcast_backlog",
     "delivery_domain",
     "shards",
     "statistics_auth_user",
@@ -120,6 +122,9 @@ pub struct ServerConfig {
     /// Live notifications an application may have pending for one device
     /// (`max_notifications_per_app`); beyond it a notify answers 413.
     pub max_notifications_per_app: usize,
+    /// Live notifications a broadcast channel keeps; the oldest go beyond it
+    /// (`broadcast_backlog`).
+    pub broadcast_backlog: usize,
     /// The `domain` that `/delivery-hosts` returns; empty for none (`delivery_domain`).
     pub delivery_domain: String,
     /// Broker shards, one thread each; `0` means one per available CPU (`shards`). Use
@@ -149,6 +154,8 @@ const DEFAULT_BROKER_QUEUE_SIZE: usize = 10_000;
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `max_notifications_per_app`.
 const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
+/// Default for `broadcast_backlog`.
+const DEFAULT_BROADCAST_BACKLOG: usize = 1000;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -164,6 +171,7 @@ impl Default for ServerConfig {
             http_read_timeout: DEFAULT_HTTP_TIMEOUT,
             http_write_timeout: DEFAULT_HTTP_TIMEOUT,
             max_notifications_per_app: DEFAULT_MAX_NOTIFICATIONS_PER_APP,
+            broadcast_backlog: DEFAULT_BROADCAST_BACKLOG,
             delivery_domain: String::new(),
             shards: 0,
             statistics_auth_user: None,
@@ -186,6 +194,7 @@ impl fmt::Debug for ServerConfig {
             .field("http_read_timeout", &self.http_read_timeout)
             .field("http_write_timeout", &self.http_write_timeout)
             .field("max_notifications_per_app", &self.max_notifications_per_app)
+            .field("broadcast_backlog", &self.broadcast_backlog)
             .field("delivery_domain", &self.delivery_domain)
             .field("shards", &self.shards)
             .field("statistics_auth_user", &self.statistics_auth_user)
@@ -239,6 +248,7 @@ impl ServerConfig {
                 DEFAULT_MAX_NOTIFICATIONS_PER_APP,
                 1,
             )?,
+            broadcast_backlog: keys.count("broadcast_backlog", DEFAULT_BROADCAST_BACKLOG, 1)?,
             delivery_domain: keys.string("delivery_domain")?.unwrap_or_default(),
             shards: keys.count("shards", 0, 0)?,
             statistics_auth_user,
@@ -625,6 +635,7 @@ mod tests {
             http_read_timeout: Duration::from_millis(2500),
             http_write_timeout: Duration::from_secs(3600),
             max_notifications_per_app: 7,
+            broadcast_backlog: 1000,
             delivery_domain: "push.example.com".to_owned(),
             shards: 4,
             statistics_auth_user: Some("stats".to_owned()),
@@ -791,6 +802,9 @@ mod tests {
             r#"{"max_notifications_per_app": 0}"#,
             "max_notifications_per_app",
         );
+        assert_invalid(r#"{"broadcast_backlog": 0}"#, "broadcast_backlog");
+        assert_eq!(parse_ok("{}").broadcast_backlog, 1000);
+        assert_eq!(parse_ok(r#"{"broadcast_backlog": 3}"#).broadcast_backlog, 3);
         let c = parse_ok(r#"{"shards": 0}"#);
         assert_eq!(c.shards, 0);
         assert!(c.shard_count() >= 1);

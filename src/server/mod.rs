@@ -24,6 +24,7 @@ use crate::broker::BrokerError;
 use crate::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
 use crate::config::ServerConfig;
 use crate::session::SessionConfig;
+use crate::store::{InMemoryPendingStore, PendingStore};
 use listener::{DeviceContext, DeviceSettings};
 
 /// Why the server could not start.
@@ -104,6 +105,13 @@ impl Server {
         builder = builder
             .config(config)
             .max_notifications_per_app(config.max_notifications_per_app)
+            .store({
+                let backlog = config.broadcast_backlog;
+                move |_| {
+                    Rc::new(InMemoryPendingStore::new().with_broadcast_backlog(backlog))
+                        as Rc<dyn PendingStore>
+                }
+            })
             .placement(ShardPlacement::Auto);
         let broker = builder.build();
         broker.start().map_err(ServerError::Shards)?;

@@ -57,6 +57,8 @@ pub struct InMemoryPendingStore {
     channels: RefCell<AHashMap<InternalChannelId, Channel>>,
     /// What "now" is for expiry.
     clock: Rc<dyn Clock>,
+    /// Live notifications a broadcast channel keeps; the oldest go beyond it.
+    broadcast_backlog: usize,
 }
 
 impl fmt::Debug for InMemoryPendingStore {
@@ -84,7 +86,17 @@ impl InMemoryPendingStore {
         Self {
             channels: RefCell::new(AHashMap::new()),
             clock,
+            broadcast_backlog: usize::MAX,
         }
+    }
+
+    /// Keeps at most `max` notifications in each broadcast channel: an append beyond it
+    /// drops the oldest. The levels keep counting, so a device further behind than the
+    /// backlog gets its newest `max` notifications. At least 1.
+    #[must_use]
+    pub fn with_broadcast_backlog(mut self, max: usize) -> Self {
+        self.broadcast_backlog = max.max(1);
+        self
     }
 
     /// Appends to `chan`, raising its level by `inc`; the new level.
@@ -98,6 +110,11 @@ impl InMemoryPendingStore {
         channel.top_level += inc;
         channel.notifications.push(n);
         channel.meta.push(meta);
+        if inc != 0 && channel.notifications.len() > self.broadcast_backlog {
+            let over = channel.notifications.len() - self.broadcast_backlog;
+            channel.notifications.drain(..over);
+            channel.meta.drain(..over);
+        }
         channel.top_level
     }
 }
@@ -354,6 +371,34 @@ mod tests {
     }
 
     // Tokens.
+
+    #[test]
+    fn a_broadcast_channel_keeps_its_newest_backlog_and_counts_on() {
+        let (s, _) = store();
+        let s = s.with_broadcast_backlog(3);
+        let chan = InternalChannelId::System;
+        for i in 0..5 {
+            s.append_to_channel(&chan, payload(i), t(3600))
+                .expect("append");
+        }
+        let (top, live) = s.get_channel_snapshot(&chan).expect("snapshot");
+        assert_eq!(top, 5, "levels count every append");
+        let payloads: Vec<&str> = live.iter().map(|n| n.payload.get()).collect();
+        assert_eq!(payloads, [r#"{"a":2}"#, r#"{"a":3}"#, r#"{"a":4}"#]);
+
+        // Unicast channels are bounded per app by the notify rules, not by this.
+        let own = InternalChannelId::unicast("u", "d");
+        for i in 0..5 {
+            let n = Notification {
+                app_id: "app".into(),
+                msg_id: format!("m{i}").into(),
+                payload: payload(i),
+            };
+            s.append_to_unicast_channel(&own, n, Metadata::expiring(t(3600)))
+                .expect("append");
+        }
+        assert_eq!(s.get_channel_snapshot(&own).expect("snapshot").1.len(), 5);
+    }
 
     #[test]
     fn token_is_standard_base64_of_app_and_device() {
