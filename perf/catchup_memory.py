@@ -7,6 +7,7 @@ send their hello and never read, so each one's catch-up stays in flight. Prints 
 line with the server's RSS before the devices and its peak RSS (VmHWM) after them.
 
   python3 perf/catchup_memory.py [--binary target/release/pushbroker] [-k 100] [-b 2000]
+                                 [--config '{"broadcast_backlog": 2000}']
 
 Devices connect from distinct loopback source addresses (127.3.x.y).
 """
@@ -35,13 +36,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--binary", default="target/release/pushbroker")
     ap.add_argument("-k", type=int, default=100, help="stalled devices")
-    ap.add_argument("-b", type=int, default=2000, help="live broadcasts")
+    ap.add_argument("-b", type=int, default=2000, help="broadcasts posted")
+    ap.add_argument("--config", default="{}", help="extra server configuration keys (JSON)")
     args = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="catchup-")
     config = os.path.join(tmp, "config.json")
     with open(config, "w") as f:
-        json.dump({"addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"}, f)
+        json.dump({"addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0",
+                   **json.loads(args.config)}, f)
     server = subprocess.Popen([args.binary, config], stderr=subprocess.PIPE, text=True)
     try:
         http = devices = None
