@@ -41,6 +41,7 @@ impl ApiClient {
         })
     }
 
+    /// The keep-alive connection, opened again when the server closed it.
     async fn connection(&mut self) -> Result<&mut SendRequest<Full<Bytes>>> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let tcp = tokio::net::TcpStream::connect(self.addr)

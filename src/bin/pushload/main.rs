@@ -141,6 +141,7 @@ impl Scenario {
     }
 }
 
+/// Parses `--server-config`: a JSON object.
 fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
     match serde_json::from_str(s) {
         Ok(serde_json::Value::Object(m)) => Ok(m),

@@ -38,6 +38,8 @@ struct Workers {
 }
 
 impl Workers {
+    /// Starts one worker process per spec (this executable with `--worker`), and a thread
+    /// per worker that passes its frames on.
     fn spawn(specs: Vec<WorkerSpec>) -> Result<Self> {
         let exe = std::env::current_exe().context("cannot find pushload's own executable")?;
         let (tx, rx) = flume::unbounded();
@@ -78,6 +80,7 @@ impl Workers {
         })
     }
 
+    /// Tells every worker `command`.
     fn send(&mut self, command: Command) -> Result<()> {
         let mut line = serde_json::to_string(&command)?;
         line.push('\n');
@@ -102,31 +105,47 @@ impl Drop for Workers {
 
 /// Every delivery the workers report, checked against what was sent.
 struct Tally {
+    /// Sessions asked for (device indexes below it are valid).
     sessions: u32,
-    // Broadcasts: per broadcast, who has it, how many, when it was posted, when the last
-    // device got it.
+    /// Per broadcast: which devices have it (a bit each).
     bcast_seen: Vec<Vec<u64>>,
+    /// Per broadcast: how many devices have it.
     bcast_count: Vec<u32>,
+    /// Per broadcast: whether the server accepted it.
     bcast_posted: Vec<bool>,
+    /// Per broadcast: when it was posted.
     bcast_post_ns: Vec<u64>,
+    /// Per broadcast: when the last device read it.
     bcast_last_ns: Vec<u64>,
-    // Notifies: per notify, its target, when it was posted, the answer, and whether it came.
+    /// Per notify: the device it is for.
     notify_target: Vec<u32>,
+    /// Per notify: when it was posted (0: not yet).
     notify_post_ns: Vec<u64>,
+    /// Per notify: the HTTP answer (0: none yet, 1: the call failed).
     notify_status: Vec<u16>,
+    /// Per notify: whether it arrived.
     notify_seen: Vec<bool>,
+    /// Notifies with an answer.
     notify_answered: u32,
+    /// Notifies answered 200.
     notify_ok: u32,
     /// Notifies answered 200 that have arrived.
     notify_delivered_ok: u32,
+    /// Deliveries of this run's payloads, each counted once.
     deliveries: u64,
+    /// Deliveries that came again.
     duplicates: u64,
+    /// Deliveries of something not sent, or to another device.
     wrong: u64,
+    /// Sessions lost, connections failed, API calls failed or refused.
     errors: u64,
     /// A phase ran out of time.
     unfinished: bool,
+    /// The first few problems, in words.
     problems: Vec<String>,
+    /// POST to delivery, per delivery, in µs.
     latency_us: Histogram<u64>,
+    /// The live progress bar (hidden when stderr is not a terminal).
     progress: ProgressBar,
 }
 
@@ -143,12 +162,14 @@ impl Tally {
         self.say(what);
     }
 
+    /// Keeps `what` among the first few problems the report lists.
     fn say(&mut self, what: String) {
         if self.problems.len() < 10 {
             self.problems.push(what);
         }
     }
 
+    /// Checks a batch of deliveries.
     fn receipts(&mut self, batch: &[Receipt]) {
         for r in batch {
             match r.kind {
@@ -159,6 +180,7 @@ impl Tally {
         self.progress.inc(batch.len() as u64);
     }
 
+    /// Checks a broadcast delivery: posted, to a known device, the first for it.
     fn broadcast(&mut self, r: &Receipt) {
         let k = r.item as usize;
         if k >= self.bcast_seen.len() || r.device >= self.sessions || !self.bcast_posted[k] {
@@ -177,6 +199,7 @@ impl Tally {
         self.record_latency(r.at_ns, self.bcast_post_ns[k]);
     }
 
+    /// Checks a notification: posted, to the device it was addressed to, the first time.
     fn notify(&mut self, r: &Receipt) {
         let n = r.item as usize;
         if n >= self.notify_target.len()
@@ -199,6 +222,7 @@ impl Tally {
         self.record_latency(r.at_ns, self.notify_post_ns[n]);
     }
 
+    /// Records the time from a POST to a delivery.
     fn record_latency(&mut self, at_ns: u64, posted_ns: u64) {
         let us = at_ns.saturating_sub(posted_ns) / 1000;
         let _ = self.latency_us.record(us.max(1));
@@ -266,6 +290,7 @@ impl Coordinator {
         true
     }
 
+    /// Takes in what a worker said.
     fn event(&mut self, event: Event) {
         match event {
             Event::Ready { threads } => {
@@ -323,6 +348,7 @@ struct Meter {
 }
 
 impl Meter {
+    /// Reads the clocks and CPU times now.
     async fn read(c: &mut Coordinator, target: &Target, deadline_ns: u64) -> Result<Self> {
         let client_cpu_us = c.client_cpu_us(deadline_ns).await?;
         Ok(Meter {
@@ -389,18 +415,21 @@ fn stop_server_on_signals(pid: u32, dir: std::path::PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// A new folder for the generated configuration and certificates.
 fn scratch_dir() -> Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("pushload-{}-{}", std::process::id(), now_ns()));
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
     Ok(dir)
 }
 
+/// A latency histogram in µs.
 fn histogram() -> Histogram<u64> {
     // 1 µs to 1 hour at 3 significant digits; the bounds are valid constants.
     #[allow(clippy::expect_used)]
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
+/// Runs the scenario against `target` and fills the report.
 async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     let n = opts.sessions;
     let k = opts.workers.clamp(1, n.max(1));
@@ -726,14 +755,17 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     Ok(report)
 }
 
+/// Server CPU between two readings, when both are known.
 fn cpu_delta(a: &Meter, b: &Meter) -> Option<u64> {
     Some(b.server_cpu_us?.saturating_sub(a.server_cpu_us?))
 }
 
+/// `total_us` per item, when there were items and a total.
 fn per(total_us: Option<u64>, count: u64) -> Option<f64> {
     (count > 0).then_some(total_us? as f64 / count as f64)
 }
 
+/// Server memory growth per session, in KB.
 fn rss_per_session(before: Option<u64>, after: Option<u64>, sessions: u32) -> Option<f64> {
     (sessions > 0).then_some(after?.saturating_sub(before?) as f64 / f64::from(sessions))
 }

@@ -202,6 +202,7 @@ impl Drop for Target {
     }
 }
 
+/// A placeholder address until the server says where it listens.
 fn unspecified() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 0))
 }

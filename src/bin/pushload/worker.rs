@@ -135,6 +135,7 @@ fn write_out(rx: flume::Receiver<Out>) {
     }
 }
 
+/// A TLS client trusting the CA certificates in `ca`.
 fn tls_connector(ca: &std::path::Path) -> Result<TlsConnector> {
     let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
@@ -196,6 +197,7 @@ struct Thread {
     connect_slots: Semaphore,
 }
 
+/// Runs one device thread: its executor, its devices and its share of the commands.
 fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
     // Timers bound connecting and time churn; none is armed while devices just read.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -383,10 +385,12 @@ async fn device(t: Rc<Thread>, index: u32) {
     }
 }
 
+/// Reports a device that lost its connection when it should not have.
 fn lost(t: &Thread, device: u32, reason: String) {
     let _ = t.spec.out.send(Out::Event(Event::Lost { device, reason }));
 }
 
+/// A device connection.
 enum Stream {
     Plain(tokio::net::TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
@@ -438,6 +442,7 @@ async fn connect(
     }
 }
 
+/// Reads up to the first frame, which must be CONNACK.
 async fn read_connack<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Buffer) -> std::io::Result<()> {
     loop {
         if let Some(frame) = buf.frame() {
@@ -471,6 +476,7 @@ struct Frame {
 }
 
 impl Buffer {
+    /// An empty buffer of the first size.
     fn new() -> Self {
         Buffer {
             data: vec![0; FIRST_BUFFER],
@@ -492,10 +498,12 @@ impl Buffer {
         })
     }
 
+    /// The body of frame `f`.
     fn body(&self, f: Frame) -> &[u8] {
         &self.data[f.body..f.end]
     }
 
+    /// Moves past frame `f`.
     fn consume(&mut self, f: Frame) {
         self.start = f.end;
     }
@@ -600,6 +608,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Writes the answers of one read.
 async fn write_answers<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(bytes).await?;
     s.flush().await
