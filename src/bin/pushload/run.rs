@@ -529,188 +529,28 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     let rss_after = target.rss_kb();
     report.server_rss_per_session_kb = rss_per_session(rss_before, rss_after, connected);
 
+    let phase = Phase {
+        opts,
+        target,
+        tally: Rc::clone(&tally),
+        progress: progress.clone(),
+        nonce,
+        connected,
+        timeout,
+    };
     let (start, end) = match opts.scenario {
         Scenario::Connect => (m0, m1),
         Scenario::Idle => {
-            progress.set_message("idle");
-            let start = m1;
-            let until = now_ns() + opts.idle_secs * 1_000_000_000;
-            c.pump(until, |_| false).await;
-            let end = Meter::read(&mut c, target, deadline()).await?;
-            report.server_rss_per_session_kb =
-                rss_per_session(rss_before, target.rss_kb(), connected);
-            let session_s = f64::from(connected) * (end.at_ns - start.at_ns) as f64 / 1e9;
-            report.server_cpu_us_per_session_s = cpu_delta(&start, &end)
-                .filter(|_| session_s > 0.0)
-                .map(|cpu| cpu as f64 / session_s);
-            (start, end)
+            let end = idle(&phase, &mut c, &mut report, &m1, rss_before).await?;
+            (m1, end)
         }
         Scenario::Broadcast => {
-            let b = opts.broadcasts as usize;
-            {
-                let mut t = tally.borrow_mut();
-                t.bcast_seen = vec![vec![0u64; (n as usize).div_ceil(64)]; b];
-                t.bcast_count = vec![0; b];
-                t.bcast_posted = vec![false; b];
-                t.bcast_post_ns = vec![0; b];
-                t.bcast_last_ns = vec![0; b];
-            }
-            progress.set_message("broadcast");
-            progress.set_position(0);
-            progress.set_length(b as u64 * u64::from(connected));
-            let mut api = ApiClient::new(&target.api)?;
-            // Broadcasts stay live an hour: long enough for the run, short enough not to
-            // pile up on a server that runs on.
-            let bcast_expiry = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
-                .format(&time::format_description::well_known::Rfc3339)
-                .context("cannot format an expiry")?;
-            let start = m1;
-            let mut rounds = histogram();
-            for i in 0..b {
-                let body = format!(
-                    r#"{{"channel":"system","expire_on":"{bcast_expiry}","data":{}}}"#,
-                    wire::broadcast_data(&nonce, i as u32)
-                );
-                tally.borrow_mut().bcast_post_ns[i] = now_ns();
-                tally.borrow_mut().bcast_posted[i] = true;
-                match api.post_within(timeout, "/broadcast", body).await {
-                    Ok(a) if a.status == 200 => {}
-                    Ok(a) => {
-                        let mut t = tally.borrow_mut();
-                        t.bcast_posted[i] = false;
-                        t.problem(format!(
-                            "/broadcast answered {}: {}",
-                            a.status,
-                            String::from_utf8_lossy(&a.body)
-                        ));
-                        continue;
-                    }
-                    Err(e) => {
-                        let mut t = tally.borrow_mut();
-                        t.bcast_posted[i] = false;
-                        t.problem(format!("/broadcast failed: {e:#}"));
-                        continue;
-                    }
-                }
-                let reached = c
-                    .pump(deadline(), |c| {
-                        let t = c.tally.borrow();
-                        t.bcast_count[i] >= connected
-                    })
-                    .await;
-                if !reached {
-                    let mut t = tally.borrow_mut();
-                    let got = t.bcast_count[i];
-                    t.unfinished(format!(
-                        "broadcast {i} reached {got} of {connected} devices within {} s",
-                        opts.timeout_secs
-                    ));
-                    break;
-                }
-                let t = tally.borrow();
-                let round_us = t.bcast_last_ns[i].saturating_sub(t.bcast_post_ns[i]) / 1000;
-                let _ = rounds.record(round_us.max(1));
-            }
-            let end = Meter::read(&mut c, target, deadline()).await?;
-            report.round_ms = Percentiles::of(&rounds);
-            let t = tally.borrow();
-            report.expected =
-                t.bcast_posted.iter().filter(|p| **p).count() as u64 * u64::from(connected);
-            report.missing = report.expected.saturating_sub(t.deliveries);
-            (start, end)
+            let end = broadcast(&phase, &mut c, &mut report).await?;
+            (m1, end)
         }
         Scenario::Unicast | Scenario::Churn => {
-            let m = opts.notifies as usize;
-            {
-                let mut rng = rand::rngs::SmallRng::seed_from_u64(opts.seed);
-                let mut t = tally.borrow_mut();
-                t.notify_target = (0..m).map(|_| rng.random_range(0..n.max(1))).collect();
-                t.notify_post_ns = vec![0; m];
-                t.notify_status = vec![0; m];
-                t.notify_seen = vec![false; m];
-            }
-            progress.set_message(if opts.scenario == Scenario::Churn {
-                "churn"
-            } else {
-                "unicast"
-            });
-            progress.set_position(0);
-            progress.set_length(m as u64);
-            let churn = opts.scenario == Scenario::Churn;
-            if churn {
-                c.workers.send(Command::Churn)?;
-            }
-            let start = m1;
-            let rate = match (opts.notify_rate, churn) {
-                (r, _) if r > 0.0 => Some(r),
-                (_, true) => Some(f64::from(opts.notifies) / CHURN_SECS),
-                (_, false) => None,
-            };
-            let pace = Pace {
-                next: Cell::new(0),
-                start: tokio::time::Instant::now(),
-                interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
-                timeout,
-            };
-            let pace = Rc::new(pace);
-            for _ in 0..opts.concurrency.max(1) {
-                let api = ApiClient::new(&target.api)?;
-                tokio::task::spawn_local(post_notifies(
-                    api,
-                    Rc::clone(&tally),
-                    Rc::clone(&pace),
-                    Rc::clone(&c.answered),
-                    nonce.clone(),
-                ));
-            }
-            // The phase may last as long as its pacing plus a timeout.
-            let paced_s = rate.map_or(0.0, |r| f64::from(opts.notifies) / r);
-            let phase_deadline = now_ns() + (paced_s * 1e9) as u64 + timeout_ns;
-            let mut finished = true;
-            if churn {
-                finished &= c
-                    .pump(phase_deadline, |c| {
-                        let t = c.tally.borrow();
-                        t.notify_answered as usize == t.notify_target.len()
-                    })
-                    .await;
-                c.workers.send(Command::Settle)?;
-                let settled = c
-                    .pump(deadline(), |c| c.settled_threads == total_threads)
-                    .await;
-                if !settled {
-                    tally
-                        .borrow_mut()
-                        .unfinished("devices did not all reconnect after churn".into());
-                }
-                report.reconnects = Some(c.reconnects);
-            }
-            finished &= c
-                .pump(phase_deadline, |c| c.tally.borrow().unicast_done())
-                .await;
-            // Accepted notifies that never came are counted missing; what else is left
-            // undone makes the run unfinished.
-            if !finished && tally.borrow().notify_answered < opts.notifies {
-                let mut t = tally.borrow_mut();
-                let (answered, accepted, arrived) =
-                    (t.notify_answered, t.notify_ok, t.notify_delivered_ok);
-                t.problem(format!(
-                    "the notifies did not finish in time: {answered} of {m} answered, \
-                     {arrived} of {accepted} accepted ones arrived"
-                ));
-            }
-            let end = Meter::read(&mut c, target, deadline()).await?;
-            let t = tally.borrow();
-            report.expected = u64::from(t.notify_ok);
-            report.missing = t
-                .notify_status
-                .iter()
-                .zip(&t.notify_seen)
-                .filter(|(status, seen)| **status == 200 && !**seen)
-                .count() as u64;
-            let secs = (end.at_ns - start.at_ns) as f64 / 1e9;
-            report.notifies_per_s = Some(t.notify_answered as f64 / secs);
-            (start, end)
+            let end = notifies(&phase, &mut c, &mut report, &m1).await?;
+            (m1, end)
         }
     };
     progress.finish_and_clear();
@@ -753,6 +593,244 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
         && report.duplicates == 0
         && report.wrong == 0;
     Ok(report)
+}
+
+/// What a scenario's measured phase works with.
+struct Phase<'a> {
+    opts: &'a Options,
+    target: &'a Target,
+    tally: Rc<RefCell<Tally>>,
+    progress: ProgressBar,
+    /// This run's mark in device ids and payloads.
+    nonce: String,
+    /// Sessions that connected.
+    connected: u32,
+    /// Longest wait for one step.
+    timeout: Duration,
+}
+
+impl Phase<'_> {
+    /// When a step started now must be over.
+    fn deadline(&self) -> u64 {
+        now_ns() + u64::try_from(self.timeout.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// `idle`: holds the sessions; server memory per session and CPU per session-second.
+async fn idle(
+    p: &Phase<'_>,
+    c: &mut Coordinator,
+    report: &mut Report,
+    start: &Meter,
+    rss_before: Option<u64>,
+) -> Result<Meter> {
+    let (opts, target, progress, connected) = (p.opts, p.target, &p.progress, p.connected);
+    let deadline = || p.deadline();
+    progress.set_message("idle");
+    let until = now_ns() + opts.idle_secs * 1_000_000_000;
+    c.pump(until, |_| false).await;
+    let end = Meter::read(c, target, deadline()).await?;
+    report.server_rss_per_session_kb = rss_per_session(rss_before, target.rss_kb(), connected);
+    let session_s = f64::from(connected) * (end.at_ns - start.at_ns) as f64 / 1e9;
+    report.server_cpu_us_per_session_s = cpu_delta(start, &end)
+        .filter(|_| session_s > 0.0)
+        .map(|cpu| cpu as f64 / session_s);
+    Ok(end)
+}
+
+/// `broadcast`: broadcasts one after another, each until every device has it.
+async fn broadcast(p: &Phase<'_>, c: &mut Coordinator, report: &mut Report) -> Result<Meter> {
+    let Phase {
+        opts,
+        target,
+        tally,
+        progress,
+        nonce,
+        connected,
+        timeout,
+    } = p;
+    let (connected, timeout) = (*connected, *timeout);
+    let deadline = || p.deadline();
+    let b = opts.broadcasts as usize;
+    {
+        let mut t = tally.borrow_mut();
+        t.bcast_seen = vec![vec![0u64; (opts.sessions as usize).div_ceil(64)]; b];
+        t.bcast_count = vec![0; b];
+        t.bcast_posted = vec![false; b];
+        t.bcast_post_ns = vec![0; b];
+        t.bcast_last_ns = vec![0; b];
+    }
+    progress.set_message("broadcast");
+    progress.set_position(0);
+    progress.set_length(b as u64 * u64::from(connected));
+    let mut api = ApiClient::new(&target.api)?;
+    // Broadcasts stay live an hour: long enough for the run, short enough not to
+    // pile up on a server that runs on.
+    let bcast_expiry = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .context("cannot format an expiry")?;
+    let mut rounds = histogram();
+    for i in 0..b {
+        let body = format!(
+            r#"{{"channel":"system","expire_on":"{bcast_expiry}","data":{}}}"#,
+            wire::broadcast_data(nonce, i as u32)
+        );
+        tally.borrow_mut().bcast_post_ns[i] = now_ns();
+        tally.borrow_mut().bcast_posted[i] = true;
+        match api.post_within(timeout, "/broadcast", body).await {
+            Ok(a) if a.status == 200 => {}
+            Ok(a) => {
+                let mut t = tally.borrow_mut();
+                t.bcast_posted[i] = false;
+                t.problem(format!(
+                    "/broadcast answered {}: {}",
+                    a.status,
+                    String::from_utf8_lossy(&a.body)
+                ));
+                continue;
+            }
+            Err(e) => {
+                let mut t = tally.borrow_mut();
+                t.bcast_posted[i] = false;
+                t.problem(format!("/broadcast failed: {e:#}"));
+                continue;
+            }
+        }
+        let reached = c
+            .pump(deadline(), |c| {
+                let t = c.tally.borrow();
+                t.bcast_count[i] >= connected
+            })
+            .await;
+        if !reached {
+            let mut t = tally.borrow_mut();
+            let got = t.bcast_count[i];
+            t.unfinished(format!(
+                "broadcast {i} reached {got} of {connected} devices within {} s",
+                opts.timeout_secs
+            ));
+            break;
+        }
+        let t = tally.borrow();
+        let round_us = t.bcast_last_ns[i].saturating_sub(t.bcast_post_ns[i]) / 1000;
+        let _ = rounds.record(round_us.max(1));
+    }
+    let end = Meter::read(c, target, deadline()).await?;
+    report.round_ms = Percentiles::of(&rounds);
+    let t = tally.borrow();
+    report.expected = t.bcast_posted.iter().filter(|p| **p).count() as u64 * u64::from(connected);
+    report.missing = report.expected.saturating_sub(t.deliveries);
+    Ok(end)
+}
+
+/// `unicast` and `churn`: notifies to random devices from keep-alive clients, while
+/// devices reconnect for churn.
+async fn notifies(
+    p: &Phase<'_>,
+    c: &mut Coordinator,
+    report: &mut Report,
+    start: &Meter,
+) -> Result<Meter> {
+    let Phase {
+        opts,
+        target,
+        tally,
+        progress,
+        nonce,
+        timeout,
+        ..
+    } = p;
+    let timeout = *timeout;
+    let deadline = || p.deadline();
+    let m = opts.notifies as usize;
+    {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(opts.seed);
+        let mut t = tally.borrow_mut();
+        t.notify_target = (0..m)
+            .map(|_| rng.random_range(0..opts.sessions.max(1)))
+            .collect();
+        t.notify_post_ns = vec![0; m];
+        t.notify_status = vec![0; m];
+        t.notify_seen = vec![false; m];
+    }
+    progress.set_message(if opts.scenario == Scenario::Churn {
+        "churn"
+    } else {
+        "unicast"
+    });
+    progress.set_position(0);
+    progress.set_length(m as u64);
+    let churn = opts.scenario == Scenario::Churn;
+    if churn {
+        c.workers.send(Command::Churn)?;
+    }
+    let rate = match (opts.notify_rate, churn) {
+        (r, _) if r > 0.0 => Some(r),
+        (_, true) => Some(f64::from(opts.notifies) / CHURN_SECS),
+        (_, false) => None,
+    };
+    let pace = Pace {
+        next: Cell::new(0),
+        start: tokio::time::Instant::now(),
+        interval: rate.map(|r| Duration::from_secs_f64(1.0 / r)),
+        timeout,
+    };
+    let pace = Rc::new(pace);
+    for _ in 0..opts.concurrency.max(1) {
+        let api = ApiClient::new(&target.api)?;
+        tokio::task::spawn_local(post_notifies(
+            api,
+            Rc::clone(tally),
+            Rc::clone(&pace),
+            Rc::clone(&c.answered),
+            nonce.clone(),
+        ));
+    }
+    // The phase may last as long as its pacing plus a timeout.
+    let paced_s = rate.map_or(0.0, |r| f64::from(opts.notifies) / r);
+    let phase_deadline = p.deadline() + (paced_s * 1e9) as u64;
+    let mut finished = true;
+    if churn {
+        finished &= c
+            .pump(phase_deadline, |c| {
+                let t = c.tally.borrow();
+                t.notify_answered as usize == t.notify_target.len()
+            })
+            .await;
+        c.workers.send(Command::Settle)?;
+        let settled = c.pump(deadline(), |c| c.settled_threads == c.threads).await;
+        if !settled {
+            tally
+                .borrow_mut()
+                .unfinished("devices did not all reconnect after churn".into());
+        }
+        report.reconnects = Some(c.reconnects);
+    }
+    finished &= c
+        .pump(phase_deadline, |c| c.tally.borrow().unicast_done())
+        .await;
+    // Accepted notifies that never came are counted missing; what else is left
+    // undone makes the run unfinished.
+    if !finished && tally.borrow().notify_answered < opts.notifies {
+        let mut t = tally.borrow_mut();
+        let (answered, accepted, arrived) = (t.notify_answered, t.notify_ok, t.notify_delivered_ok);
+        t.unfinished(format!(
+            "the notifies did not finish in time: {answered} of {m} answered, \
+             {arrived} of {accepted} accepted ones arrived"
+        ));
+    }
+    let end = Meter::read(c, target, deadline()).await?;
+    let t = tally.borrow();
+    report.expected = u64::from(t.notify_ok);
+    report.missing = t
+        .notify_status
+        .iter()
+        .zip(&t.notify_seen)
+        .filter(|(status, seen)| **status == 200 && !**seen)
+        .count() as u64;
+    let secs = (end.at_ns - start.at_ns) as f64 / 1e9;
+    report.notifies_per_s = Some(t.notify_answered as f64 / secs);
+    Ok(end)
 }
 
 /// Server CPU between two readings, when both are known.
