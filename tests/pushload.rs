@@ -3,9 +3,10 @@
 //!
 //! Most tests let pushload start the real `pushbroker` binary (`--server`) and run each
 //! scenario with a few tens of sessions, over plain TCP and TLS, in one process and in
-//! two worker processes; every notification must arrive exactly once. The last test runs
-//! pushload against a tiny stand-in server written here that answers every `/notify` but
-//! silently drops one: pushload must report it missing and exit with 1.
+//! two worker processes; every notification must arrive exactly once. The last tests run
+//! pushload against a tiny stand-in server written here that gets one `/notify` wrong:
+//! drops it, delivers it twice, delivers it to another device, or never answers it.
+//! pushload must report each as missing, duplicate, wrong or a problem, and exit with 1.
 //!
 //! Runs are small, every pushload phase has a deadline (`--timeout-secs`) and every run
 //! is killed after [`RUN_LIMIT`]. Tests assert counts, never speed.
@@ -14,10 +15,11 @@
 mod support;
 use support::*;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::ops::Bound;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -293,29 +295,44 @@ fn two_workers_merge_into_the_counts_of_one() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Against a server that drops a notification
+// Against a server that gets one notification wrong
 // ---------------------------------------------------------------------------------------
 
-/// The devices' newest connections by device id, to write NOTIFICATIONS to.
-type Devices = Arc<Mutex<HashMap<String, TcpStream>>>;
+/// The devices' newest connections by device id, to write NOTIFICATIONS to; sorted, so
+/// "the next device" is well defined.
+type Devices = Arc<Mutex<BTreeMap<String, TcpStream>>>;
+
+/// What the stand-in server does wrong with one notify.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Answers 200 but delivers nothing.
+    Drop,
+    /// Delivers it twice, in two NOTIFICATIONS frames.
+    Twice,
+    /// Delivers it to another device, the next connected one by id, not the addressed
+    /// one.
+    Misroute,
+    /// Never answers it, nor delivers it: holds the request until the client goes.
+    Hold,
+}
 
 /// A stand-in push server on loopback, speaking just enough of the protocol for
-/// pushload's unicast scenario: devices send the
-/// version byte and CONNECT, get CONNACK, and are sent a NOTIFICATIONS frame per
-/// `POST /notify` for them, in the exact shape servers write; their ACKs are read and
-/// skipped. It answers 200 to every
-/// notify but does not deliver the `drop_nth` one.
-struct DroppingServer {
+/// pushload's unicast scenario: devices send the version byte and CONNECT, get CONNACK,
+/// and are sent a NOTIFICATIONS frame per `POST /notify` for them, in the exact shape
+/// servers write; their ACKs are read and skipped. It answers 200 to every notify and
+/// delivers it, except the `nth` (counting from 1 as they arrive), which gets its
+/// [`Fault`].
+struct FaultyServer {
     device_addr: SocketAddr,
     http_addr: SocketAddr,
     /// How many notifies came so far.
     notifies: Arc<AtomicUsize>,
 }
 
-impl DroppingServer {
+impl FaultyServer {
     /// Starts listening on two loopback ports; its threads run until the test process
     /// ends.
-    fn start(drop_nth: usize) -> Self {
+    fn start(nth: usize, fault: Fault) -> Self {
         let devices = Devices::default();
         let notifies = Arc::new(AtomicUsize::new(0));
         let device_listener = TcpListener::bind("127.0.0.1:0").expect("bind devices");
@@ -330,9 +347,38 @@ impl DroppingServer {
             let _ = serve_device(stream, &known);
         });
         accept_each(http_listener, move |stream| {
-            let _ = serve_http(stream, &devices, &notifies, drop_nth);
+            let _ = serve_http(stream, &devices, &notifies, (nth, fault));
         });
         server
+    }
+
+    /// Runs pushload's unicast scenario against this server: 5 sessions, 20 notifies
+    /// one at a time, phases of `timeout_secs`; asserts the server got all 20.
+    fn unicast(&self, timeout_secs: &str) -> Run {
+        let devices = self.device_addr.to_string();
+        let api = format!("http://{}", self.http_addr);
+        let run = pushload(&[
+            "--devices",
+            &devices,
+            "--api",
+            &api,
+            "--scenario",
+            "unicast",
+            "--sessions",
+            "5",
+            "--notifies",
+            "20",
+            "--concurrency",
+            "1",
+            "--timeout-secs",
+            timeout_secs,
+        ]);
+        assert_eq!(
+            self.notifies.load(Ordering::SeqCst),
+            20,
+            "notifies the server got\n{run}"
+        );
+        run
     }
 }
 
@@ -392,12 +438,13 @@ fn serve_device(stream: TcpStream, devices: &Devices) -> io::Result<()> {
 }
 
 /// One HTTP/1.1 connection: requests with Content-Length bodies, kept alive until the
-/// client closes it or asks to.
+/// client closes it or asks to. A held request is never answered: the connection then
+/// only waits for the client to close it.
 fn serve_http(
     stream: TcpStream,
     devices: &Devices,
     notifies: &AtomicUsize,
-    drop_nth: usize,
+    fault: (usize, Fault),
 ) -> io::Result<()> {
     let mut input = BufReader::new(stream.try_clone()?);
     let mut out = stream;
@@ -429,10 +476,14 @@ fn serve_http(
         }
         let mut body = vec![0u8; length];
         input.read_exact(&mut body)?;
-        let (status, answer) = if path == "/notify" {
-            notify(&body, devices, notifies, drop_nth)
+        let answer = if path == "/notify" {
+            notify(&body, devices, notifies, fault)
         } else {
-            ("404 Not Found", r#"{"ok":false,"error":"not-found"}"#)
+            Some(("404 Not Found", r#"{"ok":false,"error":"not-found"}"#))
+        };
+        let Some((status, answer)) = answer else {
+            io::copy(&mut input, &mut io::sink())?;
+            return Ok(());
         };
         write!(
             out,
@@ -454,25 +505,31 @@ struct NotifyRequest {
     data: Box<RawValue>,
 }
 
-/// Handles a `/notify` body: writes NOTIFICATIONS to the device unless it is the
-/// `drop_nth` notify; returns the status and body of the answer.
+/// Handles a `/notify` body: writes NOTIFICATIONS to the device, or, for the notify
+/// numbered `fault.0`, does `fault.1` wrong; returns the status and body of the answer,
+/// `None` to hold the request.
 fn notify(
     body: &[u8],
     devices: &Devices,
     notifies: &AtomicUsize,
-    drop_nth: usize,
-) -> (&'static str, &'static str) {
+    (nth, fault): (usize, Fault),
+) -> Option<(&'static str, &'static str)> {
     const OK: (&str, &str) = ("200 OK", r#"{"ok":true}"#);
+    const UNKNOWN: (&str, &str) = ("404 Not Found", r#"{"ok":false,"error":"unknown-device"}"#);
     let Ok(request) = serde_json::from_slice::<NotifyRequest>(body) else {
-        return ("400 Bad Request", r#"{"ok":false,"error":"bad-request"}"#);
+        return Some(("400 Bad Request", r#"{"ok":false,"error":"bad-request"}"#));
     };
     let n = notifies.fetch_add(1, Ordering::SeqCst) + 1;
-    if n == drop_nth {
-        return OK; // Dropped on purpose.
-    }
+    let fault = (n == nth).then_some(fault);
     let mut devices = devices.lock().expect("devices");
-    let Some(out) = devices.get_mut(&request.deviceid) else {
-        return ("404 Not Found", r#"{"ok":false,"error":"unknown-device"}"#);
+    let to = match fault {
+        Some(Fault::Drop) => return Some(OK),
+        Some(Fault::Hold) => return None,
+        Some(Fault::Misroute) => next_device(&devices, &request.deviceid)?,
+        Some(Fault::Twice) | None => request.deviceid,
+    };
+    let Some(out) = devices.get_mut(&to) else {
+        return Some(UNKNOWN);
     };
     let frame = format!(
         r#"{{"T":"notifications","Notifications":[{{"A":{},"M":"m{n}","P":{}}}]}}"#,
@@ -481,41 +538,88 @@ fn notify(
     );
     // A device gone meanwhile is pushload's to notice.
     let _ = write_frame(out, &frame);
-    OK
+    if matches!(fault, Some(Fault::Twice)) {
+        let _ = write_frame(out, &frame);
+    }
+    Some(OK)
+}
+
+/// The connected device after `id` in sorted order, wrapping round; `None` when there
+/// is no other.
+fn next_device(devices: &BTreeMap<String, TcpStream>, id: &str) -> Option<String> {
+    let after = devices.range::<str, _>((Bound::Excluded(id), Bound::Unbounded));
+    after
+        .chain(devices.iter())
+        .map(|(other, _)| other)
+        .find(|other| *other != id)
+        .cloned()
 }
 
 #[test]
 fn a_notification_the_server_drops_is_reported_missing() {
-    let server = DroppingServer::start(5);
-    let devices = server.device_addr.to_string();
-    let api = format!("http://{}", server.http_addr);
-    let run = pushload(&[
-        "--devices",
-        &devices,
-        "--api",
-        &api,
-        "--scenario",
-        "unicast",
-        "--sessions",
-        "5",
-        "--notifies",
-        "20",
-        "--concurrency",
-        "1",
-        "--timeout-secs",
-        "5",
-    ]);
-    assert_eq!(
-        server.notifies.load(Ordering::SeqCst),
-        20,
-        "notifies the server got\n{run}"
-    );
+    let server = FaultyServer::start(5, Fault::Drop);
+    let run = server.unicast("5");
     assert_eq!(run.code, Some(1), "exit code\n{run}");
     assert_eq!(run.result["ok"], false, "ok\n{run}");
     assert_eq!(run.count("expected"), 20, "{run}");
     assert_eq!(run.count("missing"), 1, "{run}");
     assert_eq!(run.count("deliveries"), 19, "{run}");
     for key in ["duplicates", "wrong", "errors"] {
+        assert_eq!(run.count(key), 0, "{key}\n{run}");
+    }
+}
+
+#[test]
+fn a_notification_delivered_twice_is_reported_duplicate() {
+    let server = FaultyServer::start(5, Fault::Twice);
+    let run = server.unicast("5");
+    assert_eq!(run.code, Some(1), "exit code\n{run}");
+    assert_eq!(run.result["ok"], false, "ok\n{run}");
+    assert_eq!(run.count("expected"), 20, "{run}");
+    assert_eq!(run.count("duplicates"), 1, "{run}");
+    assert_eq!(run.count("deliveries"), 20, "{run}");
+    for key in ["missing", "wrong", "errors"] {
+        assert_eq!(run.count(key), 0, "{key}\n{run}");
+    }
+}
+
+#[test]
+fn a_notification_delivered_to_another_device_is_reported_wrong() {
+    let server = FaultyServer::start(5, Fault::Misroute);
+    let run = server.unicast("5");
+    assert_eq!(run.code, Some(1), "exit code\n{run}");
+    assert_eq!(run.result["ok"], false, "ok\n{run}");
+    assert_eq!(run.count("expected"), 20, "{run}");
+    assert_eq!(run.count("wrong"), 1, "{run}");
+    assert_eq!(run.count("missing"), 1, "{run}");
+    assert_eq!(run.count("deliveries"), 19, "{run}");
+    for key in ["duplicates", "errors"] {
+        assert_eq!(run.count(key), 0, "{key}\n{run}");
+    }
+}
+
+/// The last notify is held: the 19 before it are answered and delivered, so the counts
+/// do not depend on how far pushload got past the held one. The phase's deadline and the
+/// held call's timeout pass within moments of each other: whichever pushload notices
+/// first is among its problems, perhaps both, so `errors` may be 0 or 1.
+#[test]
+fn a_notify_the_server_never_answers_is_reported() {
+    let server = FaultyServer::start(20, Fault::Hold);
+    let run = server.unicast("3");
+    assert_eq!(run.code, Some(1), "exit code\n{run}");
+    assert_eq!(run.result["ok"], false, "ok\n{run}");
+    assert_eq!(run.count("expected"), 19, "{run}");
+    assert_eq!(run.count("deliveries"), 19, "{run}");
+    let problems = run.result["problems"]
+        .as_array()
+        .unwrap_or_else(|| panic!("problems is not a list\n{run}"));
+    assert!(
+        problems.iter().filter_map(Value::as_str).any(|p| {
+            p.contains("the notifies did not finish in time") || p.contains("no answer within")
+        }),
+        "problems\n{run}"
+    );
+    for key in ["missing", "duplicates", "wrong"] {
         assert_eq!(run.count(key), 0, "{key}\n{run}");
     }
 }
