@@ -21,6 +21,7 @@ mod link;
 mod procfs;
 mod report;
 mod run;
+mod steady;
 mod target;
 mod wire;
 mod worker;

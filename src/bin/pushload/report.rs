@@ -72,6 +72,8 @@ pub(crate) struct Report {
     pub(crate) phase_s: f64,
     pub(crate) server_cpu_s: Option<f64>,
     pub(crate) client_cpu_s: f64,
+    /// The coordinator's share of `client_cpu_s` (the rest is the device workers').
+    pub(crate) coordinator_cpu_s: f64,
 }
 
 impl Report {
@@ -106,6 +108,7 @@ impl Report {
             phase_s: 0.0,
             server_cpu_s: None,
             client_cpu_s: 0.0,
+            coordinator_cpu_s: 0.0,
         }
     }
 
@@ -176,10 +179,11 @@ impl Report {
         row(
             "measured phase",
             format!(
-                "{:.2} s; server CPU {} s, pushload CPU {:.2} s",
+                "{:.2} s; server CPU {} s, pushload CPU {:.2} s ({:.2} s coordinator)",
                 self.phase_s,
                 num(self.server_cpu_s),
-                self.client_cpu_s
+                self.client_cpu_s,
+                self.coordinator_cpu_s
             ),
         );
         for p in &self.problems {

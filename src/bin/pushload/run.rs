@@ -345,6 +345,8 @@ struct Meter {
     at_ns: u64,
     server_cpu_us: Option<u64>,
     client_cpu_us: u64,
+    /// This process's share of `client_cpu_us`.
+    coordinator_cpu_us: u64,
 }
 
 impl Meter {
@@ -355,6 +357,7 @@ impl Meter {
             at_ns: now_ns(),
             server_cpu_us: target.cpu_us(),
             client_cpu_us,
+            coordinator_cpu_us: procfs::cpu_us(std::process::id()).unwrap_or(0),
         })
     }
 }
@@ -571,6 +574,10 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     report.server_cpu_s = cpu_delta(&start, &end).map(|us| us as f64 / 1e6);
     let client_cpu_us = end.client_cpu_us.saturating_sub(start.client_cpu_us);
     report.client_cpu_s = client_cpu_us as f64 / 1e6;
+    report.coordinator_cpu_s = end
+        .coordinator_cpu_us
+        .saturating_sub(start.coordinator_cpu_us) as f64
+        / 1e6;
     report.latency_ms = if matches!(opts.scenario, Scenario::Connect | Scenario::Idle) {
         Percentiles::of(&c.connect_us)
     } else {

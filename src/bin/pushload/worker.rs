@@ -25,6 +25,7 @@ use tokio_rustls::rustls;
 
 use crate::link::{self, Command, Event, Receipt, ReceiptKind, WorkerSpec};
 use crate::procfs::{self, now_ns};
+use crate::steady::{self, Handed};
 use crate::target::TLS_SERVER_NAME;
 use crate::wire::{self, Kind, Markers};
 
@@ -36,7 +37,7 @@ const FIRST_BUFFER: usize = 2048;
 const MAX_FRAME: usize = u16::MAX as usize;
 
 /// What goes to the process's stdout writer.
-enum Out {
+pub(crate) enum Out {
     Receipts(Vec<Receipt>),
     Event(Event),
     /// Flush everything, then acknowledge.
@@ -195,6 +196,11 @@ struct Thread {
     reconnects: Cell<u64>,
     changed: Notify,
     connect_slots: Semaphore,
+    /// Whether connected devices leave the executor for [`steady::run`]: plain sockets
+    /// and no churn.
+    steady: bool,
+    /// Devices connected and waiting for the steady loop.
+    handed: RefCell<Vec<Handed>>,
 }
 
 /// Runs one device thread: its executor, its devices and its share of the commands.
@@ -233,11 +239,27 @@ fn run_thread(spec: ThreadSpec, commands: flume::Receiver<Command>) {
         reconnects: Cell::new(0),
         changed: Notify::new(),
         connect_slots: Semaphore::new(slots),
+        steady: spec.tls.is_none() && w.churn_lifetime_s.is_none(),
+        handed: RefCell::new(Vec::new()),
         spec,
     });
     let local = tokio::task::LocalSet::new();
     local.spawn_local(flush_receipts(Rc::clone(&thread)));
-    local.block_on(&runtime, control(thread, commands));
+    local.block_on(&runtime, control(Rc::clone(&thread), &commands));
+    if !thread.steady {
+        return;
+    }
+    drop(local);
+    drop(runtime);
+    let handed = std::mem::take(&mut *thread.handed.borrow_mut());
+    let receipts = std::mem::take(&mut *thread.receipts.borrow_mut());
+    let out = &thread.spec.out;
+    if let Err(e) = steady::run(&thread.markers, out, &commands, handed, receipts) {
+        let _ = out.send(Out::Event(Event::Lost {
+            device: u32::MAX,
+            reason: format!("{e:#}"),
+        }));
+    }
 }
 
 /// Sends the thread's receipts to the coordinator. Woken by the first receipt after a
@@ -253,8 +275,9 @@ async fn flush_receipts(t: Rc<Thread>) {
     }
 }
 
-/// Carries out the coordinator's commands for this thread.
-async fn control(t: Rc<Thread>, commands: flume::Receiver<Command>) {
+/// Carries out the coordinator's commands for this thread. Returns once every device
+/// is connected when they go on in the steady loop, else when the commands end.
+async fn control(t: Rc<Thread>, commands: &flume::Receiver<Command>) {
     while let Ok(command) = commands.recv_async().await {
         match command {
             Command::Connect => {
@@ -272,6 +295,9 @@ async fn control(t: Rc<Thread>, commands: flume::Receiver<Command>) {
                     connect_us: std::mem::take(&mut *t.connect_us.borrow_mut()),
                 };
                 let _ = t.spec.out.send(Out::Event(event));
+                if t.steady {
+                    return;
+                }
             }
             Command::Churn => t.churn.set(Churn::Active),
             Command::Settle => {
@@ -367,6 +393,16 @@ async fn device(t: Rc<Thread>, index: u32) {
             t.reconnects.set(t.reconnects.get() + 1);
         }
         t.changed.notify_one();
+        let stream = match stream {
+            Stream::Plain(s) if t.steady => {
+                match s.into_std() {
+                    Ok(stream) => t.handed.borrow_mut().push(Handed { index, stream, buf }),
+                    Err(e) => lost(&t, index, format!("leaving the executor: {e}")),
+                }
+                return;
+            }
+            other => other,
+        };
         let end = match stream {
             Stream::Plain(s) => serve(&t, index, s, buf, &mut rng).await,
             Stream::Tls(s) => serve(&t, index, *s, buf, &mut rng).await,
@@ -462,7 +498,7 @@ async fn read_connack<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Buffer) -> std:
 }
 
 /// A device's read buffer: frames are handled in place.
-struct Buffer {
+pub(crate) struct Buffer {
     data: Vec<u8>,
     start: usize,
     end: usize,
@@ -470,7 +506,7 @@ struct Buffer {
 
 /// A complete frame in a [`Buffer`]: its body's range.
 #[derive(Clone, Copy)]
-struct Frame {
+pub(crate) struct Frame {
     body: usize,
     end: usize,
 }
@@ -486,7 +522,7 @@ impl Buffer {
     }
 
     /// The next complete frame, if one is buffered.
-    fn frame(&self) -> Option<Frame> {
+    pub(crate) fn frame(&self) -> Option<Frame> {
         let have = &self.data[self.start..self.end];
         if have.len() < 2 {
             return None;
@@ -499,18 +535,25 @@ impl Buffer {
     }
 
     /// The body of frame `f`.
-    fn body(&self, f: Frame) -> &[u8] {
+    pub(crate) fn body(&self, f: Frame) -> &[u8] {
         &self.data[f.body..f.end]
     }
 
     /// Moves past frame `f`.
-    fn consume(&mut self, f: Frame) {
+    pub(crate) fn consume(&mut self, f: Frame) {
         self.start = f.end;
     }
 
-    /// Reads more, making room first: moves a partial frame to the front and grows the
-    /// buffer if that frame is larger than it. Returns the bytes read (0: closed).
+    /// Reads more into [`Buffer::room`]. Returns the bytes read (0: closed).
     async fn fill<S: AsyncRead + Unpin>(&mut self, s: &mut S) -> std::io::Result<usize> {
+        let n = s.read(self.room()).await?;
+        self.filled(n);
+        Ok(n)
+    }
+
+    /// Space to read into, made first: a partial frame moves to the front, and the buffer
+    /// grows if that frame is larger than it.
+    pub(crate) fn room(&mut self) -> &mut [u8] {
         if self.start == self.end {
             (self.start, self.end) = (0, 0);
         } else if self.start > 0 {
@@ -523,17 +566,21 @@ impl Buffer {
                 self.data.resize(need.min(MAX_FRAME + 2), 0);
             }
         }
-        let n = s.read(&mut self.data[self.end..]).await?;
+        &mut self.data[self.end..]
+    }
+
+    /// Counts `n` bytes read into [`Buffer::room`].
+    pub(crate) fn filled(&mut self, n: usize) {
         self.end += n;
-        Ok(n)
     }
 }
 
 /// The answers a read's frames need, written at once.
-struct Answers {
-    bytes: smallvec::SmallVec<[u8; 32]>,
-    receipts: smallvec::SmallVec<[Receipt; 4]>,
-    broken: bool,
+#[derive(Default)]
+pub(crate) struct Answers {
+    pub(crate) bytes: smallvec::SmallVec<[u8; 32]>,
+    pub(crate) receipts: smallvec::SmallVec<[Receipt; 4]>,
+    pub(crate) broken: bool,
 }
 
 /// A connection's lifetime while churning: exponential with the given mean, so that
@@ -556,15 +603,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     rng: &mut SmallRng,
 ) -> End {
     let mut deadline = lifetime(t, rng).map(|l| tokio::time::Instant::now() + l);
-    let mut answers = Answers {
-        bytes: smallvec::SmallVec::new(),
-        receipts: smallvec::SmallVec::new(),
-        broken: false,
-    };
+    let mut answers = Answers::default();
     loop {
         let at_ns = now_ns();
         while let Some(frame) = buf.frame() {
-            answer(t, index, buf.body(frame), at_ns, &mut answers);
+            answer(&t.markers, index, buf.body(frame), at_ns, &mut answers);
             buf.consume(frame);
         }
         if !answers.bytes.is_empty() {
@@ -615,12 +658,12 @@ async fn write_answers<S: AsyncWrite + Unpin>(s: &mut S, bytes: &[u8]) -> std::i
 }
 
 /// Works out what one frame needs: its answer and what it delivered.
-fn answer(t: &Thread, index: u32, frame: &[u8], at_ns: u64, a: &mut Answers) {
+pub(crate) fn answer(markers: &Markers, index: u32, frame: &[u8], at_ns: u64, a: &mut Answers) {
     match wire::classify(frame) {
         Some(Kind::Ping) => a.bytes.extend_from_slice(wire::PONG),
         Some(Kind::Broadcast) => {
             a.bytes.extend_from_slice(wire::ACK);
-            t.markers.broadcasts(frame, |k| {
+            markers.broadcasts(frame, |k| {
                 a.receipts.push(Receipt {
                     kind: ReceiptKind::Broadcast,
                     device: index,
@@ -632,7 +675,7 @@ fn answer(t: &Thread, index: u32, frame: &[u8], at_ns: u64, a: &mut Answers) {
         }
         Some(Kind::Notifications) => {
             a.bytes.extend_from_slice(wire::ACK);
-            t.markers.notifies(frame, |n, d| {
+            markers.notifies(frame, |n, d| {
                 a.receipts.push(Receipt {
                     kind: ReceiptKind::Notify,
                     device: index,

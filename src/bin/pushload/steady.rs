@@ -1,0 +1,210 @@
+//! The steady loop: how a device thread reads once its plain-socket devices are all
+//! connected and none will churn (every scenario but churn and TLS).
+//!
+//! Connecting needs timeouts, a bounded number of attempts in flight and reconnection, and
+//! stays on the thread's tokio executor. Once connected, a device only reads frames and
+//! writes fixed answers, and a task per device costs more than the work itself: a wake-up,
+//! a run-queue push and a readiness poll per frame, about a tenth of the thread's CPU in a
+//! broadcast. Here the sockets leave the executor for one edge-triggered `mio` poll,
+//! and each readiness event is served in place: read, answer, record.
+
+use std::io::{ErrorKind, Read, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::link::{Command, Event, Receipt};
+use crate::procfs::now_ns;
+use crate::wire::Markers;
+use crate::worker::{Answers, Buffer, Out, answer};
+
+/// How long a poll waits before looking at the thread's commands.
+const COMMAND_CHECK: Duration = Duration::from_millis(50);
+
+/// A connected device handed over by the executor.
+pub(crate) struct Handed {
+    pub(crate) index: u32,
+    pub(crate) stream: std::net::TcpStream,
+    /// Whatever was read after CONNACK.
+    pub(crate) buf: Buffer,
+}
+
+/// One device's connection in the loop.
+struct Conn {
+    index: u32,
+    stream: TcpStream,
+    buf: Buffer,
+    /// Answers the socket did not take yet (written when it is writable again).
+    unsent: Vec<u8>,
+    open: bool,
+}
+
+/// Serves `handed` until the process ends, answering the thread's commands between polls.
+/// Receipts go out in one batch per poll.
+pub(crate) fn run(
+    markers: &Markers,
+    out: &flume::Sender<Out>,
+    commands: &flume::Receiver<Command>,
+    handed: Vec<Handed>,
+    mut receipts: Vec<Receipt>,
+) -> Result<()> {
+    let mut poll = Poll::new().context("cannot create a poll")?;
+    let mut conns = Vec::with_capacity(handed.len());
+    for (i, h) in handed.into_iter().enumerate() {
+        let mut stream = TcpStream::from_std(h.stream);
+        poll.registry()
+            .register(
+                &mut stream,
+                Token(i),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .context("cannot register a device socket")?;
+        conns.push(Conn {
+            index: h.index,
+            stream,
+            buf: h.buf,
+            unsent: Vec::new(),
+            open: true,
+        });
+    }
+    // Frames read with CONNACK are answered before anything else.
+    let at_ns = now_ns();
+    for c in &mut conns {
+        serve_buffered(markers, out, &poll, c, at_ns, &mut receipts);
+    }
+    let mut events = Events::with_capacity(1024);
+    loop {
+        if !receipts.is_empty() {
+            let batch = std::mem::replace(&mut receipts, Vec::with_capacity(4096));
+            if out.send(Out::Receipts(batch)).is_err() {
+                return Ok(());
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                // Nothing churns here: every device is connected and stays so.
+                Ok(Command::Settle) => {
+                    let _ = out.send(Out::Event(Event::Settled { reconnects: 0 }));
+                }
+                Ok(_) => {}
+                Err(flume::TryRecvError::Empty) => break,
+                Err(flume::TryRecvError::Disconnected) => return Ok(()),
+            }
+        }
+        match poll.poll(&mut events, Some(COMMAND_CHECK)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("polling the device sockets"),
+        }
+        let at_ns = now_ns();
+        for ev in &events {
+            let Some(c) = conns.get_mut(ev.token().0) else {
+                continue;
+            };
+            if !c.open {
+                continue;
+            }
+            if ev.is_writable() && !c.unsent.is_empty() {
+                let unsent = std::mem::take(&mut c.unsent);
+                if let Err(e) = send(c, &unsent) {
+                    close(out, &poll, c, format!("writing: {e}"));
+                    continue;
+                }
+            }
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                serve_readable(markers, out, &poll, c, at_ns, &mut receipts);
+            }
+        }
+    }
+}
+
+/// Reads what the socket has and answers it. A read that leaves room in the buffer has
+/// taken everything (the next edge comes with new data), which saves the read that
+/// would only say "would block".
+fn serve_readable(
+    markers: &Markers,
+    out: &flume::Sender<Out>,
+    poll: &Poll,
+    c: &mut Conn,
+    at_ns: u64,
+    receipts: &mut Vec<Receipt>,
+) {
+    loop {
+        let room = c.buf.room();
+        let asked = room.len();
+        match c.stream.read(room) {
+            Ok(0) => return close(out, poll, c, "EOF".into()),
+            Ok(n) => {
+                c.buf.filled(n);
+                if !serve_buffered(markers, out, poll, c, at_ns, receipts) || n < asked {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return close(out, poll, c, format!("reading: {e}")),
+        }
+    }
+}
+
+/// Answers the complete frames in the buffer. Returns whether the connection is open.
+fn serve_buffered(
+    markers: &Markers,
+    out: &flume::Sender<Out>,
+    poll: &Poll,
+    c: &mut Conn,
+    at_ns: u64,
+    receipts: &mut Vec<Receipt>,
+) -> bool {
+    let mut answers = Answers::default();
+    while let Some(frame) = c.buf.frame() {
+        answer(markers, c.index, c.buf.body(frame), at_ns, &mut answers);
+        c.buf.consume(frame);
+    }
+    if !answers.bytes.is_empty() {
+        if let Err(e) = send(c, &answers.bytes) {
+            close(out, poll, c, format!("writing: {e}"));
+            return false;
+        }
+        receipts.extend(answers.receipts);
+    }
+    if answers.broken {
+        close(out, poll, c, "the server sent CONNBROKEN".into());
+        return false;
+    }
+    true
+}
+
+/// Writes `bytes` after anything unsent; what the socket does not take waits for its
+/// next writable edge.
+fn send(c: &mut Conn, bytes: &[u8]) -> std::io::Result<()> {
+    if !c.unsent.is_empty() {
+        c.unsent.extend_from_slice(bytes);
+        return Ok(());
+    }
+    let mut at = 0;
+    while at < bytes.len() {
+        match c.stream.write(&bytes[at..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    c.unsent.extend_from_slice(&bytes[at..]);
+    Ok(())
+}
+
+/// Ends a connection the server closed or broke, and reports it lost.
+fn close(out: &flume::Sender<Out>, poll: &Poll, c: &mut Conn, reason: String) {
+    c.open = false;
+    let _ = poll.registry().deregister(&mut c.stream);
+    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    let _ = out.send(Out::Event(Event::Lost {
+        device: c.index,
+        reason,
+    }));
+}
