@@ -48,7 +48,7 @@ use crate::protocol::{
 };
 
 use self::wire::{
-    MAX_PENDING, consume, deadline_after, poll_deadline, poll_read_into, read_message, read_more,
+    Alarm, MAX_PENDING, consume, deadline_after, poll_read_into, read_message, read_more,
     write_frame,
 };
 
@@ -71,7 +71,7 @@ pub struct SessionConfig {
 /// ([`testing::ManualClock`]).
 pub trait SessionClock {
     /// What [`SessionClock::sleep_until`] returns.
-    type Sleep: Future<Output = ()>;
+    type Sleep: Future<Output = ()> + Unpin;
 
     /// Now.
     fn now(&self) -> Instant;
@@ -286,18 +286,18 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
     clock: &C,
 ) -> Result<ConnectMsg, SessionEnd> {
     let deadline = deadline_after(clock, config.exchange_timeout);
-    let mut sleep = pin!(None::<C::Sleep>);
+    let mut alarm = Alarm::new();
     loop {
         match decode_version(buf) {
             Ok(()) => break,
             Err(VersionError::Unsupported(v)) => return Err(SessionEnd::UnexpectedVersion(v)),
             Err(VersionError::Incomplete) => {
-                read_more(io, buf, &mut sleep, clock, deadline, Waiting::Hello).await?;
+                read_more(io, buf, &mut alarm, clock, deadline, Waiting::Hello).await?;
             }
         }
     }
     consume(buf, 1);
-    match read_message(io, buf, &mut sleep, clock, deadline, Waiting::Hello).await? {
+    match read_message(io, buf, &mut alarm, clock, deadline, Waiting::Hello).await? {
         Message::Connect(connect) => Ok(*connect),
         _ => Err(SessionEnd::ExpectedConnect),
     }
@@ -402,7 +402,14 @@ async fn write_connack<S: AsyncWrite + Unpin, C: SessionClock>(
     let mut frame = Vec::new();
     encode_frame(&mut frame, &msg)
         .map_err(|e| ErrAbort::new(format!("cannot encode CONNACK: {e}")))?;
-    write_frame(io, &frame, clock, config.exchange_timeout).await
+    write_frame(
+        io,
+        &frame,
+        &mut Alarm::new(),
+        clock,
+        config.exchange_timeout,
+    )
+    .await
 }
 
 /// Runs `fut` until it completes or `shutdown` does ([`SessionEnd::Shutdown`]).
@@ -457,16 +464,17 @@ where
     C: SessionClock,
 {
     let mut ping_at = deadline_after(clock, config.ping_interval);
+    // Every wait of the session, on one lazily moved timer.
+    let mut alarm = Alarm::new();
     loop {
-        match idle(io, &mut buf, &*sess, ping_at, clock).await? {
+        match idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await? {
             Idle::Ping => {
-                write_frame(io, PING_FRAME, clock, config.exchange_timeout).await?;
+                write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout).await?;
                 // The next PING is due one interval after this one went out, not after the
                 // PONG came: the server is never silent longer than the interval.
                 let next_ping = deadline_after(clock, config.ping_interval);
                 let deadline = deadline_after(clock, config.exchange_timeout);
-                let mut sleep = pin!(None::<C::Sleep>);
-                match read_message(io, &mut buf, &mut sleep, clock, deadline, Waiting::Pong).await?
+                match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong).await?
                 {
                     Message::Pong => ping_at = next_ping,
                     _ => return Err(SessionEnd::ExpectedPong),
@@ -474,7 +482,11 @@ where
             }
             Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
             Idle::Next(Next::Exchange(exchange)) => {
-                match perform(io, &mut buf, &mut *sess, &*exchange, config, clock).await? {
+                match perform(
+                    io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
+                )
+                .await?
+                {
                     // The ping timer resumes where it was; a spent interval pings at once.
                     Outcome::Nop => {}
                     Outcome::Sent => ping_at = deadline_after(clock, config.ping_interval),
@@ -492,6 +504,7 @@ async fn idle<S, C>(
     buf: &mut Vec<u8>,
     sess: &dyn BrokerSession,
     ping_at: Instant,
+    alarm: &mut Alarm<C::Sleep>,
     clock: &C,
 ) -> Result<Idle, SessionEnd>
 where
@@ -499,13 +512,12 @@ where
     C: SessionClock,
 {
     let mut next = pin!(sess.session_channel().next());
-    let mut sleep = pin!(None::<C::Sleep>);
     poll_fn(|cx| {
         // The queue first: a termination or an exchange wins over a due ping.
         if let Poll::Ready(next) = next.as_mut().poll(cx) {
             return Poll::Ready(Ok(Idle::Next(next)));
         }
-        if poll_deadline(&mut sleep, clock, ping_at, cx).is_ready() {
+        if alarm.poll_until(clock, ping_at, cx).is_ready() {
             return Poll::Ready(Ok(Idle::Ping));
         }
         loop {
@@ -531,6 +543,7 @@ async fn perform<S, C>(
     buf: &mut Vec<u8>,
     sess: &mut dyn BrokerSession,
     exchange: &dyn Exchange,
+    alarm: &mut Alarm<C::Sleep>,
     config: &SessionConfig,
     clock: &C,
 ) -> Result<Outcome, SessionEnd>
@@ -550,11 +563,10 @@ where
         let Some(frame) = scratch.current_frame() else {
             break;
         };
-        write_frame(io, frame, clock, config.exchange_timeout).await?;
+        write_frame(io, frame, alarm, clock, config.exchange_timeout).await?;
         if expect_ack {
             let deadline = deadline_after(clock, config.exchange_timeout);
-            let mut sleep = pin!(None::<C::Sleep>);
-            match read_message(io, buf, &mut sleep, clock, deadline, Waiting::Ack).await? {
+            match read_message(io, buf, alarm, clock, deadline, Waiting::Ack).await? {
                 Message::Ack => exchange.acked(sess, done)?,
                 _ => return Err(ErrAbort::expected_ack().into()),
             }

@@ -98,6 +98,11 @@ impl ManualClock {
         self.inner.sleepers.borrow().len()
     }
 
+    /// How many sleeps were made since the clock was.
+    pub fn sleeps_made(&self) -> u64 {
+        self.inner.next_id.get()
+    }
+
     /// The earliest deadline of an armed sleep.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.inner.sleepers.borrow().iter().map(|s| s.1).min()

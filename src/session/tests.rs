@@ -738,6 +738,41 @@ fn after_an_exchange_the_ping_interval_restarts_in_full() {
     });
 }
 
+#[test]
+fn steady_deliveries_do_not_make_a_timer_each() {
+    run_local(|| async {
+        let env = Env::new();
+        let mut c = env.connected("s1", "dev-1").await;
+        let before = env.clock.sleeps_made();
+        for n in 1..=20 {
+            broadcast_system(&env, n);
+            assert!(c.frame().await.starts_with(r#"{"T":"broadcast""#));
+            c.device.write_frame(ACK);
+            c.quiet().await;
+            env.clock.advance(MS);
+        }
+        // The first ACK wait moves the timer before the ping deadline; the later waits
+        // and pings are all after it, so it stays where it is.
+        assert!(
+            env.clock.sleeps_made() - before <= 2,
+            "{}",
+            env.clock.sleeps_made() - before
+        );
+        // And it still pings, and times out an ACK, on time: the last ACK came MS ago.
+        env.clock.advance(INTERVAL - 2 * MS);
+        c.quiet().await;
+        env.clock.advance(MS);
+        assert_eq!(c.frame().await, PING);
+        c.device.write_frame(PONG);
+        broadcast_system(&env, 21);
+        assert!(c.frame().await.starts_with(r#"{"T":"broadcast""#));
+        env.clock.advance(TIMEOUT - MS);
+        c.quiet().await;
+        env.clock.advance(MS);
+        assert_eq!(c.closed().await.to_string(), "ack timeout");
+    });
+}
+
 fn msg_ids(frame: &str) -> Vec<String> {
     match Message::decode(frame.as_bytes()) {
         Ok(Message::Notifications(n)) => n

@@ -98,23 +98,55 @@ pub(super) fn deadline_after<C: SessionClock>(clock: &C, after: Duration) -> Ins
 /// What [`deadline_after`] clamps to.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// Polls a deadline whose sleep is made only when first needed (most answers and writes
-/// complete at once, and a sleep may cost an allocation).
-pub(super) fn poll_deadline<C: SessionClock>(
-    sleep: &mut Pin<&mut Option<C::Sleep>>,
-    clock: &C,
-    deadline: Instant,
-    cx: &mut Context<'_>,
-) -> Poll<()> {
-    if sleep.is_none() {
-        if clock.now() >= deadline {
-            return Poll::Ready(());
+/// A session's timer, moved lazily.
+///
+/// A session waits on a new deadline for every exchange (the ACK's, then the next
+/// PING's), and a timer per deadline costs an insertion into and a removal from the
+/// reactor's timer tree per delivery. The alarm keeps one sleep: a later deadline leaves
+/// it where it is (it rings early, finds the deadline not reached and moves on), only an
+/// earlier one re-arms it. Under steady traffic a session re-arms about once per
+/// `exchange_timeout` instead of twice per delivery. A sleep is made only when a wait
+/// does not complete at once.
+pub(super) struct Alarm<S> {
+    sleep: Option<S>,
+    /// When `sleep` rings.
+    at: Instant,
+}
+
+impl<S: Future<Output = ()> + Unpin> Alarm<S> {
+    /// An alarm with nothing armed.
+    pub(super) fn new() -> Self {
+        Alarm {
+            sleep: None,
+            at: Instant::now(),
         }
-        sleep.set(Some(clock.sleep_until(deadline)));
     }
-    match sleep.as_mut().as_pin_mut() {
-        Some(s) => s.poll(cx),
-        None => Poll::Ready(()),
+
+    /// Ready once `clock` reads `deadline`; until then the caller is woken no later than
+    /// at `deadline`.
+    pub(super) fn poll_until<C: SessionClock<Sleep = S>>(
+        &mut self,
+        clock: &C,
+        deadline: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        loop {
+            match &mut self.sleep {
+                // Armed no later than the deadline: nothing to do until it rings.
+                Some(sleep) if self.at <= deadline => {
+                    if Pin::new(sleep).poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    self.sleep = None;
+                }
+                _ => {}
+            }
+            if clock.now() >= deadline {
+                return Poll::Ready(());
+            }
+            self.sleep = Some(clock.sleep_until(deadline));
+            self.at = deadline;
+        }
     }
 }
 
@@ -126,7 +158,7 @@ pub(super) fn poll_deadline<C: SessionClock>(
 pub(super) async fn read_more<S: AsyncRead + Unpin, C: SessionClock>(
     io: &mut S,
     buf: &mut Vec<u8>,
-    sleep: &mut Pin<&mut Option<C::Sleep>>,
+    alarm: &mut Alarm<C::Sleep>,
     clock: &C,
     deadline: Instant,
     waiting: Waiting,
@@ -135,9 +167,9 @@ pub(super) async fn read_more<S: AsyncRead + Unpin, C: SessionClock>(
         Poll::Ready(Ok(0)) => Poll::Ready(Err(SessionEnd::Eof)),
         Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e.into())),
-        Poll::Pending => {
-            poll_deadline(sleep, clock, deadline, cx).map(|()| Err(SessionEnd::Timeout(waiting)))
-        }
+        Poll::Pending => alarm
+            .poll_until(clock, deadline, cx)
+            .map(|()| Err(SessionEnd::Timeout(waiting))),
     })
     .await
 }
@@ -150,7 +182,7 @@ pub(super) async fn read_more<S: AsyncRead + Unpin, C: SessionClock>(
 pub(super) async fn read_message<S: AsyncRead + Unpin, C: SessionClock>(
     io: &mut S,
     buf: &mut Vec<u8>,
-    sleep: &mut Pin<&mut Option<C::Sleep>>,
+    alarm: &mut Alarm<C::Sleep>,
     clock: &C,
     deadline: Instant,
     waiting: Waiting,
@@ -166,7 +198,7 @@ pub(super) async fn read_message<S: AsyncRead + Unpin, C: SessionClock>(
             Err(e) if e.is_incomplete() => {}
             Err(e) => return Err(e.into()),
         }
-        read_more(io, buf, sleep, clock, deadline, waiting).await?;
+        read_more(io, buf, alarm, clock, deadline, waiting).await?;
     }
 }
 
@@ -185,20 +217,23 @@ pub(super) fn consume(buf: &mut Vec<u8>, used: usize) {
 pub(super) async fn write_frame<S: AsyncWrite + Unpin, C: SessionClock>(
     io: &mut S,
     frame: &[u8],
+    alarm: &mut Alarm<C::Sleep>,
     clock: &C,
     timeout: Duration,
 ) -> Result<(), SessionEnd> {
-    let deadline = deadline_after(clock, timeout);
     let mut write = pin!(async {
         io.write_all(frame).await?;
         io.flush().await
     });
-    let mut sleep = pin!(None::<C::Sleep>);
+    // Most writes complete at once: the deadline (a clock read) only when one does not.
+    let mut deadline = None;
     poll_fn(|cx| {
         if let Poll::Ready(written) = write.as_mut().poll(cx) {
             return Poll::Ready(written.map_err(SessionEnd::from));
         }
-        poll_deadline(&mut sleep, clock, deadline, cx)
+        let deadline = *deadline.get_or_insert_with(|| deadline_after(clock, timeout));
+        alarm
+            .poll_until(clock, deadline, cx)
             .map(|()| Err(SessionEnd::Timeout(Waiting::Write)))
     })
     .await
