@@ -279,7 +279,7 @@ fn post_head_errors_over_http() {
 
     let mut client = Client::connect(&server);
     client.send(
-        b"POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}",
+        b"POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/jsonp; charset=utf-8\r\nContent-Length: 2\r\n\r\n{}",
     );
     client.answer().assert_error(
         415,

@@ -4,12 +4,13 @@
 //!
 //! As the original server's `JSONPostHandler` did them, a `POST` endpoint answers the
 //! first failure of: the method is not `POST` (405); the length is undeclared (411), zero
-//! (400) or over `max_body` (413); the `Content-Type` is not exactly `application/json`
-//! (415; the original compared the whole header, so `application/json; charset=utf-8` is
-//! refused too); the body cannot be read (400 `io-error`); it is not a JSON object with
-//! fields of the right types (400). Then the endpoint's own checks, in the original's
-//! order: ids, `data` (missing, too large), `expire_on` (invalid, past), then the store
-//! and the broker.
+//! (400) or over `max_body` (413); the `Content-Type`'s media type is not
+//! `application/json` (415; parameters such as `; charset=utf-8` are accepted, as Go's
+//! `mime.ParseMediaType` does); the body cannot be read (400 `io-error`); it is not a JSON
+//! object with fields of the right types (400). Then the endpoint's own checks, in the
+//! original's order: ids, `data` (missing; for `/notify` also over 2048 bytes), `expire_on`
+//! (invalid, past), then the store and the broker. `/broadcast` data is bounded only by
+//! the body's limit.
 
 use std::future::Future;
 use std::time::SystemTime;
@@ -151,6 +152,7 @@ where
         }
         Endpoint::Metrics => {
             check_get(head)?;
+            check_stats_auth(ctx, head)?;
             let answers = metrics::gather(ctx.shard().sending(), SHARD_ANSWER_TIMEOUT).await;
             let mut resp = Response::new(Full::new(Bytes::from(metrics::prometheus(&answers))));
             resp.headers_mut()
@@ -159,14 +161,20 @@ where
         }
         Endpoint::Stats => {
             check_get(head)?;
-            if let Some(expected) = &ctx.settings().statistics_auth {
-                if !basic_auth_matches(head.authorization, expected) {
-                    return Err(ApiError::StatsUnauthorized);
-                }
-            }
+            check_stats_auth(ctx, head)?;
             let answers = metrics::gather(ctx.shard().sending(), SHARD_ANSWER_TIMEOUT).await;
             json(&Stats::new(&answers))
         }
+    }
+}
+
+/// `/stats` and `/metrics` answer only with the configured basic credentials, if any.
+fn check_stats_auth(ctx: &ApiContext, head: &RequestHead<'_>) -> Result<(), ApiError> {
+    match &ctx.settings().statistics_auth {
+        Some(expected) if !basic_auth_matches(head.authorization, expected) => {
+            Err(ApiError::StatsUnauthorized)
+        }
+        _ => Ok(()),
     }
 }
 
@@ -181,10 +189,22 @@ fn check_post(head: &RequestHead<'_>, max_body: usize) -> Result<(), ApiError> {
         Some(n) if n > max_body as u64 => return Err(ApiError::BodyTooLarge),
         Some(_) => {}
     }
-    if head.content_type != Some(JSON_MEDIA_TYPE.as_bytes()) {
+    if !head.content_type.is_some_and(is_json_media_type) {
         return Err(ApiError::WrongContentType);
     }
     Ok(())
+}
+
+/// Whether a `Content-Type` value's media type (what comes before any `;` parameter,
+/// without surrounding blanks, in any case) is `application/json`.
+fn is_json_media_type(content_type: &[u8]) -> bool {
+    let media_type = match content_type.iter().position(|&b| b == b';') {
+        Some(end) => &content_type[..end],
+        None => content_type,
+    };
+    media_type
+        .trim_ascii()
+        .eq_ignore_ascii_case(JSON_MEDIA_TYPE.as_bytes())
 }
 
 /// Checks a `POST` endpoint's head, then reads the body (exactly the declared length).
@@ -208,11 +228,15 @@ fn check_get(head: &RequestHead<'_>) -> Result<(), ApiError> {
     }
 }
 
-/// The checks common to `/broadcast` and `/notify`: `data` present and small enough,
-/// `expire_on` RFC 3339 with an offset and not past.
-fn check_cast(data: Option<Payload>, expire_on: &str) -> Result<(Payload, SystemTime), ApiError> {
+/// The checks common to `/broadcast` and `/notify`: `data` present and, when `max_data`
+/// is given, no larger; `expire_on` RFC 3339 with an offset and not past.
+fn check_cast(
+    data: Option<Payload>,
+    max_data: Option<usize>,
+    expire_on: &str,
+) -> Result<(Payload, SystemTime), ApiError> {
     let data = data.ok_or(ApiError::MissingData)?;
-    if data.len() > MAX_DATA_BYTES {
+    if max_data.is_some_and(|max| data.len() > max) {
         return Err(ApiError::DataTooLarge);
     }
     let expiration = parse_expiration(expire_on)?;
@@ -231,7 +255,8 @@ fn parse_expiration(expire_on: &str) -> Result<SystemTime, ApiError> {
 
 async fn broadcast(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
     let req = Broadcast::parse(body).map_err(|_| ApiError::MalformedJson)?;
-    let (payload, expiration) = check_cast(req.data, &req.expire_on)?;
+    // Bounded by the body alone, as in the original.
+    let (payload, expiration) = check_cast(req.data, None, &req.expire_on)?;
     let chan = ctx
         .shard()
         .store()
@@ -258,7 +283,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
     {
         return Err(ApiError::MissingId);
     }
-    let (payload, expiration) = check_cast(req.data, &req.expire_on)?;
+    let (payload, expiration) = check_cast(req.data, Some(MAX_DATA_BYTES), &req.expire_on)?;
     let chan = ctx
         .shard()
         .store()

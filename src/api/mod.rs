@@ -51,7 +51,8 @@ pub use http::{handle, serve_connection};
 /// The largest request body accepted (the original's `MaxRequestBodyBytes`).
 pub const MAX_REQUEST_BODY_BYTES: usize = 4096;
 
-/// The largest `data` accepted, in bytes as received: what a notification may carry.
+/// The largest `/notify` `data` accepted, in bytes as received (`/broadcast` data is bounded
+/// only by the body).
 pub const MAX_DATA_BYTES: usize = 2048;
 
 /// How long `/health`, `/metrics` and `/stats` wait for every shard to answer: long

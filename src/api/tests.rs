@@ -362,10 +362,10 @@ fn post_checks_come_in_the_originals_order() {
             Call::post("/notify", &good)
                 .content_length(Some(4097))
                 .content_type(None),
-            // Then the content type, exactly.
+            // Then the content type's media type.
             Call::post("/notify", &good).content_type(None),
             Call::post("/notify", &good).content_type(Some("text/plain")),
-            Call::post("/notify", &good).content_type(Some("application/json; charset=utf-8")),
+            Call::post("/notify", &good).content_type(Some("application/jsonp")),
             // Then the body.
             Call::post("/notify", &good).failing_body(),
             Call::post("/notify", &good).content_length(Some(good.len() as u64 + 1)),
@@ -602,22 +602,68 @@ fn data_of_2048_bytes_as_received_and_an_expiry_just_ahead_are_accepted() {
 }
 
 #[test]
+fn broadcast_data_is_bounded_by_the_body_alone() {
+    let b = started(builder());
+    let t = later();
+    // Over /notify's 2048 bytes, within the 4096-byte body: accepted, as in the original.
+    let big = format!("\"{}\"", "x".repeat(4000));
+    let fits = format!(r#"{{"channel":"system","expire_on":"{t}","data":{big}}}"#);
+    assert!(fits.len() <= 4096);
+    let huge = format!("\"{}\"", "x".repeat(4096));
+    let answers = call_all(
+        &b,
+        vec![
+            Call::post("/broadcast", &fits),
+            Call::post(
+                "/broadcast",
+                &format!(r#"{{"channel":"system","expire_on":"{t}","data":{huge}}}"#),
+            ),
+        ],
+    );
+    answers[0].assert_ok();
+    answers[1].assert_error(413, "invalid-request", "Request body too large");
+}
+
+#[test]
+fn the_content_type_is_checked_on_its_media_type() {
+    let b = started(builder());
+    let body = r#"{"deviceid":"dev1","appid":"app1"}"#;
+    let accepted = [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        " application/json ; charset=utf-8",
+    ];
+    let refused = ["application/jsonp", "text/json", "application/json-seq", ""];
+    let calls = accepted
+        .iter()
+        .chain(&refused)
+        .map(|ct| Call::post("/register", body).content_type(Some(ct)))
+        .collect();
+    let answers = call_all(&b, calls);
+    for (a, ct) in answers.iter().zip(accepted.iter().chain(&refused)) {
+        if accepted.contains(ct) {
+            assert_eq!(a.status, 200, "{ct:?}: {a:?}");
+        } else {
+            a.assert_error(
+                415,
+                "invalid-request",
+                "Wrong content type, should be application/json",
+            );
+        }
+    }
+}
+
+#[test]
 fn broadcast_checks_data_expiry_and_channel() {
     let b = started(builder());
     let t = later();
-    let big = format!("\"{}\"", "x".repeat(2047));
     let cases: Vec<(String, u16, &str, &str)> = vec![
         (
             format!(r#"{{"channel":"system","expire_on":"{t}"}}"#),
             400,
             "invalid-request",
             "Missing data field",
-        ),
-        (
-            format!(r#"{{"channel":"system","expire_on":"{t}","data":{big}}}"#),
-            400,
-            "invalid-request",
-            "Data too large",
         ),
         (
             r#"{"channel":"system","expire_on":"2030-13-01T00:00:00Z","data":1}"#.to_owned(),
@@ -853,6 +899,64 @@ fn metrics_count_requests_and_errors_by_label_over_shards() {
         "{}",
         m.body
     );
+}
+
+#[test]
+fn broadcasts_are_counted_on_their_sequencer() {
+    let b = started(builder());
+    let t = later();
+    let body = format!(r#"{{"channel":"system","expire_on":"{t}","data":1}}"#);
+    let answers = call_all(
+        &b,
+        vec![
+            Call::post("/broadcast", &body),
+            Call::post("/broadcast", &body),
+            Call::post("/broadcast", "{}"),
+            Call::get("/stats"),
+            Call::get("/metrics"),
+        ],
+    );
+    answers[0].assert_ok();
+    answers[1].assert_ok();
+    assert_eq!(
+        answers[3].json()["totals"]["broadcasts"],
+        2,
+        "{:?}",
+        answers[3]
+    );
+    let total: u64 = answers[4]
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("pushbroker_broadcasts_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(total, 2, "{}", answers[4].body);
+}
+
+#[test]
+fn metrics_require_the_same_credentials_as_stats() {
+    let b = started(builder());
+    let settings = ApiSettings {
+        statistics_auth: Some(("admin".into(), "s3cret".into())),
+        ..ApiSettings::default()
+    };
+    let good = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("admin:s3cret")
+    );
+    let answers = call_all_with(
+        &b,
+        settings,
+        vec![
+            Call::get("/metrics"),
+            Call::get("/metrics").authorization("Basic YWRtaW46d3Jvbmc="),
+            Call::get("/metrics").authorization(&good),
+        ],
+    );
+    answers[0].assert_error(401, "unauthorized", "Unauthorized");
+    answers[1].assert_error(401, "unauthorized", "Unauthorized");
+    assert_eq!(answers[2].status, 200, "{:?}", answers[2]);
+    assert!(answers[2].body.contains("pushbroker_shards 2"));
 }
 
 #[test]

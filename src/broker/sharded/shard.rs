@@ -276,6 +276,7 @@ impl Shard {
                 return None;
             }
         };
+        bump(&self.core.counters.broadcasts);
         let peers = self.nr_shards() - 1;
         let applied = if deliver || peers == 0 {
             let _ = reply.send(Ok(top_level));
