@@ -4,6 +4,7 @@
 //! `pushbroker` alone runs the embedded default (devices on 127.0.0.1:9090 over plain TCP,
 //! the HTTP API on 127.0.0.1:8080) and prints how to try it.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,13 +31,11 @@ struct Cli {
 }
 
 /// Writes `text` to stdout: what the user asked to see, not a log line.
-#[allow(clippy::print_stdout)]
 fn say(text: &str) {
-    println!("{text}");
+    let _ = writeln!(std::io::stdout(), "{text}");
 }
 
 /// Reports a fatal error and its causes on stderr.
-#[allow(clippy::print_stderr)]
 fn fail(what: &str, err: &dyn std::error::Error) -> ExitCode {
     let mut msg = format!("pushbroker: {what}: {err}");
     let mut source = err.source();
@@ -44,7 +43,8 @@ fn fail(what: &str, err: &dyn std::error::Error) -> ExitCode {
         msg.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    eprintln!("{msg}");
+    // Not eprintln!, which panics when stderr is gone.
+    let _ = writeln!(std::io::stderr(), "{msg}");
     ExitCode::FAILURE
 }
 

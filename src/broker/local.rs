@@ -145,7 +145,7 @@ impl LocalBroker {
             scratch: ExchangesScratchArea::default(),
         };
         self.count(|s| s.registrations += 1);
-        debug!(session = track.session_id(), device = %sess.device_id, "registered with broker");
+        debug!(session = track.session_id(), device = %crate::logging::Untrusted(&sess.device_id), "registered with broker");
         feed_pending(&mut sess);
         track.registered(&sess);
         Ok(sess)

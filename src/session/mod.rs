@@ -358,7 +358,7 @@ where
     tracing::info!(
         "session({}) registered {}",
         track.session_id(),
-        connect.device_id
+        crate::logging::Untrusted(&connect.device_id)
     );
     // The broker has taken what it needs: an idle session does not keep the CONNECT
     // (its Info and Levels) for its whole life.

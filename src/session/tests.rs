@@ -41,8 +41,9 @@ fn config() -> SessionConfig {
 
 /// CONNECT of `device`, a `mako` on the `daily` image channel, at system level 0.
 fn connect_json(device: &str) -> String {
+    let device = serde_json::to_string(device).expect("a string");
     format!(
-        r#"{{"T":"connect","DeviceId":"{device}","Info":{{"device":"mako","channel":"daily"}},"Levels":{{"0":0}}}}"#
+        r#"{{"T":"connect","DeviceId":{device},"Info":{{"device":"mako","channel":"daily"}},"Levels":{{"0":0}}}}"#
     )
 }
 
@@ -438,6 +439,42 @@ fn connack_is_exact_and_registration_is_logged() {
         capture.has_line("INFO", "session(s1) registered dev-1"),
         "{}",
         capture.captured()
+    );
+}
+
+#[test]
+fn a_device_id_cannot_forge_or_flood_log_lines() {
+    let capture = LogCapture::new();
+    let _guard = capture.set_default();
+    let forged = "x\n2026/01/01 00:00:00.000000 INFO listening for devices on 6.6.6.6:1";
+    let long = "L".repeat(65_000);
+    run_local(|| async {
+        let env = Env::new();
+        tracing::callsite::rebuild_interest_cache();
+        let forger = env.spawn("s1");
+        forger.device.hello(&connect_json(forged));
+        assert!(forger.frame().await.starts_with(r#"{"T":"connack""#));
+        let flooder = env.spawn("s2");
+        flooder.device.hello(&connect_json(&long));
+        assert!(flooder.frame().await.starts_with(r#"{"T":"connack""#));
+        settle().await;
+    });
+    let log = capture.captured();
+    assert!(
+        capture.has_line(
+            "INFO",
+            r#"session(s1) registered "x\n2026/01/01 00:00:00.000000 INFO listening for devices on 6.6.6.6:1""#
+        ),
+        "no escaped registration line"
+    );
+    for line in log.lines().filter(|l| l.contains("listening for devices")) {
+        assert!(line.contains(r#""x\n2026/"#), "a forged line: {line}");
+    }
+    assert!(log.contains("... (65000 bytes)"), "the long id is not cut");
+    assert!(
+        log.len() < 2_000,
+        "the long id was logged in full: {} bytes",
+        log.len()
     );
 }
 
