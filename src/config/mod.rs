@@ -17,7 +17,7 @@
 //! | `broker_queue_size` | integer ≥ 1 | `10000` | Requests a shard's inbox may hold; when an owner's inbox is full the HTTP API answers 503 `unavailable`. |
 //! | `key_pem_file` | path | none | TLS private key (PEM). Relative to the config file's folder. Set with `cert_pem_file` or not at all; without both, devices speak plain TCP. |
 //! | `cert_pem_file` | path | none | TLS certificate chain (PEM). Relative to the config file's folder. Set with `key_pem_file` or not at all. |
-//! | `http_addr` | `"host:port"` | `"127.0.0.1:8080"` | Where the HTTP API for application servers listens. Port `0` picks a free port. |
+//! | `http_addr` | `"host:port"` | `"127.0.0.1:8080"` | Where the HTTP API for application servers listens. Port `0` picks a free port. It must not share a port with `addr`, and neither may be in use already (checked by `Server::start`). |
 //! | `http_read_timeout` | duration | `"5s"` | Longest time to read one HTTP request. |
 //! | `http_write_timeout` | duration | `"5s"` | Longest time to write one HTTP response. |
 //! | `max_notifications_per_app` | integer ≥ 1 | `100` | Live notifications an application may have pending for one device; beyond it a notify answers 413 `too-many-pending`. |

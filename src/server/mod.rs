@@ -59,6 +59,54 @@ pub enum ServerError {
     /// A shard did not answer while starting.
     #[error("a shard did not answer while starting")]
     Broker(#[from] BrokerError),
+    /// `addr` and `http_addr` name the same port on overlapping addresses: half the HTTP
+    /// requests would reach the device listener.
+    #[error("addr ({device}) and http_addr ({http}) must be different ports")]
+    SameAddress {
+        /// The device listener's address.
+        device: SocketAddr,
+        /// The HTTP listener's address.
+        http: SocketAddr,
+    },
+    /// Something else listens on the address already: often a second pushbroker, which
+    /// the shards' SO_REUSEPORT would otherwise let share the port.
+    #[error("{addr} for {what} is in use (is another pushbroker running?)")]
+    InUse {
+        /// What the listener is for.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Refuses a device and an HTTP address that would share a port.
+fn check_distinct(device: SocketAddr, http: SocketAddr) -> Result<(), ServerError> {
+    let overlap =
+        device.ip() == http.ip() || device.ip().is_unspecified() || http.ip().is_unspecified();
+    if device.port() != 0 && device.port() == http.port() && overlap {
+        return Err(ServerError::SameAddress { device, http });
+    }
+    Ok(())
+}
+
+/// Checks that nothing listens on `addr` yet. The shards bind with SO_REUSEPORT, which
+/// the kernel lets any process of the same user share; a plain bind fails on a port
+/// such sockets hold, so this one tells a second instance apart. It is closed at once
+/// (a port 0 is always free).
+fn check_free(what: &'static str, addr: SocketAddr) -> Result<(), ServerError> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(()),
+        Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+            Err(ServerError::InUse { what, addr, source })
+        }
+        Err(source) => Err(ServerError::Bind { what, addr, source }),
+    }
 }
 
 fn resolve(key: &'static str, addr: &str) -> Result<SocketAddr, ServerError> {
@@ -97,6 +145,9 @@ impl Server {
     pub fn start(config: &ServerConfig) -> Result<Server, ServerError> {
         let http_addr = resolve("http_addr", &config.http_addr)?;
         let device_addr = resolve("addr", &config.addr)?;
+        check_distinct(device_addr, http_addr)?;
+        check_free("http", http_addr)?;
+        check_free("devices", device_addr)?;
         let tls = match (&config.cert_pem_file, &config.key_pem_file) {
             (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
             _ => None,
