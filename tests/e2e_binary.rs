@@ -1060,6 +1060,27 @@ fn addr_equal_to_http_addr_is_a_configuration_error() {
 }
 
 #[test]
+fn too_little_locked_memory_fails_at_once_naming_the_limit() {
+    let path = write_config(r#"{"addr":"127.0.0.1:0","http_addr":"127.0.0.1:0"}"#);
+    let started = Instant::now();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"ulimit -l 64 && exec "$0" "$1""#)
+        .arg(BINARY)
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(started.elapsed() < PATIENCE, "took {:?}", started.elapsed());
+    assert!(stderr.contains("locked memory"), "{stderr}");
+    assert!(stderr.contains("ulimit -l"), "{stderr}");
+    assert!(!stderr.contains("listening for"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn a_missing_config_file_fails_naming_the_file() {
     let path = temp_dir("binary-config").join("nope.json");
     let run = run_binary(&[&path]);
@@ -1211,6 +1232,38 @@ fn sigterm_ends_sessions_and_exits_zero() {
     }
     assert!(closed(&mut idle), "the idle device's connection is closed");
     assert!(closed(&mut busy), "the busy device's connection is closed");
+}
+
+#[test]
+fn a_request_in_flight_at_sigterm_is_answered_before_the_server_exits() {
+    let (server, pid) = start_with_pid(&config(json!({})));
+    let body = br#"{"deviceid":"dev1","appid":"app1"}"#;
+    let mut http = std::net::TcpStream::connect(server.http_addr).expect("connect");
+    http.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    // The head and half the body: the request is being read when SIGTERM comes.
+    let head = format!(
+        "POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    http.write_all(head.as_bytes()).expect("head");
+    http.write_all(&body[..10]).expect("half the body");
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(sent.success());
+    std::thread::sleep(Duration::from_millis(200));
+    http.write_all(&body[10..]).expect("the rest of the body");
+    let mut answer = Vec::new();
+    // The answer, then the close: the connection ends once its request is answered.
+    let read = http.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "{read:?}: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""token":"#), "{answer}");
+    let status = server.terminate();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 #[test]

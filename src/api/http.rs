@@ -19,6 +19,17 @@ use super::rt::{GlommioTimer, HyperIo};
 /// timeout ends it, or it fails. Keep-alive is on; every request is [`handle`]d on this
 /// shard. Failures are the client's business: logged at debug only.
 pub async fn serve_connection(stream: glommio::net::TcpStream, ctx: Rc<ApiContext>) {
+    serve_connection_until(stream, ctx, std::future::pending()).await;
+}
+
+/// [`serve_connection`], shutting down gracefully once `stop` completes: the request in
+/// flight, if any, is finished and answered, then the connection closes (an idle one at
+/// once).
+pub async fn serve_connection_until(
+    stream: glommio::net::TcpStream,
+    ctx: Rc<ApiContext>,
+    stop: impl std::future::Future<Output = ()>,
+) {
     let peer = stream.peer_addr().ok();
     let settings = ctx.settings();
     if !settings.http_write_timeout.is_zero() {
@@ -38,7 +49,18 @@ pub async fn serve_connection(stream: glommio::net::TcpStream, ctx: Rc<ApiContex
         let ctx = Rc::clone(&ctx);
         async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
     });
-    match builder.serve_connection(HyperIo(stream), service).await {
+    let mut conn = std::pin::pin!(builder.serve_connection(HyperIo(stream), service));
+    let mut stop = std::pin::pin!(stop);
+    let mut stopping = false;
+    let served = std::future::poll_fn(|cx| {
+        if !stopping && stop.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    match served {
         Ok(()) => debug!(target: "pushbroker::api", ?peer, "http connection closed"),
         Err(e) => debug!(target: "pushbroker::api", ?peer, "http connection ended: {e}"),
     }

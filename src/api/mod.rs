@@ -46,7 +46,7 @@ use crate::broker::sharded::Shard;
 
 pub use error::ApiError;
 pub use handlers::{BodyReadError, RequestHead, respond};
-pub use http::{handle, serve_connection};
+pub use http::{handle, serve_connection, serve_connection_until};
 
 /// The largest request body accepted (the original's `MaxRequestBodyBytes`).
 pub const MAX_REQUEST_BODY_BYTES: usize = 4096;

@@ -95,7 +95,7 @@ pub(crate) struct DeviceSettings {
 pub(crate) struct DeviceContext {
     pub(crate) shard: Shard,
     pub(crate) settings: DeviceSettings,
-    /// Closed when the server shuts down: listeners stop, sessions end.
+    /// Closed when the server ends its sessions (after it stopped accepting).
     pub(crate) shutdown: Rc<glommio::sync::Semaphore>,
     next_session: Cell<u64>,
     /// Sessions running on this shard.
@@ -140,11 +140,16 @@ impl SessionTracker for Tracker {
     }
 }
 
-/// Accepts device connections on this shard until shutdown.
-pub(crate) async fn serve_devices(listener: TcpListener, ctx: Rc<DeviceContext>) {
+/// Accepts device connections on this shard until `accepting` closes (sessions run on
+/// until the context's shutdown signal).
+pub(crate) async fn serve_devices(
+    listener: TcpListener,
+    ctx: Rc<DeviceContext>,
+    accepting: Rc<glommio::sync::Semaphore>,
+) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown(&ctx.shutdown).await;
+            shutdown(&accepting).await;
             None
         })
         .await;

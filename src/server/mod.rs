@@ -41,9 +41,12 @@ pub enum ServerError {
     /// The TLS certificate or key could not be used.
     #[error("TLS setup failed")]
     Tls(#[from] tls::TlsConfigError),
-    /// The shards could not start (often: too little locked memory for io_uring; raise
-    /// `ulimit -l`).
-    #[error("cannot start the shards (is the locked-memory limit, ulimit -l, at least 512 KiB?)")]
+    /// The shards could not start (often: too little locked memory for io_uring).
+    #[error(
+        "cannot start the shards (io_uring needs at least 512 KiB of locked memory per \
+         process; if the cause that follows is ENOMEM or MemLockLimit, raise it: ulimit -l 8192, \
+         systemd LimitMEMLOCK=8M, docker --ulimit memlock=8388608)"
+    )]
     Shards(#[source] glommio::GlommioError<()>),
     /// An address could not be bound.
     #[error("cannot listen on {addr} for {what}")]
@@ -253,26 +256,39 @@ impl Server {
         &self.broker
     }
 
-    /// Stops accepting, ends every session, waits up to `grace` for them to end, and
-    /// stops the shards. Blocks the calling thread (not for use on a shard).
+    /// Shuts down in order, blocking the calling thread (not for use on a shard):
+    /// 1. stops accepting on both listeners and lets each HTTP connection finish the
+    ///    request it is serving (then close), waiting up to `grace` for them: nothing
+    ///    answered is cut off;
+    /// 2. ends every session (unacknowledged notifications stay pending), waiting up to
+    ///    `grace` again;
+    /// 3. stops the shards (bounded too: see [`ShardedBroker::stop_blocking`]).
     pub fn shutdown(self, grace: Duration) {
         for tx in &self.shutdown {
             let _ = tx.send(());
         }
+        self.wait_for_zero(grace, open_http_connections);
+        for tx in &self.shutdown {
+            let _ = tx.send(());
+        }
+        self.wait_for_zero(grace, listener::live_sessions);
+        self.broker.stop_blocking();
+    }
+
+    /// Waits up to `grace` until `count` is 0 on every shard.
+    fn wait_for_zero(&self, grace: Duration, count: fn() -> usize) {
         let deadline = Instant::now() + grace;
         let sending = self.broker.sending();
         while Instant::now() < deadline {
             let mut live = 0;
             for i in 0..self.broker.nr_shards() {
-                live += block_on(sending.run_on(ShardId(i), |_| listener::live_sessions()))
-                    .unwrap_or(0);
+                live += block_on(sending.run_on(ShardId(i), move |_| count())).unwrap_or(0);
             }
             if live == 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        self.broker.stop_blocking();
     }
 }
 
@@ -294,6 +310,9 @@ fn start_shard(
     let (http_addr, http) = bind("http", http_addr)?;
     let (device_addr, devices) = bind("devices", device_addr)?;
     api_settings.delivery_hosts = vec![device_addr.to_string()];
+    // Closed first: no more accepting, HTTP connections finish and close.
+    let accepting = Rc::new(glommio::sync::Semaphore::new(0));
+    // Closed once HTTP is done: sessions end.
     let signal = Rc::new(glommio::sync::Semaphore::new(0));
     let api = Rc::new(ApiContext::new(shard.clone(), api_settings));
     let ctx = Rc::new(DeviceContext::new(
@@ -303,16 +322,21 @@ fn start_shard(
     ));
     listener::install_device_context(&ctx);
     // Accepting starts only once every shard is ready (see `begin_serving`).
-    let serve_signal = Rc::clone(&signal);
+    let serve_accepting = Rc::clone(&accepting);
     READY.with(|r| {
         *r.borrow_mut() = Some(Box::new(move || {
-            glommio::spawn_local(serve_http(http, api, serve_signal)).detach();
-            glommio::spawn_local(listener::serve_devices(devices, ctx)).detach();
+            glommio::spawn_local(serve_http(http, api, Rc::clone(&serve_accepting))).detach();
+            glommio::spawn_local(listener::serve_devices(devices, ctx, serve_accepting)).detach();
         }))
     });
-    // The server's word to shut down closes the signal.
+    // The server's first word to shut down stops accepting, the second ends sessions
+    // (and a server dropped without a word ends everything).
     glommio::spawn_local(async move {
-        let _ = shutdown.recv_async().await;
+        let first = shutdown.recv_async().await;
+        accepting.close();
+        if first.is_ok() {
+            let _ = shutdown.recv_async().await;
+        }
         signal.close();
     })
     .detach();
@@ -334,23 +358,57 @@ fn begin_serving() {
     }
 }
 
-/// Accepts HTTP connections on this shard until shutdown.
+thread_local! {
+    /// HTTP connections open on this shard.
+    static HTTP_CONNECTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// HTTP connections open on this shard now.
+fn open_http_connections() -> usize {
+    HTTP_CONNECTIONS.with(std::cell::Cell::get)
+}
+
+/// Counts one open HTTP connection while it lives.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        HTTP_CONNECTIONS.with(|c| c.set(c.get() + 1));
+        OpenConnection
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        HTTP_CONNECTIONS.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+/// Accepts HTTP connections on this shard until shutdown; each connection then finishes
+/// what it serves and closes.
 async fn serve_http(
     listener: glommio::net::TcpListener,
     api: Rc<ApiContext>,
-    signal: Rc<glommio::sync::Semaphore>,
+    accepting: Rc<glommio::sync::Semaphore>,
 ) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            listener::shutdown(&signal).await;
+            listener::shutdown(&accepting).await;
             None
         })
         .await;
         match accepted {
             None => break,
             Some(Ok(stream)) => {
-                glommio::spawn_local(crate::api::serve_connection(stream, Rc::clone(&api)))
-                    .detach();
+                let open = OpenConnection::new();
+                let api = Rc::clone(&api);
+                let accepting = Rc::clone(&accepting);
+                glommio::spawn_local(async move {
+                    let stop = async move { listener::shutdown(&accepting).await };
+                    crate::api::serve_connection_until(stream, api, stop).await;
+                    drop(open);
+                })
+                .detach();
             }
             Some(Err(e)) => {
                 debug!("http accept failed: {e}");

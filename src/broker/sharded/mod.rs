@@ -190,6 +190,12 @@ impl fmt::Debug for ShardedBrokerBuilder {
     }
 }
 
+/// How long [`ShardedBroker::stop_blocking`] waits for the shards to stop.
+const SHARD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`ShardedBroker::start`] waits for a shard's executor to come up.
+const SHARD_START_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The default limit of live notifications one app may have pending for one device.
 pub const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
 
@@ -402,6 +408,7 @@ impl ShardedBroker {
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
         let (stopped_tx, stopped_rx) = flume::unbounded();
         let mut threads = Vec::with_capacity(n);
+        let mut ready = Vec::with_capacity(n);
         let mut receivers = receivers.into_iter();
         for i in 0..n {
             let Some(rx) = receivers.next() else { break };
@@ -425,7 +432,12 @@ impl ShardedBroker {
             };
             let dispatch = dispatch.clone();
             let stopped = stopped_tx.clone();
+            let (ready_tx, ready_rx) = flume::bounded::<()>(1);
+            ready.push(ready_rx);
             let spawned = builder.spawn(move || async move {
+                // The executor is up. If it cannot be made (io_uring refused, too little
+                // locked memory), this closure is dropped unrun and `ready_tx` with it.
+                let _ = ready_tx.send(());
                 let _log = tracing::dispatcher::set_default(&dispatch);
                 let rx = shard::run(context, rx).await;
                 // The broker may be gone already; nobody to tell then.
@@ -439,11 +451,41 @@ impl ShardedBroker {
                     state.threads = threads;
                     state.stopped = Some(stopped_rx);
                     drop(state);
+                    drop(stopped_tx);
                     // The receivers of the shards not started are lost with `receivers`.
                     self.stop_blocking();
                     return Err(e);
                 }
             }
+        }
+        // Every shard holds its own; stopping counts on them alone.
+        drop(stopped_tx);
+        // A thread starts even when its executor then fails inside it: wait for each
+        // executor to be up, so that a failure is an error now and not a broker whose
+        // requests are never answered.
+        for (i, ready) in ready.into_iter().enumerate() {
+            let failure = match ready.recv_timeout(SHARD_START_TIMEOUT) {
+                Ok(()) => continue,
+                // The executor was never made: its thread returns why.
+                Err(flume::RecvTimeoutError::Disconnected) => match threads.remove(i).join() {
+                    Err(e) => e,
+                    Ok(_) => glommio::GlommioError::IoError(std::io::Error::other(
+                        "the shard ended before it started",
+                    )),
+                },
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    glommio::GlommioError::IoError(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("shard {i} did not start within {SHARD_START_TIMEOUT:?}"),
+                    ))
+                }
+            };
+            warn!("cannot start shard {i}: {failure}");
+            state.threads = threads;
+            state.stopped = Some(stopped_rx);
+            drop(state);
+            self.stop_blocking();
+            return Err(failure);
         }
         state.threads = threads;
         state.stopped = Some(stopped_rx);
@@ -470,18 +512,28 @@ impl ShardedBroker {
     }
 
     /// Stops every shard and waits for their threads, blocking the calling thread (not
-    /// for use on an executor).
+    /// for use on an executor), for at most 10 s: a shard that does not stop by then is
+    /// left running (logged), so a process's shutdown always ends.
     pub fn stop_blocking(&self) {
         let Some(stopped) = self.take_stopped() else {
             return;
         };
+        let deadline = std::time::Instant::now() + SHARD_STOP_TIMEOUT;
         for inbox in self.sending.inboxes.iter() {
-            // Blocks only while an inbox is full, which a running shard drains.
-            let _ = inbox.send(Request::Stop);
+            // A running shard drains its inbox; a wedged one may not.
+            let _ = inbox.send_deadline(Request::Stop, deadline);
         }
         for _ in 0..self.nr_shards() {
-            if stopped.recv().is_err() {
-                break;
+            match stopped.recv_deadline(deadline) {
+                Ok(()) => {}
+                Err(flume::RecvTimeoutError::Disconnected) => break,
+                Err(flume::RecvTimeoutError::Timeout) => {
+                    // Joining would wait for ever: leave the wedged threads to the
+                    // process's end.
+                    warn!("a shard did not stop within {SHARD_STOP_TIMEOUT:?}; leaving it");
+                    drop(std::mem::take(&mut self.lock().threads));
+                    return;
+                }
             }
         }
         self.join();
