@@ -1081,6 +1081,99 @@ fn too_little_locked_memory_fails_at_once_naming_the_limit() {
 }
 
 #[test]
+fn devices_past_max_sessions_are_closed_counted_and_http_still_answers() {
+    let mut server = ServerProcess::start(&config(json!({"max_sessions": 4, "shards": 2})));
+    // Each shard holds 2. Connections held open: the first hold their slots.
+    let mut devices = Vec::new();
+    let mut connacked = 0;
+    for i in 0..10 {
+        let mut d = Device::connect(server.device_addr);
+        if hello(&mut d, &format!("cap-{i}"), json!({})).is_ok() {
+            connacked += 1;
+        }
+        devices.push(d);
+    }
+    assert!(
+        (1..=4).contains(&connacked),
+        "{connacked} sessions past a limit of 4"
+    );
+    assert_eq!(http_get(server.http_addr, "/health").status, 200);
+    let stats = http_get(server.http_addr, "/stats");
+    let rejected = stats.json()["totals"]["rejected_device_connections"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(rejected >= 6, "{}", String::from_utf8_lossy(&stats.body));
+    assert!(
+        server
+            .wait_log(|l| l.contains("WARN device connections at the limit"))
+            .is_some(),
+        "no warning: {:#?}",
+        server.log
+    );
+    // Slots come back when devices leave.
+    drop(devices);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut d = Device::connect(server.device_addr);
+        if hello(&mut d, "cap-after", json!({})).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn http_connections_past_their_limit_are_closed_and_counted() {
+    let server = ServerProcess::start(&config(json!({"max_http_connections": 2, "shards": 2})));
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        let s = std::net::TcpStream::connect(server.http_addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .expect("timeout");
+        idle.push(s);
+    }
+    // The listeners closed those past their shard's share: their reads end at once.
+    let mut closed = 0;
+    for s in &mut idle {
+        // End of stream is the close; a timeout is a connection the server holds.
+        let mut byte = [0u8; 1];
+        if let Ok(0) = s.read(&mut byte) {
+            closed += 1;
+        }
+    }
+    assert!(closed >= 6, "{closed} of 8 closed with room for 2");
+    drop(idle);
+    // Once the server has seen the held connections close, a request answers again.
+    let deadline = Instant::now() + PATIENCE;
+    let stats = loop {
+        if let Some(body) = try_get(server.http_addr, "/stats") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/stats never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rejected =
+        serde_json::from_str::<Value>(&stats).expect("json")["totals"]["rejected_http_connections"]
+            .as_u64()
+            .unwrap_or(0);
+    assert!(rejected >= 6, "{stats}");
+}
+
+/// The body of a 200 answer to `GET path` on a fresh connection; `None` when the
+/// connection is closed unanswered.
+fn try_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(PATIENCE)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+#[test]
 fn a_missing_config_file_fails_naming_the_file() {
     let path = temp_dir("binary-config").join("nope.json");
     let run = run_binary(&[&path]);

@@ -72,6 +72,14 @@ pub(crate) struct Figures {
     pub(crate) migrations_out: u64,
     /// API requests served.
     pub(crate) api_requests: u64,
+    /// Device connections closed at once: the session limit was reached.
+    pub(crate) rejected_device_connections: u64,
+    /// HTTP connections closed at once: the connection limit was reached.
+    pub(crate) rejected_http_connections: u64,
+    /// Failed accepts on the device listener.
+    pub(crate) device_accept_errors: u64,
+    /// Failed accepts on the HTTP listener.
+    pub(crate) http_accept_errors: u64,
     /// API errors served, by label (sorted).
     pub(crate) api_errors: Vec<(&'static str, u64)>,
 }
@@ -104,6 +112,10 @@ impl Figures {
         self.migrations_in += m.migrations_in;
         self.migrations_out += m.migrations_out;
         self.api_requests += m.api_requests;
+        self.rejected_device_connections += m.limits.rejected_devices;
+        self.rejected_http_connections += m.limits.rejected_http;
+        self.device_accept_errors += m.limits.device_accept_errors;
+        self.http_accept_errors += m.limits.http_accept_errors;
         for &(label, n) in &m.api_errors {
             match self.api_errors.iter_mut().find(|(l, _)| *l == label) {
                 Some((_, total)) => *total += n,
@@ -145,6 +157,13 @@ impl Serialize for Figures {
         map.serialize_entry("migrations_in", &self.migrations_in)?;
         map.serialize_entry("migrations_out", &self.migrations_out)?;
         map.serialize_entry("api_requests", &self.api_requests)?;
+        map.serialize_entry(
+            "rejected_device_connections",
+            &self.rejected_device_connections,
+        )?;
+        map.serialize_entry("rejected_http_connections", &self.rejected_http_connections)?;
+        map.serialize_entry("device_accept_errors", &self.device_accept_errors)?;
+        map.serialize_entry("http_accept_errors", &self.http_accept_errors)?;
         map.serialize_entry("api_errors", &ErrorsJson(&self.api_errors))?;
         map.end()
     }
@@ -199,7 +218,7 @@ type PerShard = (
 );
 
 /// The per-shard families with one sample per shard.
-const PER_SHARD: [PerShard; 7] = [
+const PER_SHARD: [PerShard; 11] = [
     (
         "pushbroker_sessions",
         "gauge",
@@ -241,6 +260,30 @@ const PER_SHARD: [PerShard; 7] = [
         "counter",
         "HTTP API requests served by the shard.",
         |m| m.api_requests,
+    ),
+    (
+        "pushbroker_rejected_device_connections_total",
+        "counter",
+        "Device connections closed at once because the session limit was reached.",
+        |m| m.limits.rejected_devices,
+    ),
+    (
+        "pushbroker_rejected_http_connections_total",
+        "counter",
+        "HTTP connections closed at once because the connection limit was reached.",
+        |m| m.limits.rejected_http,
+    ),
+    (
+        "pushbroker_device_accept_errors_total",
+        "counter",
+        "Failed accepts on the device listener (e.g. out of descriptors).",
+        |m| m.limits.device_accept_errors,
+    ),
+    (
+        "pushbroker_http_accept_errors_total",
+        "counter",
+        "Failed accepts on the HTTP listener (e.g. out of descriptors).",
+        |m| m.limits.http_accept_errors,
     ),
 ];
 
@@ -348,6 +391,12 @@ mod tests {
             migrations_out: 9,
             api_requests: 11,
             api_errors: errors,
+            limits: crate::broker::sharded::ListenerCounts {
+                rejected_devices: 12,
+                rejected_http: 13,
+                device_accept_errors: 14,
+                http_accept_errors: 15,
+            },
         }
     }
 
@@ -372,6 +421,10 @@ mod tests {
             "pushbroker_migrations_total{shard=\"0\",direction=\"in\"} 8",
             "pushbroker_migrations_total{shard=\"0\",direction=\"out\"} 9",
             "pushbroker_api_requests_total{shard=\"2\"} 11",
+            "pushbroker_rejected_device_connections_total{shard=\"0\"} 12",
+            "pushbroker_rejected_http_connections_total{shard=\"2\"} 13",
+            "pushbroker_device_accept_errors_total{shard=\"0\"} 14",
+            "pushbroker_http_accept_errors_total{shard=\"2\"} 15",
             "pushbroker_api_errors_total{label=\"invalid-request\"} 5",
             "pushbroker_api_errors_total{label=\"unknown-token\"} 1",
             "# TYPE pushbroker_api_errors_total counter",

@@ -22,6 +22,9 @@
 //! | `http_write_timeout` | duration | `"5s"` | Longest time to write one HTTP response. |
 //! | `max_notifications_per_app` | integer ≥ 1 | `100` | Live notifications an application may have pending for one device; beyond it a notify answers 413 `too-many-pending`. |
 //! | `broadcast_backlog` | integer ≥ 1 | `1000` | Live notifications a broadcast channel keeps; appending beyond it drops the oldest (levels keep counting, so a device further behind gets the newest ones). Bounds what catch-up can hold. |
+//! | `max_sessions` | integer | `0` | Device connections the server holds at once (split evenly over the shards; a connection counts from its accept). Beyond it new ones are closed at once, counted (`pushbroker_rejected_device_connections_total`) and logged (WARN, at most every 10 s). `0` means the open-files limit less `max_http_connections` and `reserved_descriptors`, so devices can never take the descriptors the HTTP API needs. |
+//! | `max_http_connections` | integer ≥ 1 | `512` | HTTP connections the server holds at once (split over the shards), refused the same way beyond it (`pushbroker_rejected_http_connections_total`). |
+//! | `reserved_descriptors` | integer | `128` | Descriptors kept out of `max_sessions`' default for everything else the process opens. |
 //! | `delivery_domain` | string | `""` | The `domain` that `/delivery-hosts` returns; empty for none. |
 //! | `shards` | integer | `0` | Broker shards (one thread each); `0` means one per available CPU. |
 //! | `statistics_auth_user` | string | none | User for the statistics endpoint's basic auth. Set with `statistics_auth_password` or not at all; without both, statistics need no auth. |
@@ -82,6 +85,9 @@ const KNOWN_KEYS: &[&str] = &[
     "http_write_timeout",
     "max_notifications_per_app",
     "broadcast_backlog",
+    "max_sessions",
+    "max_http_connections",
+    "reserved_descriptors",
     "delivery_domain",
     "shards",
     "statistics_auth_user",
@@ -125,6 +131,13 @@ pub struct ServerConfig {
     /// Live notifications a broadcast channel keeps; the oldest go beyond it
     /// (`broadcast_backlog`).
     pub broadcast_backlog: usize,
+    /// Device connections held at once (`max_sessions`); `0` derives it from the
+    /// open-files limit: use [`ServerConfig::session_limit`].
+    pub max_sessions: usize,
+    /// HTTP connections held at once (`max_http_connections`).
+    pub max_http_connections: usize,
+    /// Descriptors kept out of the derived `max_sessions` (`reserved_descriptors`).
+    pub reserved_descriptors: usize,
     /// The `domain` that `/delivery-hosts` returns; empty for none (`delivery_domain`).
     pub delivery_domain: String,
     /// Broker shards, one thread each; `0` means one per available CPU (`shards`). Use
@@ -156,6 +169,10 @@ const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
 /// Default for `broadcast_backlog`.
 const DEFAULT_BROADCAST_BACKLOG: usize = 1000;
+/// Default for `max_http_connections`.
+const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 512;
+/// Default for `reserved_descriptors`.
+const DEFAULT_RESERVED_DESCRIPTORS: usize = 128;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -172,6 +189,9 @@ impl Default for ServerConfig {
             http_write_timeout: DEFAULT_HTTP_TIMEOUT,
             max_notifications_per_app: DEFAULT_MAX_NOTIFICATIONS_PER_APP,
             broadcast_backlog: DEFAULT_BROADCAST_BACKLOG,
+            max_sessions: 0,
+            max_http_connections: DEFAULT_MAX_HTTP_CONNECTIONS,
+            reserved_descriptors: DEFAULT_RESERVED_DESCRIPTORS,
             delivery_domain: String::new(),
             shards: 0,
             statistics_auth_user: None,
@@ -195,6 +215,9 @@ impl fmt::Debug for ServerConfig {
             .field("http_write_timeout", &self.http_write_timeout)
             .field("max_notifications_per_app", &self.max_notifications_per_app)
             .field("broadcast_backlog", &self.broadcast_backlog)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_http_connections", &self.max_http_connections)
+            .field("reserved_descriptors", &self.reserved_descriptors)
             .field("delivery_domain", &self.delivery_domain)
             .field("shards", &self.shards)
             .field("statistics_auth_user", &self.statistics_auth_user)
@@ -249,6 +272,17 @@ impl ServerConfig {
                 1,
             )?,
             broadcast_backlog: keys.count("broadcast_backlog", DEFAULT_BROADCAST_BACKLOG, 1)?,
+            max_sessions: keys.count("max_sessions", 0, 0)?,
+            max_http_connections: keys.count(
+                "max_http_connections",
+                DEFAULT_MAX_HTTP_CONNECTIONS,
+                1,
+            )?,
+            reserved_descriptors: keys.count(
+                "reserved_descriptors",
+                DEFAULT_RESERVED_DESCRIPTORS,
+                0,
+            )?,
             delivery_domain: keys.string("delivery_domain")?.unwrap_or_default(),
             shards: keys.count("shards", 0, 0)?,
             statistics_auth_user,
@@ -283,6 +317,21 @@ impl ServerConfig {
     /// Whether devices connect over TLS: both pem files are set.
     pub fn tls_enabled(&self) -> bool {
         self.key_pem_file.is_some() && self.cert_pem_file.is_some()
+    }
+
+    /// The device connections to hold at once: [`max_sessions`](Self::max_sessions), or
+    /// when that is `0`, the process's open-files limit (`RLIMIT_NOFILE`, soft) less
+    /// [`max_http_connections`](Self::max_http_connections) and
+    /// [`reserved_descriptors`](Self::reserved_descriptors); at least 1.
+    pub fn session_limit(&self) -> usize {
+        if self.max_sessions > 0 {
+            return self.max_sessions;
+        }
+        let files = open_files_limit().unwrap_or(1024);
+        files
+            .saturating_sub(self.max_http_connections)
+            .saturating_sub(self.reserved_descriptors)
+            .max(1)
     }
 
     /// The number of broker shards to run: [`shards`](Self::shards), or when that is `0`,
@@ -522,6 +571,18 @@ fn check_host_port(text: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The soft open-files limit.
+#[allow(unsafe_code)] // one libc call with a local out-parameter
+fn open_files_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the limit into the struct it is given.
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (r == 0).then(|| usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX))
+}
+
 #[cfg(test)]
 mod tests {
     use std::error::Error as _;
@@ -636,6 +697,9 @@ mod tests {
             http_write_timeout: Duration::from_secs(3600),
             max_notifications_per_app: 7,
             broadcast_backlog: 1000,
+            max_sessions: 0,
+            max_http_connections: 512,
+            reserved_descriptors: 128,
             delivery_domain: "push.example.com".to_owned(),
             shards: 4,
             statistics_auth_user: Some("stats".to_owned()),

@@ -21,17 +21,17 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use rustls::ServerConnection;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use super::limits::{Backoff, Throttle};
 use super::migrate;
 use super::tls::TlsStream;
 use crate::broker::SessionTracker;
-use crate::broker::sharded::{Shard, owner_of_device};
+use crate::broker::sharded::{Listener, Shard, owner_of_device};
 use crate::protocol::ConnectMsg;
 use crate::session::{self, GlommioClock, SessionConfig};
 
@@ -89,6 +89,8 @@ impl AsyncWrite for DeviceStream {
 pub(crate) struct DeviceSettings {
     pub(crate) session: SessionConfig,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    /// Device connections this shard may hold (its share of `max_sessions`).
+    pub(crate) max_connections: usize,
 }
 
 /// One shard's device side: its settings, its shutdown signal, its session ids.
@@ -100,6 +102,11 @@ pub(crate) struct DeviceContext {
     next_session: Cell<u64>,
     /// Sessions running on this shard.
     pub(crate) live: Cell<usize>,
+    /// Device connections this shard holds, from accept (or arrival) to close.
+    held: Cell<usize>,
+    limit_warning: Throttle,
+    accept_warning: Throttle,
+    backoff: Backoff,
 }
 
 impl DeviceContext {
@@ -114,7 +121,30 @@ impl DeviceContext {
             shutdown,
             next_session: Cell::new(0),
             live: Cell::new(0),
+            held: Cell::new(0),
+            limit_warning: Throttle::default(),
+            accept_warning: Throttle::default(),
+            backoff: Backoff::default(),
         }
+    }
+
+    /// Takes one of this shard's device connection slots, or counts and (at most every
+    /// few seconds) logs a refusal when they are all taken.
+    fn hold(self: &Rc<Self>) -> Option<Held> {
+        if self.held.get() >= self.settings.max_connections {
+            self.shard.count_rejected(Listener::Devices);
+            if let Some(more) = self.limit_warning.pass() {
+                warn!(
+                    "device connections at the limit ({} on shard {}); closing new ones \
+                     ({more} more since the last warning)",
+                    self.settings.max_connections,
+                    self.shard.id()
+                );
+            }
+            return None;
+        }
+        self.held.set(self.held.get() + 1);
+        Some(Held(Rc::clone(self)))
     }
 
     /// A session id unique across shards: a per-shard counter interleaved by shard.
@@ -122,6 +152,15 @@ impl DeviceContext {
         let n = self.next_session.get();
         self.next_session.set(n + 1);
         n * self.shard.nr_shards() as u64 + self.shard.id().0 as u64
+    }
+}
+
+/// A device connection slot of a shard, given back when dropped.
+struct Held(Rc<DeviceContext>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.held.set(self.0.held.get().saturating_sub(1));
     }
 }
 
@@ -155,14 +194,25 @@ pub(crate) async fn serve_devices(
         .await;
         let stream = match accepted {
             None => break,
-            Some(Ok(s)) => s,
+            Some(Ok(s)) => {
+                ctx.backoff.succeeded();
+                s
+            }
             Some(Err(e)) => {
-                // Out of descriptors or a connection reset before accept: back off a
-                // moment rather than spin.
-                debug!("device accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                // Out of descriptors or a connection reset before accept: back off
+                // rather than spin.
+                ctx.shard.count_accept_error(Listener::Devices);
+                if let Some(more) = ctx.accept_warning.pass() {
+                    warn!("device accept failed: {e} ({more} more since the last warning)");
+                }
+                glommio::timer::sleep(ctx.backoff.failed()).await;
                 continue;
             }
+        };
+        // Closed at once past the limit: the descriptor is freed now.
+        let Some(held) = ctx.hold() else {
+            drop(stream);
+            continue;
         };
         let id = ctx.session_id();
         let peer = stream
@@ -170,7 +220,7 @@ pub(crate) async fn serve_devices(
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
         debug!("session({id}) connected {peer}");
         let _ = stream.set_nodelay(true);
-        glommio::spawn_local(accept_session(Rc::clone(&ctx), stream, id)).detach();
+        glommio::spawn_local(accept_session(Rc::clone(&ctx), stream, id, held)).detach();
     }
     debug!(shard = %ctx.shard.id(), "device listener stopped");
 }
@@ -184,8 +234,9 @@ struct Migrant {
     id: u64,
 }
 
-/// Handshake, hello, then run here or move to the owner.
-async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64) {
+/// Handshake, hello, then run here or move to the owner. `held` is the connection's slot
+/// on this shard; the owner takes one of its own.
+async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held: Held) {
     let settings = &ctx.settings;
     let clock = GlommioClock;
     let mut io = match &settings.tls {
@@ -226,9 +277,10 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64) {
     if owner == ctx.shard.id() {
         // A task of its own: the long-lived session does not carry this task's hello
         // and handshake state.
-        glommio::spawn_local(run_session(ctx, io, connect, buf, id)).detach();
+        glommio::spawn_local(run_session(ctx, io, connect, buf, id, held)).detach();
         return;
     }
+    drop(held);
     let (stream, tls) = match io {
         DeviceStream::Plain(s) => (s, None),
         DeviceStream::Tls(t) => {
@@ -264,14 +316,22 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64) {
     });
 }
 
-/// Rebuilds a migrated connection on its owner and runs its session.
+/// Rebuilds a migrated connection on its owner and runs its session, if the owner has a
+/// slot for it (else the connection closes, counted as refused).
 async fn resume(ctx: Rc<DeviceContext>, m: Migrant) {
+    let Some(held) = ctx.hold() else {
+        debug!(
+            "session({}) ended with: device connections at the limit",
+            m.id
+        );
+        return;
+    };
     let stream = migrate::attach(m.fd);
     let io = match m.tls {
         None => DeviceStream::Plain(stream),
         Some(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, conn))),
     };
-    run_session(ctx, io, m.connect, m.buf, m.id).await;
+    run_session(ctx, io, m.connect, m.buf, m.id, held).await;
 }
 
 async fn run_session(
@@ -280,6 +340,7 @@ async fn run_session(
     connect: ConnectMsg,
     buf: Vec<u8>,
     id: u64,
+    held: Held,
 ) {
     ctx.live.set(ctx.live.get() + 1);
     let tracker = Tracker(id.to_string());
@@ -302,6 +363,9 @@ async fn run_session(
         Ok(futures_lite::io::AsyncWriteExt::close(&mut io).await)
     })
     .await;
+    // The slot is free once the descriptor is.
+    drop(io);
+    drop(held);
 }
 
 thread_local! {
@@ -334,11 +398,13 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 mod tests {
     use super::*;
 
-    fn future_size<A, B, C, F: std::future::Future>(_: fn(A, B, C) -> F) -> usize {
+    fn future_size4<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
-    fn future_size5<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
+    fn future_size6<A, B, C, D, E, G, F: std::future::Future>(
+        _: fn(A, B, C, D, E, G) -> F,
+    ) -> usize {
         std::mem::size_of::<F>()
     }
 
@@ -346,8 +412,8 @@ mod tests {
     /// device costs besides the socket. Keep it small (measured: see the message).
     #[test]
     fn an_idle_session_task_stays_small() {
-        let session = future_size5(run_session);
-        let accept = future_size(accept_session);
+        let session = future_size6(run_session);
+        let accept = future_size4(accept_session);
         assert!(session <= 2304, "session task future is {session} B");
         assert!(accept <= 2048, "accept task future is {accept} B");
     }

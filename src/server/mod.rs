@@ -7,6 +7,7 @@
 //! [`Server::shutdown`] stops accepting, ends every session (unacknowledged
 //! notifications stay pending), and stops the shards.
 
+mod limits;
 mod listener;
 mod migrate;
 pub mod tls;
@@ -17,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use futures_lite::future::block_on;
 use thiserror::Error;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::api::{ApiContext, ApiSettings};
 use crate::broker::BrokerError;
-use crate::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
+use crate::broker::sharded::{
+    Listener, ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder,
+};
 use crate::config::ServerConfig;
 use crate::session::SessionConfig;
 use crate::store::{InMemoryPendingStore, PendingStore};
@@ -188,7 +191,9 @@ impl Server {
                 exchange_timeout: config.exchange_timeout,
             },
             tls,
+            max_connections: limits::share(config.session_limit(), n),
         };
+        let max_http = limits::share(config.max_http_connections, n);
         // Shard 0 binds first: a configured port 0 is picked there, and the other shards
         // join the picked ports (SO_REUSEPORT).
         let mut shutdown = Vec::with_capacity(n);
@@ -206,6 +211,7 @@ impl Server {
                         device_addr,
                         api_settings,
                         device_settings,
+                        max_http,
                         rx,
                     )
                 }
@@ -300,6 +306,7 @@ fn start_shard(
     device_addr: SocketAddr,
     mut api_settings: ApiSettings,
     device_settings: DeviceSettings,
+    max_http: usize,
     shutdown: flume::Receiver<()>,
 ) -> Result<(SocketAddr, SocketAddr), ServerError> {
     let bind = |what, addr| {
@@ -325,7 +332,8 @@ fn start_shard(
     let serve_accepting = Rc::clone(&accepting);
     READY.with(|r| {
         *r.borrow_mut() = Some(Box::new(move || {
-            glommio::spawn_local(serve_http(http, api, Rc::clone(&serve_accepting))).detach();
+            glommio::spawn_local(serve_http(http, api, max_http, Rc::clone(&serve_accepting)))
+                .detach();
             glommio::spawn_local(listener::serve_devices(devices, ctx, serve_accepting)).detach();
         }))
     });
@@ -385,12 +393,17 @@ impl Drop for OpenConnection {
 }
 
 /// Accepts HTTP connections on this shard until shutdown; each connection then finishes
-/// what it serves and closes.
+/// what it serves and closes. Past `max` open connections a new one is closed at once.
 async fn serve_http(
     listener: glommio::net::TcpListener,
     api: Rc<ApiContext>,
+    max: usize,
     accepting: Rc<glommio::sync::Semaphore>,
 ) {
+    let limit_warning = limits::Throttle::default();
+    let accept_warning = limits::Throttle::default();
+    let backoff = limits::Backoff::default();
+    let shard = api.shard().clone();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             listener::shutdown(&accepting).await;
@@ -399,7 +412,20 @@ async fn serve_http(
         .await;
         match accepted {
             None => break,
+            Some(Ok(stream)) if open_http_connections() >= max => {
+                backoff.succeeded();
+                shard.count_rejected(Listener::Http);
+                if let Some(more) = limit_warning.pass() {
+                    warn!(
+                        "http connections at the limit ({max} on shard {}); closing new ones \
+                         ({more} more since the last warning)",
+                        shard.id()
+                    );
+                }
+                drop(stream);
+            }
             Some(Ok(stream)) => {
+                backoff.succeeded();
                 let open = OpenConnection::new();
                 let api = Rc::clone(&api);
                 let accepting = Rc::clone(&accepting);
@@ -411,8 +437,11 @@ async fn serve_http(
                 .detach();
             }
             Some(Err(e)) => {
-                debug!("http accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
+                shard.count_accept_error(Listener::Http);
+                if let Some(more) = accept_warning.pass() {
+                    warn!("http accept failed: {e} ({more} more since the last warning)");
+                }
+                glommio::timer::sleep(backoff.failed()).await;
             }
         }
     }

@@ -40,7 +40,7 @@ use std::time::{Duration, SystemTime};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use tracing::{debug, warn};
 
-pub use shard::{Shard, ShardMetrics};
+pub use shard::{Listener, ListenerCounts, Shard, ShardMetrics};
 
 use super::{BrokerConfig, BrokerError, BrokerSending};
 use crate::protocol::{Notification, Payload};

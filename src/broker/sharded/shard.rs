@@ -43,6 +43,30 @@ pub struct ShardMetrics {
     pub api_requests: u64,
     /// API errors served here, by label.
     pub api_errors: Vec<(&'static str, u64)>,
+    /// Connections refused and accepts failed on this shard's listeners.
+    pub limits: ListenerCounts,
+}
+
+/// What a shard's listeners refused or failed to accept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerCounts {
+    /// Device connections closed at once: the shard held its share of the sessions.
+    pub rejected_devices: u64,
+    /// HTTP connections closed at once: the shard held its share of them.
+    pub rejected_http: u64,
+    /// Failed accepts on the device listener.
+    pub device_accept_errors: u64,
+    /// Failed accepts on the HTTP listener.
+    pub http_accept_errors: u64,
+}
+
+/// Which of a shard's listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Where devices connect.
+    Devices,
+    /// The HTTP API.
+    Http,
 }
 
 /// Counters a shard keeps beside its broker's delivery stats.
@@ -55,6 +79,7 @@ struct Counters {
     api_requests: Cell<u64>,
     /// Label → count. Borrowed only inside a method.
     api_errors: RefCell<Vec<(&'static str, u64)>>,
+    limits: Cell<ListenerCounts>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -203,7 +228,28 @@ impl Shard {
             migrations_out: c.migrations_out.get(),
             api_requests: c.api_requests.get(),
             api_errors: c.api_errors.borrow().clone(),
+            limits: c.limits.get(),
         }
+    }
+
+    /// Counts a connection closed at once because `listener`'s limit was reached.
+    pub fn count_rejected(&self, listener: Listener) {
+        let mut l = self.core.counters.limits.get();
+        match listener {
+            Listener::Devices => l.rejected_devices += 1,
+            Listener::Http => l.rejected_http += 1,
+        }
+        self.core.counters.limits.set(l);
+    }
+
+    /// Counts a failed accept on `listener`.
+    pub fn count_accept_error(&self, listener: Listener) {
+        let mut l = self.core.counters.limits.get();
+        match listener {
+            Listener::Devices => l.device_accept_errors += 1,
+            Listener::Http => l.http_accept_errors += 1,
+        }
+        self.core.counters.limits.set(l);
     }
 
     /// Counts a connection moved here from another shard.
