@@ -479,6 +479,30 @@ fn a_device_id_cannot_forge_or_flood_log_lines() {
 }
 
 #[test]
+fn an_empty_or_missing_device_id_is_the_shared_empty_identity_as_in_the_original() {
+    let capture = LogCapture::new();
+    let _guard = capture.set_default();
+    run_local(|| async {
+        let env = Env::new();
+        tracing::callsite::rebuild_interest_cache();
+        let mut first = env.connected("s1", "").await;
+        assert_eq!(env.session_of(""), Some(1));
+        // A CONNECT without the field at all is the same identity: the last one wins.
+        let second = env.spawn("s2");
+        second.device.hello(r#"{"T":"connect","Levels":{"0":0}}"#);
+        assert!(second.frame().await.starts_with(r#"{"T":"connack""#));
+        let end = first.closed().await;
+        assert!(end.is_terminated(), "{end:?}");
+        assert_eq!(env.session_of(""), Some(2));
+    });
+    assert!(
+        capture.has_line("INFO", r#"session(s1) registered """#),
+        "{}",
+        capture.captured()
+    );
+}
+
+#[test]
 fn a_registration_error_ends_the_session_with_its_abort_reason() {
     run_local(|| async {
         let env = Env::new();
