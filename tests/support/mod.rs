@@ -113,6 +113,15 @@ pub fn connect_tcp(addr: SocketAddr) -> TcpStream {
 }
 
 impl Device {
+    /// Ends the connection with a reset (what a killed process with unread data sends).
+    pub fn reset(self) {
+        let tcp = match &self.io {
+            Transport::Plain(s) => s,
+            Transport::Tls(t) => t.get_ref(),
+        };
+        let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+    }
+
     /// Connects over plain TCP.
     pub fn connect(addr: SocketAddr) -> Self {
         Self {
@@ -452,8 +461,28 @@ impl ServerProcess {
 
     /// Starts the binary with `args`.
     pub fn start_with(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pushbroker"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pushbroker"));
+        command.args(args);
+        Self::spawn(command)
+    }
+
+    /// Like [`ServerProcess::start`], with the process's open-files limit lowered to
+    /// `nofile` (through the shell's `ulimit -n`, then `exec`: the pid stays the server's).
+    pub fn start_with_open_files(config: &Value, nofile: u32) -> Self {
+        let dir = temp_dir("server");
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(r#"ulimit -n {nofile} && exec "$0" "$1""#))
+            .arg(env!("CARGO_BIN_EXE_pushbroker"))
+            .arg(&path);
+        Self::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Self {
+        let mut child = command
             // Tests check what the server logs by default: never inherit a filter.
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
