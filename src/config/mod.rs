@@ -255,7 +255,7 @@ impl ServerConfig {
         let (key_pem_file, cert_pem_file) = keys.pair("key_pem_file", "cert_pem_file")?;
         let (statistics_auth_user, statistics_auth_password) =
             keys.pair("statistics_auth_user", "statistics_auth_password")?;
-        Ok(Self {
+        Self {
             addr: keys.host_port("addr", DEFAULT_ADDR)?,
             exchange_timeout: keys.duration("exchange_timeout", DEFAULT_EXCHANGE_TIMEOUT)?,
             ping_interval: keys.duration("ping_interval", DEFAULT_PING_INTERVAL)?,
@@ -287,7 +287,82 @@ impl ServerConfig {
             shards: keys.count("shards", 0, 0)?,
             statistics_auth_user,
             statistics_auth_password,
-        })
+        }
+        .validated()
+    }
+
+    fn validated(self) -> Result<Self, ConfigError> {
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// Checks a configuration by the rules [`ServerConfig::from_json`] applies to a file,
+    /// so one built in code is held to them too ([`Server::start`] calls this):
+    /// addresses are `host:port` and not the same one, durations are longer than zero,
+    /// the counts meet their minimum, and the pem files and the statistics credentials
+    /// come in pairs.
+    ///
+    /// [`Server::start`]: crate::server::Server::start
+    ///
+    /// # Errors
+    /// The first rule broken, naming its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, reason: String| ConfigError::InvalidValue {
+            key: key.to_owned(),
+            reason,
+        };
+        for (key, text) in [("addr", &self.addr), ("http_addr", &self.http_addr)] {
+            check_host_port(text).map_err(|reason| invalid(key, format!("{text:?}: {reason}")))?;
+        }
+        if self.addr == self.http_addr && !self.addr.ends_with(":0") {
+            return Err(invalid(
+                "http_addr",
+                format!(
+                    "{:?} is also addr: addr and http_addr must be different ports",
+                    self.http_addr
+                ),
+            ));
+        }
+        for (key, d) in [
+            ("exchange_timeout", self.exchange_timeout),
+            ("ping_interval", self.ping_interval),
+            ("http_read_timeout", self.http_read_timeout),
+            ("http_write_timeout", self.http_write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be longer than zero".to_owned()));
+            }
+        }
+        for (key, n) in [
+            ("session_queue_size", self.session_queue_size),
+            ("broker_queue_size", self.broker_queue_size),
+            ("max_notifications_per_app", self.max_notifications_per_app),
+            ("broadcast_backlog", self.broadcast_backlog),
+            ("max_http_connections", self.max_http_connections),
+        ] {
+            if n < 1 {
+                return Err(invalid(key, format!("must be at least 1, found {n}")));
+            }
+        }
+        let missing = |key: &str, with: &str| ConfigError::Missing {
+            key: key.to_owned(),
+            with: with.to_owned(),
+        };
+        match (&self.key_pem_file, &self.cert_pem_file) {
+            (Some(_), None) => return Err(missing("cert_pem_file", "key_pem_file")),
+            (None, Some(_)) => return Err(missing("key_pem_file", "cert_pem_file")),
+            _ => {}
+        }
+        match (&self.statistics_auth_user, &self.statistics_auth_password) {
+            (Some(_), None) => {
+                return Err(missing("statistics_auth_password", "statistics_auth_user"));
+            }
+            (None, Some(_)) => {
+                return Err(missing("statistics_auth_user", "statistics_auth_password"));
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Reads and parses the configuration file at `path`; relative pem paths in it are
@@ -664,6 +739,40 @@ mod tests {
     }
 
     #[test]
+    fn configs_built_in_code_are_held_to_the_same_rules() {
+        assert!(ServerConfig::default().validate().is_ok());
+        type Break = fn(&mut ServerConfig);
+        let broken: [(&str, Break); 7] = [
+            ("addr", |c| c.addr = "localhost".into()),
+            ("http_addr", |c| c.http_addr = c.addr.clone()),
+            ("exchange_timeout", |c| c.exchange_timeout = Duration::ZERO),
+            ("session_queue_size", |c| c.session_queue_size = 0),
+            ("max_http_connections", |c| c.max_http_connections = 0),
+            ("cert_pem_file", |c| c.key_pem_file = Some("k.pem".into())),
+            ("statistics_auth_password", |c| {
+                c.statistics_auth_user = Some("u".into());
+            }),
+        ];
+        for (key, breaks) in broken {
+            let mut c = ServerConfig::default();
+            breaks(&mut c);
+            let e = c.validate().expect_err(key);
+            assert_eq!(e.key(), Some(key), "{e}");
+        }
+        // Both on port 0 is two free ports, not one.
+        let c = ServerConfig {
+            addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            ..ServerConfig::default()
+        };
+        assert!(c.validate().is_ok());
+        assert_invalid(
+            r#"{"addr": "127.0.0.1:7000", "http_addr": "127.0.0.1:7000"}"#,
+            "http_addr",
+        );
+    }
+
+    #[test]
     fn full_config_sets_every_key() {
         let c = parse_ok(
             r#"{
@@ -886,7 +995,10 @@ mod tests {
         ] {
             assert_eq!(parse_ok(&format!(r#"{{"addr": "{good}"}}"#)).addr, good);
             assert_eq!(
-                parse_ok(&format!(r#"{{"http_addr": "{good}"}}"#)).http_addr,
+                parse_ok(&format!(
+                    r#"{{"addr": "127.0.0.1:1", "http_addr": "{good}"}}"#
+                ))
+                .http_addr,
                 good
             );
         }

@@ -65,6 +65,9 @@ pub enum ServerError {
     /// A shard did not answer while starting.
     #[error("a shard did not answer while starting")]
     Broker(#[from] BrokerError),
+    /// The configuration breaks a rule ([`ServerConfig::validate`]).
+    #[error("bad configuration")]
+    Config(#[from] crate::config::ConfigError),
     /// `addr` and `http_addr` name the same port on overlapping addresses: half the HTTP
     /// requests would reach the device listener.
     #[error("addr ({device}) and http_addr ({http}) must be different ports")]
@@ -149,6 +152,7 @@ impl Server {
     /// # Errors
     /// A [`ServerError`] saying what could not be set up; nothing is left running then.
     pub fn start(config: &ServerConfig) -> Result<Server, ServerError> {
+        config.validate()?;
         let http_addr = resolve("http_addr", &config.http_addr)?;
         let device_addr = resolve("addr", &config.addr)?;
         check_distinct(device_addr, http_addr)?;
