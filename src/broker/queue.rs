@@ -4,7 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use super::ExchangeRef;
 
@@ -126,6 +126,20 @@ impl ExchangeQueue {
             return Some(Next::Terminated);
         }
         self.items.borrow_mut().pop_front().map(Next::Exchange)
+    }
+
+    /// Ready once [`ExchangeQueue::terminate`] was called; until then the task is woken
+    /// when it is (or when an exchange is fed: poll again). For a session in the middle
+    /// of an exchange, so that a newer registration ends it at once.
+    pub fn poll_terminated(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.terminated.get() {
+            return Poll::Ready(());
+        }
+        let mut waker = self.waker.borrow_mut();
+        if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     /// Waits for what the session should do next.

@@ -566,7 +566,20 @@ where
         write_frame(io, frame, alarm, clock, config.exchange_timeout).await?;
         if expect_ack {
             let deadline = deadline_after(clock, config.exchange_timeout);
-            match read_message(io, buf, alarm, clock, deadline, Waiting::Ack).await? {
+            let answer = {
+                // A newer registration of the device ends the wait at once: the ACK
+                // would be the older connection's, and the newer one is served now.
+                let queue = sess.session_channel();
+                let mut read = pin!(read_message(io, buf, alarm, clock, deadline, Waiting::Ack));
+                poll_fn(|cx| {
+                    if queue.poll_terminated(cx).is_ready() {
+                        return Poll::Ready(Err(SessionEnd::Terminated));
+                    }
+                    read.as_mut().poll(cx)
+                })
+                .await?
+            };
+            match answer {
                 Message::Ack => exchange.acked(sess, done)?,
                 _ => return Err(ErrAbort::expected_ack().into()),
             }

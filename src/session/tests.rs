@@ -934,6 +934,25 @@ fn connwarn_goes_on_and_connbroken_ends_the_session() {
 }
 
 #[test]
+fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_at_once() {
+    run_local(|| async {
+        let env = Env::new();
+        env.notify("dev-1", "m1", r#""hello""#);
+        let mut older = env.connected("s1", "dev-1").await;
+        assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
+        // No ACK, and no time passes: only the newer registration can end it.
+        let mut newer = env.connected("s2", "dev-1").await;
+        let end = older.closed().await;
+        assert!(end.is_terminated(), "{end:?}");
+        // The newer connection gets what the older never acknowledged.
+        assert!(newer.frame().await.starts_with(r#"{"T":"notifications""#));
+        newer.device.write_frame(ACK);
+        newer.quiet().await;
+        assert!(env.pending("dev-1").is_empty(), "the ACK dropped it");
+    });
+}
+
+#[test]
 fn a_newer_registration_terminates_the_older_session_and_stays_registered() {
     run_local(|| async {
         let env = Env::new();
