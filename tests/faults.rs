@@ -126,3 +126,233 @@ fn sessions_online_go_back_to_zero_when_every_client_vanishes() {
         .sum();
     assert_eq!(online, 0);
 }
+
+/// The server's resident memory (KB), from /proc.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+const LATER: &str = "2099-01-01T00:00:00Z";
+
+fn register(addr: std::net::SocketAddr, device: &str) -> String {
+    let resp = post_json(
+        addr,
+        "/register",
+        &json!({"deviceid": device, "appid": "app"}),
+    );
+    assert_eq!(resp.status, 200);
+    resp.json()["token"].as_str().expect("token").to_owned()
+}
+
+fn notify(addr: std::net::SocketAddr, token: &str, data: serde_json::Value) {
+    let resp = post_json(
+        addr,
+        "/notify",
+        &json!({"appid": "app", "token": token, "expire_on": LATER, "data": data}),
+    );
+    assert_eq!(
+        resp.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&resp.body)
+    );
+}
+
+#[test]
+fn a_device_that_stops_reading_during_broadcasts_ends_alone_and_keeps_its_notifications() {
+    let server = ServerProcess::start(&json!({
+        "addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "shards": 2,
+        "exchange_timeout": "1s",
+    }));
+    let info = json!({"device": "mako", "channel": "daily"});
+    let token = register(server.http_addr, "stalled");
+    notify(server.http_addr, &token, json!("kept"));
+    // The stalled device reads its CONNACK, then nothing more.
+    let mut stalled = Device::connect(server.device_addr);
+    stalled.hello("stalled", json!({}), info.clone());
+    let mut reader = Device::connect(server.device_addr);
+    reader.hello("reader", json!({}), info.clone());
+    let before = rss_kb(server.pid());
+    let big = "x".repeat(1500);
+    for i in 0..300 {
+        let resp = post_json(
+            server.http_addr,
+            "/broadcast",
+            &json!({"channel": "system", "expire_on": LATER, "data": {"daily/mako": [i, big]}}),
+        );
+        assert_eq!(resp.status, 200);
+    }
+    // The reader gets everything up to the last level.
+    let mut top = 0;
+    while top < 300 {
+        let msg = reader.expect("broadcast");
+        top = msg["TopLevel"].as_i64().expect("level");
+        reader.ack();
+    }
+    // The stalled one is ended (its ACK never came) and only it.
+    assert!(stalled.closed(), "the stalled device is still connected");
+    let after = rss_kb(server.pid());
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KB to {after} KB"
+    );
+    let resp = post_json(
+        server.http_addr,
+        "/broadcast",
+        &json!({"channel": "system", "expire_on": LATER, "data": {"daily/mako": ["last"]}}),
+    );
+    assert_eq!(resp.status, 200);
+    assert_eq!(reader.expect("broadcast")["TopLevel"], 301);
+    reader.ack();
+    // Its notification stayed pending: it comes on the next connection.
+    let mut again = Device::connect(server.device_addr);
+    again.hello("stalled", json!({"0": 301}), info);
+    let msg = again.expect("notifications");
+    assert_eq!(msg["Notifications"][0]["P"], "kept", "{msg}");
+}
+
+#[test]
+fn slowloris_on_either_port_is_cut_off_at_its_deadline() {
+    let server = ServerProcess::start(&json!({
+        "addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "exchange_timeout": "1s",
+        "http_read_timeout": "1s",
+    }));
+    let connect = br#"{"T":"connect","DeviceId":"slow","Levels":{}}"#;
+    let mut hello = vec![0];
+    hello.extend_from_slice(&(connect.len() as u16).to_be_bytes());
+    hello.extend_from_slice(connect);
+    let http_head = b"POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+    for (port, bytes) in [
+        (server.device_addr, &hello[..]),
+        (server.http_addr, &http_head[..]),
+    ] {
+        // A byte every 100 ms: the whole would take longer than the 1 s allowed.
+        let mut s = connect_tcp(port);
+        let started = Instant::now();
+        let mut cut = false;
+        for b in bytes.iter().take(40) {
+            if std::io::Write::write_all(&mut s, &[*b]).is_err() {
+                cut = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !cut {
+            // Writes may still be taken after the close; the read sees it.
+            s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+            let mut rest = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+            assert!(
+                !String::from_utf8_lossy(&rest).contains("connack")
+                    && !String::from_utf8_lossy(&rest).contains("200 OK"),
+                "{port}: answered a trickle: {:?}",
+                String::from_utf8_lossy(&rest)
+            );
+        }
+        let took = started.elapsed();
+        assert!(cut, "{port}: still open after the trickle");
+        assert!(
+            took < Duration::from_secs(4),
+            "{port}: cut only after {took:?}"
+        );
+    }
+    assert_eq!(
+        http(server.http_addr, "GET", "/health", &[], b"").status,
+        200
+    );
+}
+
+#[test]
+fn a_reconnect_storm_with_last_wins_kicks_delivers_every_pending_notification_once() {
+    const DEVICES: usize = 2000;
+    // Long enough that a connection closed within PATIENCE was kicked, not timed out.
+    let server = ServerProcess::start(&json!({
+        "addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "shards": 2,
+        "exchange_timeout": "60s",
+        "ping_interval": "10m",
+    }));
+    for i in 0..DEVICES {
+        let token = register(server.http_addr, &format!("storm-{i}"));
+        notify(server.http_addr, &token, json!(i));
+    }
+    let hello = |id: &str| {
+        let connect = format!(r#"{{"T":"connect","DeviceId":"{id}","Levels":{{}}}}"#);
+        let mut bytes = vec![0];
+        bytes.extend_from_slice(&(connect.len() as u16).to_be_bytes());
+        bytes.extend_from_slice(connect.as_bytes());
+        let mut d = Device::connect(server.device_addr);
+        d.send_raw(&bytes);
+        d
+    };
+    let payloads = |msg: &serde_json::Value| -> Vec<serde_json::Value> {
+        msg["Notifications"]
+            .as_array()
+            .map(|a| a.iter().map(|n| n["P"].clone()).collect())
+            .unwrap_or_default()
+    };
+    // Every device connects and is handed its notification, which it never acknowledges.
+    let mut olders: Vec<_> = (0..DEVICES).map(|i| hello(&format!("storm-{i}"))).collect();
+    for (i, d) in olders.iter_mut().enumerate() {
+        assert_eq!(d.expect("connack")["T"], "connack");
+        assert_eq!(
+            payloads(&d.expect("notifications")),
+            [json!(i)],
+            "device {i}"
+        );
+    }
+    // Then all of them reconnect at once, on whichever shard accepts: each newer
+    // connection wins, the older one is closed, and the unacknowledged notification
+    // comes again on the newer one, once.
+    let mut newers: Vec<_> = (0..DEVICES).map(|i| hello(&format!("storm-{i}"))).collect();
+    for (i, d) in newers.iter_mut().enumerate() {
+        assert_eq!(d.expect("connack")["T"], "connack");
+        assert_eq!(
+            payloads(&d.expect("notifications")),
+            [json!(i)],
+            "device {i}"
+        );
+        d.ack();
+    }
+    for (i, d) in olders.iter_mut().enumerate() {
+        assert!(d.closed(), "device {i}: the older connection is still open");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for (i, d) in newers.iter_mut().enumerate() {
+        match d.recv_within(Duration::from_millis(1)) {
+            Err(RecvError::Timeout) => {}
+            other => panic!("device {i}: {other:?} after its ACK"),
+        }
+    }
+    // Acknowledged means gone: a third connection of every device gets nothing.
+    let mut thirds: Vec<_> = (0..DEVICES).map(|i| hello(&format!("storm-{i}"))).collect();
+    for (i, d) in thirds.iter_mut().enumerate() {
+        assert_eq!(d.expect("connack")["T"], "connack", "device {i}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = Vec::new();
+    for (i, d) in thirds.iter_mut().enumerate() {
+        match d.recv_within(Duration::from_millis(1)) {
+            Err(RecvError::Timeout) => {}
+            other => again.push((i, format!("{other:?}"))),
+        }
+    }
+    assert!(
+        again.is_empty(),
+        "{} came again after their ACK, e.g. {:?}",
+        again.len(),
+        again.first()
+    );
+}
