@@ -1174,6 +1174,56 @@ fn try_get(addr: SocketAddr, path: &str) -> Option<String> {
 }
 
 #[test]
+fn a_closed_stderr_breaks_nothing() {
+    let path = write_config(r#"{"addr":"127.0.0.1:0","http_addr":"127.0.0.1:0"}"#);
+    let mut child = Command::new(BINARY)
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    // Read the two listening lines, then close the pipe: a log shipper that died.
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        child.stderr.take().expect("stderr"),
+    ));
+    let mut addr_of = |what: &str| -> SocketAddr {
+        let line = lines.next().expect("a line").expect("text");
+        let at = line
+            .find(&format!("listening for {what} on "))
+            .unwrap_or_else(|| panic!("{line}"));
+        line[at + format!("listening for {what} on ").len()..]
+            .parse()
+            .expect("an address")
+    };
+    let http_addr = addr_of("http");
+    let device_addr = addr_of("devices");
+    drop(lines);
+    // Sessions log on every shard now, into the closed pipe.
+    for i in 0..8 {
+        let mut d = Device::connect(device_addr);
+        hello(&mut d, &format!("quiet-{i}"), json!({})).expect("CONNACK");
+    }
+    assert_eq!(http_get(http_addr, "/health").status, 200);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("no exit within {PATIENCE:?} after SIGTERM with stderr closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
 fn a_missing_config_file_fails_naming_the_file() {
     let path = temp_dir("binary-config").join("nope.json");
     let run = run_binary(&[&path]);
