@@ -321,6 +321,9 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 /// - Every write must complete within `exchange_timeout`.
 /// - `shutdown` completing ends the session at whatever point it is.
 ///
+/// The CONNECT comes boxed and `shutdown` should be small (a boxed future, say): the
+/// arguments stay in the session's future for its whole life.
+///
 /// After a successful registration the session always unregisters, before returning or
 /// when its future is dropped (the broker ignores that for a session a newer one
 /// superseded). The caller logs the end and closes `io`.
@@ -330,7 +333,7 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 #[allow(clippy::too_many_arguments)] // the session's whole context, passed by the listener
 pub async fn run<S, B, C, F>(
     io: &mut S,
-    connect: ConnectMsg,
+    connect: Box<ConnectMsg>,
     buf: Vec<u8>,
     broker: &B,
     config: &SessionConfig,
@@ -345,13 +348,15 @@ where
     F: Future<Output = ()>,
 {
     let mut shutdown = pin!(shutdown);
+    // Boxed, as both run once: their futures would otherwise size the task for its
+    // whole life.
     {
-        let connack = pin!(write_connack(io, config, clock));
-        if let Err(end) = until_shutdown(shutdown.as_mut(), connack).await {
+        let mut connack = Box::pin(write_connack(io, config, clock));
+        if let Err(end) = until_shutdown(shutdown.as_mut(), connack.as_mut()).await {
             return end;
         }
     }
-    let mut registered = match broker.register(&connect, track).await {
+    let mut registered = match Box::pin(broker.register(&connect, track)).await {
         Ok(sess) => Registered { broker, sess },
         Err(e) => return e.into(),
     };
@@ -466,25 +471,33 @@ where
     let mut ping_at = deadline_after(clock, config.ping_interval);
     // Every wait of the session, on one lazily moved timer.
     let mut alarm = Alarm::new();
+    // The PING and exchange futures (their reads, writes and deadlines) are boxed for as
+    // long as they run: an idle session's task then holds only the small idle wait, which
+    // is most of every session's life (an allocation per exchange is noise beside its
+    // two system calls).
     loop {
         match idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await? {
             Idle::Ping => {
-                write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout).await?;
-                // The next PING is due one interval after this one went out, not after the
-                // PONG came: the server is never silent longer than the interval.
-                let next_ping = deadline_after(clock, config.ping_interval);
-                let deadline = deadline_after(clock, config.exchange_timeout);
-                match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong).await?
-                {
-                    Message::Pong => ping_at = next_ping,
-                    _ => return Err(SessionEnd::ExpectedPong),
-                }
+                let pinged = Box::pin(async {
+                    write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout).await?;
+                    // The next PING is due one interval after this one went out, not after
+                    // the PONG came: the server is never silent longer than the interval.
+                    let next_ping = deadline_after(clock, config.ping_interval);
+                    let deadline = deadline_after(clock, config.exchange_timeout);
+                    match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong)
+                        .await?
+                    {
+                        Message::Pong => Ok(next_ping),
+                        _ => Err(SessionEnd::ExpectedPong),
+                    }
+                });
+                ping_at = pinged.await?;
             }
             Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
             Idle::Next(Next::Exchange(exchange)) => {
-                match perform(
+                match Box::pin(perform(
                     io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
-                )
+                ))
                 .await?
                 {
                     // The ping timer resumes where it was; a spent interval pings at once.

@@ -157,7 +157,14 @@ impl Env {
                         let _ = stopped.recv_async().await;
                     };
                     run(
-                        &mut io, connect, buf, &*broker, &config, &clock, &sid, shutdown,
+                        &mut io,
+                        Box::new(connect),
+                        buf,
+                        &*broker,
+                        &config,
+                        &clock,
+                        &sid,
+                        shutdown,
                     )
                     .await
                 }
@@ -1043,7 +1050,7 @@ fn the_session_future_is_small() {
             .expect("connect");
         let fut = run(
             &mut tcp,
-            connect.clone(),
+            Box::new(connect.clone()),
             Vec::new(),
             &broker,
             &config,
@@ -1057,7 +1064,7 @@ fn the_session_future_is_small() {
         let (mut server, _device) = pipe();
         let fut = run(
             &mut server,
-            connect.clone(),
+            Box::new(connect.clone()),
             Vec::new(),
             &broker,
             &config,
