@@ -449,3 +449,26 @@ fn a_kept_exchange_is_not_handed_out_after_one_of_its_notifications_expired() {
         b.stop().await;
     });
 }
+
+#[test]
+fn sessions_share_one_copy_of_a_device_model_and_image_channel() {
+    run_local(|| async {
+        let store = Rc::new(InMemoryPendingStore::new());
+        let b = broker(&store, TestBrokerConfig::default());
+        b.start();
+        let one = register(&b, "share-1").await;
+        let two = register(&b, "share-2").await;
+        assert_eq!(one.device_image_model(), "mako");
+        assert_eq!(
+            one.device_image_model().as_ptr(),
+            two.device_image_model().as_ptr(),
+            "two copies of the model"
+        );
+        assert_eq!(
+            one.device_image_channel().as_ptr(),
+            two.device_image_channel().as_ptr(),
+            "two copies of the image channel"
+        );
+        b.stop().await;
+    });
+}

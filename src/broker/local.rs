@@ -60,7 +60,14 @@ pub(crate) struct LocalBroker {
     /// encoded once per window and device tag on this executor. Borrowed only inside a
     /// method.
     broadcasts: RefCell<AHashMap<InternalChannelId, Rc<BroadcastExchange>>>,
+    /// Device models and image channels, one copy each: thousands of sessions share a
+    /// handful. Bounded by [`MAX_INTERNED`]; past it a session keeps its own copy.
+    /// Borrowed only inside a method.
+    interned: RefCell<ahash::AHashSet<Rc<str>>>,
 }
+
+/// The most distinct device models and image channels an executor shares.
+const MAX_INTERNED: usize = 4096;
 
 impl fmt::Debug for LocalBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -80,7 +87,21 @@ impl LocalBroker {
             next_session: Cell::new(0),
             stats: Cell::new(DeliveryStats::default()),
             broadcasts: RefCell::new(AHashMap::new()),
+            interned: RefCell::new(ahash::AHashSet::new()),
         })
+    }
+
+    /// The shared copy of `text` (a device model or image channel).
+    fn intern(&self, text: &str) -> Rc<str> {
+        let mut interned = self.interned.borrow_mut();
+        if let Some(shared) = interned.get(text) {
+            return Rc::clone(shared);
+        }
+        let fresh: Rc<str> = Rc::from(text);
+        if interned.len() < MAX_INTERNED {
+            interned.insert(Rc::clone(&fresh));
+        }
+        fresh
     }
 
     pub(crate) fn stats(&self) -> DeliveryStats {
@@ -117,8 +138,8 @@ impl LocalBroker {
         connect: &ConnectMsg,
         track: &dyn SessionTracker,
     ) -> Result<LocalSession, BrokerError> {
-        let model = get_info_string(connect, "device", "?")?.to_owned();
-        let image_channel = get_info_string(connect, "channel", "?")?.to_owned();
+        let model = self.intern(get_info_string(connect, "device", "?")?);
+        let image_channel = self.intern(get_info_string(connect, "channel", "?")?);
         let levels = levels_from_connect(connect)?;
         let id = self.next_session.get() + 1;
         self.next_session.set(id);
@@ -283,8 +304,8 @@ pub struct LocalSession {
     /// The registration id.
     id: u64,
     device_id: Arc<str>,
-    model: String,
-    image_channel: String,
+    model: Rc<str>,
+    image_channel: Rc<str>,
     levels: LevelsMap,
     /// Shared with the registry, which feeds and terminates it.
     queue: Rc<ExchangeQueue>,

@@ -61,7 +61,67 @@ use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, StoreError};
 
 /// A session's level per channel: the last level the device acknowledged.
-pub type LevelsMap = ahash::AHashMap<InternalChannelId, i64>;
+///
+/// A device names one channel or two, so the levels are a small vector kept inline (a
+/// hash map would allocate a table per session); a lookup is a scan, and a device that
+/// sends many levels only slows its own session.
+#[derive(Debug, Clone, Default)]
+pub struct LevelsMap(smallvec::SmallVec<[(InternalChannelId, i64); 1]>);
+
+impl LevelsMap {
+    /// The level of `chan`, if the device has one.
+    pub fn get(&self, chan: &InternalChannelId) -> Option<&i64> {
+        self.0
+            .iter()
+            .find(|(c, _)| c == chan)
+            .map(|(_, level)| level)
+    }
+
+    /// Sets the level of `chan`; the one it replaces, if any.
+    pub fn insert(&mut self, chan: InternalChannelId, level: i64) -> Option<i64> {
+        match self.0.iter_mut().find(|(c, _)| *c == chan) {
+            Some((_, old)) => Some(std::mem::replace(old, level)),
+            None => {
+                self.0.push((chan, level));
+                None
+            }
+        }
+    }
+
+    /// The channels and their levels, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&InternalChannelId, &i64)> {
+        self.0.iter().map(|(c, level)| (c, level))
+    }
+
+    /// How many channels have a level.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no channel has a level.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl FromIterator<(InternalChannelId, i64)> for LevelsMap {
+    fn from_iter<I: IntoIterator<Item = (InternalChannelId, i64)>>(iter: I) -> Self {
+        let mut levels = LevelsMap::default();
+        for (chan, level) in iter {
+            levels.insert(chan, level);
+        }
+        levels
+    }
+}
+
+/// The same channels at the same levels, in any order.
+impl PartialEq for LevelsMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().all(|(c, level)| other.get(c) == Some(level))
+    }
+}
+
+impl Eq for LevelsMap {}
 
 /// An exchange as queued for a session: shared, on the session's shard.
 pub type ExchangeRef = Rc<dyn Exchange>;
@@ -350,6 +410,26 @@ pub fn levels_from_connect(connect: &ConnectMsg) -> Result<LevelsMap, ErrAbort> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_replace_by_channel_and_compare_in_any_order() {
+        let other = InternalChannelId::Broadcast("ab".repeat(16).into());
+        let mut levels = LevelsMap::default();
+        assert!(levels.is_empty());
+        assert_eq!(levels.insert(InternalChannelId::System, 3), None);
+        assert_eq!(levels.insert(other.clone(), 1), None);
+        assert_eq!(levels.insert(InternalChannelId::System, 5), Some(3));
+        assert_eq!(levels.len(), 2);
+        assert_eq!(levels.get(&InternalChannelId::System), Some(&5));
+        assert_eq!(levels.get(&other), Some(&1));
+        let reversed: LevelsMap = [(other, 1), (InternalChannelId::System, 5)]
+            .into_iter()
+            .collect();
+        assert_eq!(levels, reversed);
+        let fewer: LevelsMap = [(InternalChannelId::System, 5)].into_iter().collect();
+        assert_ne!(levels, fewer);
+        assert_ne!(fewer, levels);
+    }
 
     fn connect_with(info: Option<serde_json::Value>) -> ConnectMsg {
         ConnectMsg {
