@@ -423,7 +423,7 @@ mod tests {
     fn an_idle_session_task_stays_small() {
         let session = future_size6(run_session);
         let accept = future_size4(accept_session);
-        assert!(session <= 1280, "session task future is {session} B");
+        assert!(session <= 1024, "session task future is {session} B");
         assert!(accept <= 2048, "accept task future is {accept} B");
     }
 }

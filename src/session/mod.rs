@@ -330,53 +330,57 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 ///
 /// # Returns
 /// Why the session ended; see [`SessionEnd`].
-#[allow(clippy::too_many_arguments)] // the session's whole context, passed by the listener
-pub async fn run<S, B, C, F>(
-    io: &mut S,
+// The session's whole context, passed by the listener; an `async` block rather than an
+// `async fn`, which would keep a second copy of every argument in the session's future.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+pub fn run<'a, S, B, C, F>(
+    io: &'a mut S,
     connect: Box<ConnectMsg>,
     buf: Vec<u8>,
-    broker: &B,
-    config: &SessionConfig,
-    clock: &C,
-    track: &dyn SessionTracker,
+    broker: &'a B,
+    config: &'a SessionConfig,
+    clock: &'a C,
+    track: &'a dyn SessionTracker,
     shutdown: F,
-) -> SessionEnd
+) -> impl Future<Output = SessionEnd> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin,
     B: Broker,
     C: SessionClock,
-    F: Future<Output = ()>,
+    F: Future<Output = ()> + 'a,
 {
-    let mut shutdown = pin!(shutdown);
-    // Boxed, as both run once: their futures would otherwise size the task for its
-    // whole life.
-    {
-        let mut connack = Box::pin(write_connack(io, config, clock));
-        if let Err(end) = until_shutdown(shutdown.as_mut(), connack.as_mut()).await {
-            return end;
+    async move {
+        let mut shutdown = pin!(shutdown);
+        // Boxed, as both run once: their futures would otherwise size the task for its
+        // whole life.
+        {
+            let mut connack = Box::pin(write_connack(io, config, clock));
+            if let Err(end) = until_shutdown(shutdown.as_mut(), connack.as_mut()).await {
+                return end;
+            }
         }
+        let mut registered = match Box::pin(broker.register(&connect, track)).await {
+            Ok(sess) => Registered { broker, sess },
+            Err(e) => return e.into(),
+        };
+        tracing::info!(
+            "session({}) registered {}",
+            track.session_id(),
+            crate::logging::Untrusted(&connect.device_id)
+        );
+        // The broker has taken what it needs: an idle session does not keep the CONNECT
+        // (its Info and Levels) for its whole life.
+        drop(connect);
+        let end = {
+            let serve = pin!(serve(io, &mut registered.sess, buf, config, clock));
+            match until_shutdown(shutdown, serve).await {
+                Ok(never) => match never {},
+                Err(end) => end,
+            }
+        };
+        drop(registered);
+        end
     }
-    let mut registered = match Box::pin(broker.register(&connect, track)).await {
-        Ok(sess) => Registered { broker, sess },
-        Err(e) => return e.into(),
-    };
-    tracing::info!(
-        "session({}) registered {}",
-        track.session_id(),
-        crate::logging::Untrusted(&connect.device_id)
-    );
-    // The broker has taken what it needs: an idle session does not keep the CONNECT
-    // (its Info and Levels) for its whole life.
-    drop(connect);
-    let end = {
-        let serve = pin!(serve(io, &mut registered.sess, buf, config, clock));
-        match until_shutdown(shutdown, serve).await {
-            Ok(never) => match never {},
-            Err(end) => end,
-        }
-    };
-    drop(registered);
-    end
 }
 
 /// A registered session that unregisters when dropped: when [`run`] returns, and also
@@ -457,53 +461,59 @@ enum Outcome {
 }
 
 /// The loop of a registered session; returns only to end it.
-async fn serve<S, C>(
-    io: &mut S,
-    sess: &mut dyn BrokerSession,
+///
+/// An `async` block: see [`run`].
+#[allow(clippy::manual_async_fn)]
+fn serve<'a, S, C>(
+    io: &'a mut S,
+    sess: &'a mut dyn BrokerSession,
     mut buf: Vec<u8>,
-    config: &SessionConfig,
-    clock: &C,
-) -> Result<std::convert::Infallible, SessionEnd>
+    config: &'a SessionConfig,
+    clock: &'a C,
+) -> impl Future<Output = Result<std::convert::Infallible, SessionEnd>> + 'a
 where
     S: AsyncRead + AsyncWrite + Unpin,
     C: SessionClock,
 {
-    let mut ping_at = deadline_after(clock, config.ping_interval);
-    // Every wait of the session, on one lazily moved timer.
-    let mut alarm = Alarm::new();
-    // The PING and exchange futures (their reads, writes and deadlines) are boxed for as
-    // long as they run: an idle session's task then holds only the small idle wait, which
-    // is most of every session's life (an allocation per exchange is noise beside its
-    // two system calls).
-    loop {
-        match idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await? {
-            Idle::Ping => {
-                let pinged = Box::pin(async {
-                    write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout).await?;
-                    // The next PING is due one interval after this one went out, not after
-                    // the PONG came: the server is never silent longer than the interval.
-                    let next_ping = deadline_after(clock, config.ping_interval);
-                    let deadline = deadline_after(clock, config.exchange_timeout);
-                    match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong)
-                        .await?
+    async move {
+        let mut ping_at = deadline_after(clock, config.ping_interval);
+        // Every wait of the session, on one lazily moved timer.
+        let mut alarm = Alarm::new();
+        // The PING and exchange futures (their reads, writes and deadlines) are boxed for as
+        // long as they run: an idle session's task then holds only the small idle wait, which
+        // is most of every session's life (an allocation per exchange is noise beside its
+        // two system calls).
+        loop {
+            match idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await? {
+                Idle::Ping => {
+                    let pinged = Box::pin(async {
+                        write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout)
+                            .await?;
+                        // The next PING is due one interval after this one went out, not after
+                        // the PONG came: the server is never silent longer than the interval.
+                        let next_ping = deadline_after(clock, config.ping_interval);
+                        let deadline = deadline_after(clock, config.exchange_timeout);
+                        match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong)
+                            .await?
+                        {
+                            Message::Pong => Ok(next_ping),
+                            _ => Err(SessionEnd::ExpectedPong),
+                        }
+                    });
+                    ping_at = pinged.await?;
+                }
+                Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
+                Idle::Next(Next::Exchange(exchange)) => {
+                    match Box::pin(perform(
+                        io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
+                    ))
+                    .await?
                     {
-                        Message::Pong => Ok(next_ping),
-                        _ => Err(SessionEnd::ExpectedPong),
+                        // The ping timer resumes where it was; a spent interval pings at once.
+                        Outcome::Nop => {}
+                        Outcome::Sent => ping_at = deadline_after(clock, config.ping_interval),
+                        Outcome::Close => return Err(SessionEnd::ConnBroken),
                     }
-                });
-                ping_at = pinged.await?;
-            }
-            Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
-            Idle::Next(Next::Exchange(exchange)) => {
-                match Box::pin(perform(
-                    io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
-                ))
-                .await?
-                {
-                    // The ping timer resumes where it was; a spent interval pings at once.
-                    Outcome::Nop => {}
-                    Outcome::Sent => ping_at = deadline_after(clock, config.ping_interval),
-                    Outcome::Close => return Err(SessionEnd::ConnBroken),
                 }
             }
         }
