@@ -58,13 +58,8 @@ after="working tree at $(git rev-parse --short HEAD)"
     echo '```sh'
 } >"$OUT/MACHINE.md"
 
-flags() { # scenario sessions
-    case $1 in
-        broadcast) echo "--broadcasts 20" ;;
-        unicast) echo "--notifies $(($2 * 2 > 20000 ? $2 * 2 : 20000)) --concurrency 16" ;;
-        idle) echo "--idle-secs 10" ;;
-    esac
-}
+# shellcheck source=perf/flags.sh
+. "$ROOT/perf/flags.sh"
 
 failed=0
 for scenario in $SCENARIOS; do
@@ -79,7 +74,7 @@ for scenario in $SCENARIOS; do
                 name=$scenario-$size-$side-$rep
                 # shellcheck disable=SC2207 # flags are single words
                 cmd=(target/release/pushload --server "$bin" --scenario "$scenario"
-                     --sessions "$size" --workers "$workers" $(flags "$scenario" "$size")
+                     --sessions "$size" --workers "$workers" $(scenario_flags "$scenario" "$size")
                      --json "$OUT/$name.json")
                 echo "+ ${cmd[*]}"
                 rc=0

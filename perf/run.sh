@@ -88,15 +88,8 @@ commit=$(git rev-parse HEAD)
     [ -z "$FLOOR" ] || { quote "${FLOOR_BUILD[@]}"; echo; }
 } >"$MACHINE"
 
-# Scenario flags, sized so a run takes seconds to a minute.
-scenario_flags() { # scenario sessions
-    case $1 in
-        broadcast) echo "--broadcasts 20" ;;
-        unicast) echo "--notifies $(($2 * 2 > 20000 ? $2 * 2 : 20000)) --concurrency 16" ;;
-        churn) echo "--notifies 10000 --churn-rate 200" ;;
-        idle) echo "--idle-secs 10" ;;
-    esac
-}
+# shellcheck source=perf/flags.sh
+. "$ROOT/perf/flags.sh"
 
 failed=0
 for scenario in $SCENARIOS; do
