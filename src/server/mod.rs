@@ -203,7 +203,8 @@ impl Server {
         let mut shutdown = Vec::with_capacity(n);
         let (mut http_addr, mut device_addr) = (http_addr, device_addr);
         for i in 0..n {
-            let (tx, rx) = flume::bounded::<()>(1);
+            // Room for both words of `shutdown`: sending never waits on a shard.
+            let (tx, rx) = flume::bounded::<()>(2);
             shutdown.push(tx);
             let started = block_on(broker.sending().run_on(ShardId(i), {
                 let api_settings = api_settings.clone();
