@@ -64,7 +64,7 @@ after="working tree at $(git rev-parse --short HEAD)"
 failed=0
 for scenario in $SCENARIOS; do
     for size in $SIZES; do
-        workers=$((size > 10000 ? 2 : 1))
+        workers=$(workers_for "$size")
         for rep in $(seq 1 "$REPS"); do
             for side in before after; do
                 case $side in

@@ -94,8 +94,7 @@ commit=$(git rev-parse HEAD)
 failed=0
 for scenario in $SCENARIOS; do
     for size in $SIZES; do
-        # One device worker process holds at most 10,000 sessions (open-files cap 20,000).
-        workers=$((size > 10000 ? 2 : 1))
+        workers=$(workers_for "$size")
         for rep in $(seq 1 "$REPS"); do
             for server in plain tls floor; do
                 case $server in
