@@ -1,6 +1,6 @@
 # pushload flags per scenario and workers per size, shared by perf/run.sh and
-# perf/compare.sh so that their
-# figures stay comparable. Sized so a run takes seconds to a minute.
+# perf/compare.sh so that their figures stay comparable. Sized so a run takes seconds to
+# a minute.
 scenario_flags() { # scenario sessions
     case $1 in
         broadcast) echo "--broadcasts 20" ;;
