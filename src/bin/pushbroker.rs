@@ -12,8 +12,6 @@ use std::time::Duration;
 use clap::Parser;
 use pushbroker::config::{DEFAULT_CONFIG_JSON, ServerConfig};
 use pushbroker::server::Server;
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 /// How long shutdown waits for sessions to end before stopping the shards.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -64,31 +62,25 @@ fn main() -> ExitCode {
         },
         None => ServerConfig::embedded_default(),
     };
-    // Listen for the stop signals before anything runs, so none is missed.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
-        Ok(s) => s,
-        Err(e) => return fail("cannot handle signals", &e),
-    };
-    let server = match Server::start(&config) {
-        Ok(s) => s,
-        Err(e) => return fail("cannot start", &e),
-    };
-    if cli.config.is_none() {
-        let http = server.http_addr();
-        say(&format!(
-            "pushbroker runs the embedded default configuration (see --print-default-config).\n\
-             Devices connect to {devices} (plain TCP); the HTTP API is on {http}. Try:\n\
-             \n  curl -s -X POST -H 'Content-Type: application/json' \\\n\
-             \x20   -d '{{\"deviceid\":\"dev-1\",\"appid\":\"com.example.app_app\"}}' http://{http}/register\n\
-             \x20 curl -s -X POST -H 'Content-Type: application/json' \\\n\
-             \x20   -d '{{\"channel\":\"system\",\"expire_on\":\"2099-01-01T00:00:00Z\",\"data\":{{\"daily/mako\":[1]}}}}' http://{http}/broadcast\n\
-             \x20 curl -s http://{http}/delivery-hosts\n\
-             \nStop with Ctrl-C.",
-            devices = server.device_addr(),
-        ));
+    let embedded = cli.config.is_none();
+    let run = Server::run_until_signal(&config, SHUTDOWN_GRACE, |server| {
+        if embedded {
+            let http = server.http_addr();
+            say(&format!(
+                "pushbroker runs the embedded default configuration (see --print-default-config).\n\
+                 Devices connect to {devices} (plain TCP); the HTTP API is on {http}. Try:\n\
+                 \n  curl -s -X POST -H 'Content-Type: application/json' \\\n\
+                 \x20   -d '{{\"deviceid\":\"dev-1\",\"appid\":\"com.example.app_app\"}}' http://{http}/register\n\
+                 \x20 curl -s -X POST -H 'Content-Type: application/json' \\\n\
+                 \x20   -d '{{\"channel\":\"system\",\"expire_on\":\"2099-01-01T00:00:00Z\",\"data\":{{\"daily/mako\":[1]}}}}' http://{http}/broadcast\n\
+                 \x20 curl -s http://{http}/delivery-hosts\n\
+                 \nStop with Ctrl-C.",
+                devices = server.device_addr(),
+            ));
+        }
+    });
+    match run {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("cannot start", &e),
     }
-    // Blocks until SIGINT or SIGTERM.
-    let _ = signals.forever().next();
-    server.shutdown(SHUTDOWN_GRACE);
-    ExitCode::SUCCESS
 }

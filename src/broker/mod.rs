@@ -362,6 +362,65 @@ impl SessionTracker for SessionId {
     }
 }
 
+/// Performs `exchange` on `sess` without a socket, the sequence a session runs against a
+/// device: [`Exchange::prepare`] puts the encoded frames in the session's scratch area;
+/// each frame goes to `device`, which writes it wherever the device is and says whether
+/// the device answered with ACK; each ACK goes to [`Exchange::acked`] (which updates the
+/// session's levels or drops the acknowledged notifications from the store); then the
+/// scratch area advances to the next frame. What was prepared is returned: with
+/// [`Prepared::Nop`] nothing was sent, with [`Prepared::OneWay`] the frames expected no
+/// answer.
+///
+/// Each frame is what goes on the wire: a big-endian `u16` length, then the JSON.
+///
+/// # Errors
+/// What `prepare` or `acked` returned, or an abort (`expected ACK message`) when `device`
+/// answers a frame that expects an ACK with `false`: a session ends then, and what was not
+/// acknowledged stays pending.
+///
+/// # Example
+/// ```
+/// # use pushbroker::broker::{perform, Prepared};
+/// # use pushbroker::broker::{BrokerSession, ExchangeRef};
+/// // With `sess` a registered session and `exchange` taken from its queue:
+/// fn deliver(exchange: &ExchangeRef, sess: &mut dyn BrokerSession) -> Vec<Vec<u8>> {
+///     let mut written = Vec::new();
+///     let _ = perform(exchange.as_ref(), sess, |frame| {
+///         written.push(frame.to_vec());
+///         true // the device sent {"T":"ack"}
+///     });
+///     written
+/// }
+/// ```
+pub fn perform(
+    exchange: &dyn Exchange,
+    sess: &mut dyn BrokerSession,
+    mut device: impl FnMut(&[u8]) -> bool,
+) -> Result<Prepared, BrokerError> {
+    let prepared = exchange.prepare(sess)?;
+    if prepared == Prepared::Nop {
+        return Ok(prepared);
+    }
+    loop {
+        let scratch = sess.exchange_scratch_area();
+        let Some(frame) = scratch.current_frame() else {
+            break;
+        };
+        let done = scratch.is_last_part();
+        let acked = device(frame);
+        if prepared == Prepared::ExpectAck {
+            if !acked {
+                return Err(ErrAbort::expected_ack().into());
+            }
+            exchange.acked(sess, done)?;
+        }
+        if !sess.exchange_scratch_area().advance() {
+            break;
+        }
+    }
+    Ok(prepared)
+}
+
 /// A string value of CONNECT's `Info`, or `default` when absent.
 ///
 /// # Errors

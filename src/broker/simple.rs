@@ -62,6 +62,42 @@ async fn run(inner: Rc<Inner>, stop: flume::Receiver<()>) {
 /// The one-executor broker. Create it, [`start`](SimpleBroker::start) it on the executor
 /// that runs its sessions, hand [`sending`](SimpleBroker::sending) facets to whoever
 /// requests deliveries, and [`stop`](SimpleBroker::stop) it.
+///
+/// # Example
+///
+/// A device registers, a broadcast is appended and delivered, and the device ACKs it
+/// ([`perform`](super::perform)); `examples/broker_without_sockets.rs` adds a unicast.
+///
+/// ```
+/// use std::rc::Rc;
+/// use std::time::{Duration, SystemTime};
+/// use pushbroker::broker::{perform, Broker, BrokerSending, BrokerSession, Next, SessionId};
+/// use pushbroker::glommio::LocalExecutorBuilder;
+/// use pushbroker::{ConnectMsg, InMemoryPendingStore, InternalChannelId, Payload};
+/// use pushbroker::{PendingStore, ServerConfig, SimpleBroker};
+///
+/// let level = LocalExecutorBuilder::default().spawn(|| async {
+///     let store = Rc::new(InMemoryPendingStore::new());
+///     let broker = SimpleBroker::new(store.clone(), &ServerConfig::default());
+///     broker.start();
+///     let connect = ConnectMsg { device_id: "dev-1".into(), ..ConnectMsg::default() };
+///     let mut sess = broker.register(&connect, &SessionId("s-1".into())).await.unwrap();
+///
+///     let expiration = SystemTime::now() + Duration::from_secs(60);
+///     let payload = Payload::from_json(r#"{"?/?":[1]}"#).unwrap();
+///     store.append_to_channel(&InternalChannelId::System, payload, expiration).unwrap();
+///     broker.sending().broadcast(InternalChannelId::System).unwrap();
+///     // The catch-up queued at registration (nothing then), then the broadcast.
+///     while sess.levels().get(&InternalChannelId::System) != Some(&1) {
+///         let Next::Exchange(exchange) = sess.session_channel().next().await else { break };
+///         perform(exchange.as_ref(), &mut sess, |_frame| true).unwrap();
+///     }
+///     broker.stop().await;
+///     sess.levels().get(&InternalChannelId::System).copied()
+/// })?.join()?;
+/// assert_eq!(level, Some(1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct SimpleBroker {
     inner: Rc<Inner>,
 }

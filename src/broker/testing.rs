@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use super::{
-    BrokerConfig, BrokerError, BrokerSession, ErrAbort, Exchange, ExchangeQueue, ExchangeRef,
+    BrokerConfig, BrokerError, BrokerSession, Exchange, ExchangeQueue, ExchangeRef,
     ExchangesScratchArea, LevelsMap, Prepared,
 };
 use crate::protocol::{Notification, Payload};
@@ -197,29 +197,13 @@ pub fn perform_with(
     sess: &mut dyn BrokerSession,
     mut ack: impl FnMut(usize) -> bool,
 ) -> Result<Performed, BrokerError> {
-    let prepared = exchange.prepare(sess)?;
+    let mut frames = Vec::new();
+    let prepared = super::perform(exchange, sess, |frame| {
+        frames.push(frame.to_vec());
+        ack(frames.len() - 1)
+    })?;
     if prepared == Prepared::Nop {
         return Ok(Performed::Nop);
-    }
-    let mut frames = Vec::new();
-    let mut index = 0;
-    loop {
-        let scratch = sess.exchange_scratch_area();
-        let Some(frame) = scratch.current_frame() else {
-            break;
-        };
-        frames.push(frame.to_vec());
-        let done = scratch.is_last_part();
-        if prepared == Prepared::ExpectAck {
-            if !ack(index) {
-                return Err(ErrAbort::new("ACK timeout").into());
-            }
-            exchange.acked(sess, done)?;
-        }
-        index += 1;
-        if !sess.exchange_scratch_area().advance() {
-            break;
-        }
     }
     Ok(match prepared {
         Prepared::OneWay { close_after } => Performed::OneWay {

@@ -160,13 +160,13 @@ const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `ping_interval`.
 const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Default for `session_queue_size`.
-const DEFAULT_SESSION_QUEUE_SIZE: usize = 10;
+pub const DEFAULT_SESSION_QUEUE_SIZE: usize = 10;
 /// Default for `broker_queue_size`.
-const DEFAULT_BROKER_QUEUE_SIZE: usize = 10_000;
+pub const DEFAULT_BROKER_QUEUE_SIZE: usize = 10_000;
 /// Default for `http_read_timeout` and `http_write_timeout`.
 const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `max_notifications_per_app`.
-const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
+pub const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
 /// Default for `broadcast_backlog`.
 const DEFAULT_BROADCAST_BACKLOG: usize = 1000;
 /// Default for `max_http_connections`.

@@ -68,6 +68,9 @@ pub enum ServerError {
     /// The configuration breaks a rule ([`ServerConfig::validate`]).
     #[error("bad configuration")]
     Config(#[from] crate::config::ConfigError),
+    /// The stop signals could not be watched ([`Server::run_until_signal`]).
+    #[error("cannot watch for SIGINT and SIGTERM")]
+    Signals(#[source] std::io::Error),
     /// `addr` and `http_addr` name the same port on overlapping addresses: half the HTTP
     /// requests would reach the device listener.
     #[error("addr ({device}) and http_addr ({http}) must be different ports")]
@@ -250,6 +253,44 @@ impl Server {
             device_addr,
             shutdown,
         })
+    }
+
+    /// Runs a server on `config` until the process gets SIGINT or SIGTERM, then shuts it
+    /// down ([`Server::shutdown`] with `grace`) and returns: what the `pushbroker` binary
+    /// does. The signals are watched before anything starts, so none is missed;
+    /// `started` is called once the server listens (to print where, say).
+    ///
+    /// Blocks the calling thread; the shards run on their own threads.
+    ///
+    /// # Errors
+    /// A [`ServerError`] when the server cannot start or the signals cannot be watched.
+    ///
+    /// # Example
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use pushbroker::{Server, ServerConfig};
+    ///
+    /// let config = ServerConfig::embedded_default();
+    /// Server::run_until_signal(&config, Duration::from_secs(2), |server| {
+    ///     println!("devices connect to {}", server.device_addr());
+    /// })?;
+    /// # Ok::<(), pushbroker::ServerError>(())
+    /// ```
+    pub fn run_until_signal(
+        config: &ServerConfig,
+        grace: Duration,
+        started: impl FnOnce(&Server),
+    ) -> Result<(), ServerError> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals =
+            signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(ServerError::Signals)?;
+        let server = Server::start(config)?;
+        started(&server);
+        // Blocks until SIGINT or SIGTERM.
+        let _ = signals.forever().next();
+        server.shutdown(grace);
+        signals.handle().close();
+        Ok(())
     }
 
     /// The HTTP API's address (the bound one: a configured port 0 is resolved).

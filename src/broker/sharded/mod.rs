@@ -43,6 +43,7 @@ use tracing::{debug, warn};
 pub use shard::{Listener, ListenerCounts, Shard, ShardMetrics};
 
 use super::{BrokerConfig, BrokerError, BrokerSending};
+use crate::config;
 use crate::protocol::{Notification, Payload};
 use crate::store::{
     InMemoryPendingStore, InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest,
@@ -196,9 +197,6 @@ const SHARD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`ShardedBroker::start`] waits for a shard's executor to come up.
 const SHARD_START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The default limit of live notifications one app may have pending for one device.
-pub const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
-
 /// How long a shard may run tasks before it checks for latency-sensitive work: short, so
 /// one broadcast fan-out to many sessions never stalls pings and accepts.
 pub const DEFAULT_PREEMPT_TIMER: Duration = Duration::from_millis(5);
@@ -216,15 +214,16 @@ pub const DEFAULT_IO_MEMORY: usize = 64 << 10;
 pub const DEFAULT_RING_DEPTH: usize = 4096;
 
 impl ShardedBrokerBuilder {
-    /// `nr_shards` shards (at least 1; may exceed the CPUs) with in-memory stores and
-    /// the original suite's queue sizes (10 per session, 5 per inbox).
+    /// `nr_shards` shards (at least 1; may exceed the CPUs) with in-memory stores and the
+    /// configuration's default queue sizes and limits
+    /// ([`config`](crate::config#reference)).
     pub fn new(nr_shards: usize) -> Self {
         Self {
             config: ShardConfig {
                 nr_shards: nr_shards.max(1),
-                session_queue_size: 10,
-                broker_queue_size: 5,
-                max_notifications_per_app: DEFAULT_MAX_NOTIFICATIONS_PER_APP,
+                session_queue_size: config::DEFAULT_SESSION_QUEUE_SIZE,
+                broker_queue_size: config::DEFAULT_BROKER_QUEUE_SIZE,
+                max_notifications_per_app: config::DEFAULT_MAX_NOTIFICATIONS_PER_APP,
                 store: Arc::new(|_| Rc::new(InMemoryPendingStore::new())),
             },
             placement: ShardPlacement::Auto,
@@ -349,6 +348,42 @@ struct Lifecycle {
 /// The sharded broker: owns the shard threads. [`start`](ShardedBroker::start) them,
 /// hand out [`sending`](ShardedBroker::sending) facets, [`stop`](ShardedBroker::stop)
 /// them. Sessions register on their owner shard through [`Shard`].
+///
+/// # Example
+///
+/// Two shards; a broadcast sequenced and replicated to both, a notify applied on the
+/// device's owner (kept pending: the device is not connected), then an orderly stop.
+/// Any thread may use the sending facet; its calls are futures, awaited here with
+/// `block_on`.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use futures_lite::future::block_on;
+/// use pushbroker::store::{NotifyVerdict, UnicastRequest};
+/// use pushbroker::{InternalChannelId, Payload, ShardedBrokerBuilder};
+///
+/// let broker = ShardedBrokerBuilder::new(2).build();
+/// broker.start()?;
+/// let sending = broker.sending();
+/// let expiration = SystemTime::now() + Duration::from_secs(60);
+///
+/// let payload = Payload::from_json(r#"{"daily/mako":[42]}"#)?;
+/// let level = block_on(sending.publish(InternalChannelId::System, payload, expiration))?;
+/// assert_eq!(level, 1);
+///
+/// let verdict = block_on(sending.notify(UnicastRequest {
+///     chan_id: InternalChannelId::unicast("dev-1", "dev-1"),
+///     app_id: "com.example.app_app".into(),
+///     payload: Payload::from_json(r#"{"message":"hello"}"#)?,
+///     expiration,
+///     replace_tag: None,
+///     clear_pending: false,
+/// }))?;
+/// assert!(matches!(verdict, NotifyVerdict::Accepted { .. }));
+///
+/// broker.stop_blocking();
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct ShardedBroker {
     builder: ShardedBrokerBuilder,
     sending: ShardedSending,
