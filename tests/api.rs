@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_lite::future::block_on;
+use pushbroker::api::testing::HttpAnswer;
 use pushbroker::api::{ApiContext, ApiSettings, serve_connection};
 use pushbroker::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
 use time::OffsetDateTime;
@@ -71,36 +72,6 @@ struct Client {
     reader: BufReader<TcpStream>,
 }
 
-/// One answer.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).expect("a JSON answer")
-    }
-
-    fn assert_error(&self, status: u16, label: &str, message: &str) {
-        assert_eq!(self.status, status, "{self:?}");
-        assert_eq!(
-            self.body,
-            format!(r#"{{"error":"{label}","message":"{message}"}}"#)
-        );
-        assert_eq!(self.header("content-type"), Some("application/json"));
-    }
-}
-
 impl Client {
     fn connect(server: &Server) -> Self {
         let stream = TcpStream::connect(server.addr).expect("connect");
@@ -117,7 +88,7 @@ impl Client {
     }
 
     /// Sends a `POST` of a JSON body with its `Content-Length`.
-    fn post(&mut self, path: &str, body: &str) -> Answer {
+    fn post(&mut self, path: &str, body: &str) -> HttpAnswer {
         self.send(
             format!(
                 "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -128,7 +99,7 @@ impl Client {
         self.answer()
     }
 
-    fn get(&mut self, path: &str) -> Answer {
+    fn get(&mut self, path: &str) -> HttpAnswer {
         self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
         self.answer()
     }
@@ -140,7 +111,7 @@ impl Client {
     }
 
     /// Reads one answer (its body by `Content-Length`).
-    fn answer(&mut self) -> Answer {
+    fn answer(&mut self) -> HttpAnswer {
         let status_line = self.line();
         let status = status_line
             .strip_prefix("HTTP/1.1 ")
@@ -163,7 +134,7 @@ impl Client {
             .expect("answers have a Content-Length");
         let mut body = vec![0; len];
         self.reader.read_exact(&mut body).expect("the body");
-        Answer {
+        HttpAnswer {
             status,
             headers,
             body: String::from_utf8(body).expect("UTF-8"),

@@ -373,12 +373,12 @@ fn normal_operation_writes_nothing_at_info_or_above() {
 // ---------------------------------------------------------------------------------------
 
 /// `GET path`.
-fn http_get(addr: SocketAddr, path: &str) -> HttpResponse {
+fn http_get(addr: SocketAddr, path: &str) -> HttpAnswer {
     http(addr, "GET", path, &[], b"")
 }
 
 /// POSTs raw `body` as JSON with its Content-Length.
-fn post_raw(addr: SocketAddr, path: &str, body: &[u8]) -> HttpResponse {
+fn post_raw(addr: SocketAddr, path: &str, body: &[u8]) -> HttpAnswer {
     let len = body.len().to_string();
     http(
         addr,
@@ -394,12 +394,12 @@ fn post_raw(addr: SocketAddr, path: &str, body: &[u8]) -> HttpResponse {
 
 /// Asserts the answer is exactly `{"error":label,"message":message}` with `status`.
 #[track_caller]
-fn assert_error(resp: &HttpResponse, status: u16, label: &str, message: &str) {
+fn assert_error(resp: &HttpAnswer, status: u16, label: &str, message: &str) {
     assert_eq!(
         (resp.status, resp.json()),
         (status, json!({"error": label, "message": message})),
         "body {:?}",
-        String::from_utf8_lossy(&resp.body)
+        resp.body.as_str()
     );
     assert_eq!(resp.header("content-type"), Some("application/json"));
 }
@@ -411,12 +411,7 @@ fn register(addr: SocketAddr, device_id: &str, app_id: &str) -> String {
         "/register",
         &json!({"deviceid": device_id, "appid": app_id}),
     );
-    assert_eq!(
-        resp.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body.as_str());
     resp.json()["token"].as_str().expect("a token").to_owned()
 }
 
@@ -464,12 +459,9 @@ fn successful_calls_answer_ok_and_register_answers_the_original_token() {
     // The same pair always gets the same token.
     assert_eq!(register(api, "dev1", "app1"), "YXBwMTo6ZGV2MQ==");
 
-    let ok = |resp: HttpResponse| {
+    let ok = |resp: HttpAnswer| {
         assert_eq!(
-            (
-                resp.status,
-                String::from_utf8_lossy(&resp.body).into_owned()
-            ),
+            (resp.status, resp.body.clone()),
             (200, r#"{"ok":true}"#.to_owned())
         );
         assert_eq!(resp.header("content-type"), Some("application/json"));
@@ -606,12 +598,7 @@ fn post_head_errors_come_in_the_original_order() {
     body.resize(4095, b' ');
     body.push(b'}');
     let resp = post_raw(api, "/register", &body);
-    assert_eq!(
-        resp.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body.as_str());
     assert_eq!(resp.json()["token"], "YXBwMTo6ZGV2MQ==");
 
     // 415: any media type but application/json.
@@ -744,22 +731,12 @@ fn body_errors_name_what_is_wrong() {
             )
         };
         let resp = post_raw(api, path, body(&data_of(2048)).as_bytes());
-        assert_eq!(
-            resp.status,
-            200,
-            "{path}: {:?}",
-            String::from_utf8_lossy(&resp.body)
-        );
+        assert_eq!(resp.status, 200, "{path}: {:?}", resp.body.as_str());
         let resp = post_raw(api, path, body(&data_of(2049)).as_bytes());
         if path == "/notify" {
             assert_error(&resp, 400, "invalid-request", "Data too large");
         } else {
-            assert_eq!(
-                resp.status,
-                200,
-                "{:?}",
-                String::from_utf8_lossy(&resp.body)
-            );
+            assert_eq!(resp.status, 200, "{:?}", resp.body.as_str());
         }
     }
 
@@ -883,9 +860,9 @@ fn too_many_pending_answers_413_with_the_newest_payload_as_extra() {
         ),
     );
     assert!(
-        String::from_utf8_lossy(&resp.body).contains(r#""extra":{"z":2,"a":1}"#),
+        resp.body.as_str().contains(r#""extra":{"z":2,"a":1}"#),
         "{:?}",
-        String::from_utf8_lossy(&resp.body)
+        resp.body.as_str()
     );
     assert_eq!(resp.header("content-type"), Some("application/json"));
     // A tag that matches nothing pending does not make room either.
@@ -927,7 +904,7 @@ fn health_and_metrics_answer() {
     assert_eq!(health.json()["ok"], json!(true));
     let metrics = http_get(server.http_addr, "/metrics");
     assert_eq!(metrics.status, 200);
-    let text = String::from_utf8_lossy(&metrics.body);
+    let text = metrics.body.as_str();
     let sessions: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("pushbroker_sessions"))
@@ -1102,7 +1079,7 @@ fn devices_past_max_sessions_are_closed_counted_and_http_still_answers() {
     let rejected = stats.json()["totals"]["rejected_device_connections"]
         .as_u64()
         .unwrap_or(0);
-    assert!(rejected >= 6, "{}", String::from_utf8_lossy(&stats.body));
+    assert!(rejected >= 6, "{}", stats.body.as_str());
     assert!(
         server
             .wait_log(|l| l.contains("WARN device connections at the limit"))

@@ -17,7 +17,7 @@ fn totals(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
 }
 
 /// A GET on a fresh connection; `None` when the connection is closed unanswered.
-fn try_http(addr: std::net::SocketAddr, path: &str) -> Option<HttpResponse> {
+fn try_http(addr: std::net::SocketAddr, path: &str) -> Option<HttpAnswer> {
     std::panic::catch_unwind(|| http(addr, "GET", path, &[], b"")).ok()
 }
 
@@ -119,7 +119,9 @@ fn sessions_online_go_back_to_zero_when_every_client_vanishes() {
     }
     wait_totals(server.http_addr, "no session left", |t| t["sessions"] == 0);
     let metrics = try_http(server.http_addr, "/metrics").expect("metrics");
-    let online: u64 = String::from_utf8_lossy(&metrics.body)
+    let online: u64 = metrics
+        .body
+        .as_str()
         .lines()
         .filter_map(|l| l.strip_prefix("pushbroker_sessions{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
@@ -157,12 +159,7 @@ fn notify(addr: std::net::SocketAddr, token: &str, data: serde_json::Value) {
         "/notify",
         &json!({"appid": "app", "token": token, "expire_on": LATER, "data": data}),
     );
-    assert_eq!(
-        resp.status,
-        200,
-        "{:?}",
-        String::from_utf8_lossy(&resp.body)
-    );
+    assert_eq!(resp.status, 200, "{:?}", resp.body.as_str());
 }
 
 #[test]

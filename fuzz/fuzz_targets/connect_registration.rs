@@ -45,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
                 let sid = SessionId("fuzz".to_owned());
                 let _end = run(
                     &mut io,
-                    connect,
+                    Box::new(connect),
                     buf,
                     &broker,
                     &config,

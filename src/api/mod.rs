@@ -33,6 +33,8 @@ mod handlers;
 mod http;
 mod metrics;
 pub mod rt;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

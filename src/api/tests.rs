@@ -2,7 +2,7 @@
 //! PROTOCOL.md §3, run on shard 0 as the server runs it, without sockets.
 
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -11,16 +11,15 @@ use hyper::Method;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use super::testing::HttpAnswer;
 use super::*;
 use crate::broker::BrokerSending;
 use crate::broker::sharded::{
     ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder, owner_of_device,
 };
-use crate::broker::testing::{LogCapture, TestBrokerConfig};
-use crate::protocol::{Notification, Payload};
-use crate::store::{
-    InMemoryPendingStore, InternalChannelId, Metadata, PendingStore, ScrubCriteria, StoreError,
-};
+use crate::broker::testing::{FaultyStore, LogCapture, StoreOp, TestBrokerConfig};
+use crate::protocol::Notification;
+use crate::store::{InternalChannelId, PendingStore};
 
 /// A request as a test writes it: `Send`, so it can travel to the shard.
 #[derive(Debug, Clone)]
@@ -90,48 +89,18 @@ impl Call {
     }
 }
 
-/// An answer, taken apart.
+/// An answer, and whether the core awaited the body.
 #[derive(Debug, Clone)]
 struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-    /// Whether the core awaited the body.
+    http: HttpAnswer,
     read_body: bool,
 }
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
+impl std::ops::Deref for Answer {
+    type Target = HttpAnswer;
 
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.body).expect("a JSON answer")
-    }
-
-    /// Asserts an error answer: status, label, message, JSON content type.
-    fn assert_error(&self, status: u16, label: &str, message: &str) {
-        assert_eq!(
-            (self.status, self.body.as_str()),
-            (
-                status,
-                format!(r#"{{"error":"{label}","message":"{message}"}}"#).as_str()
-            ),
-            "{self:?}"
-        );
-        assert_eq!(self.header("content-type"), Some("application/json"));
-    }
-
-    fn assert_ok(&self) {
-        assert_eq!(
-            (self.status, self.body.as_str()),
-            (200, r#"{"ok":true}"#),
-            "{self:?}"
-        );
-        assert_eq!(self.header("content-type"), Some("application/json"));
+    fn deref(&self) -> &HttpAnswer {
+        &self.http
     }
 }
 
@@ -161,9 +130,11 @@ async fn answer(ctx: &ApiContext, call: Call) -> Answer {
         Err(never) => match never {},
     };
     Answer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
+        http: HttpAnswer {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        },
         read_body: read.get(),
     }
 }
@@ -1036,96 +1007,20 @@ fn a_full_owner_inbox_is_503_not_a_wait() {
     a.assert_error(503, "unavailable", "Server busy, try again later");
 }
 
-/// A store whose lookups (tokens, channel names) or writes fail as a backend fault.
-#[derive(Debug, Default)]
-struct FaultyStore {
-    inner: InMemoryPendingStore,
-    lookups_fail: bool,
-}
-
-fn down() -> StoreError {
-    StoreError::Unavailable("backend 10.1.2.3 down".into())
-}
-
-impl PendingStore for FaultyStore {
-    fn register(&self, _: &str, _: &str) -> Result<String, StoreError> {
-        Err(down())
-    }
-
-    fn unregister(&self, _: &str, _: &str) -> Result<(), StoreError> {
-        Err(down())
-    }
-
-    fn get_internal_channel_id_from_token(
-        &self,
-        token: &str,
-        app_id: &str,
-        user_id: &str,
-        device_id: &str,
-    ) -> Result<InternalChannelId, StoreError> {
-        if self.lookups_fail {
-            return Err(down());
-        }
-        self.inner
-            .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
-    }
-
-    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
-        if self.lookups_fail {
-            return Err(down());
-        }
-        self.inner.get_internal_channel_id(name)
-    }
-
-    fn append_to_channel(
-        &self,
-        _: &InternalChannelId,
-        _: Payload,
-        _: SystemTime,
-    ) -> Result<i64, StoreError> {
-        Err(down())
-    }
-
-    fn append_to_unicast_channel(
-        &self,
-        _: &InternalChannelId,
-        _: Notification,
-        _: Metadata,
-    ) -> Result<(), StoreError> {
-        Err(down())
-    }
-
-    fn get_channel_snapshot(
-        &self,
-        chan: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>), StoreError> {
-        self.inner.get_channel_snapshot(chan)
-    }
-
-    fn get_channel_unfiltered(
-        &self,
-        _: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
-        Err(down())
-    }
-
-    fn scrub(&self, _: &InternalChannelId, _: ScrubCriteria<'_>) -> Result<(), StoreError> {
-        Err(down())
-    }
-
-    fn drop_by_msg_id(&self, _: &InternalChannelId, _: &[Notification]) -> Result<(), StoreError> {
-        Err(down())
-    }
-}
-
 #[test]
 fn store_faults_are_503_and_never_show_the_cause() {
     for lookups_fail in [true, false] {
         let b = started(builder().store(move |_| {
-            Rc::new(FaultyStore {
-                lookups_fail,
-                ..FaultyStore::default()
-            }) as Rc<dyn PendingStore>
+            // Writes fail; lookups (tokens, channel names) too, or succeed.
+            let failing: Vec<StoreOp> = StoreOp::ALL
+                .into_iter()
+                .filter(|op| {
+                    lookups_fail || !matches!(op, StoreOp::TokenLookup | StoreOp::ChannelLookup)
+                })
+                .filter(|op| *op != StoreOp::Snapshot)
+                .collect();
+            Rc::new(FaultyStore::new().failing_all(&failing, "backend 10.1.2.3 down"))
+                as Rc<dyn PendingStore>
         }));
         let reg = r#"{"deviceid":"dev1","appid":"app"}"#;
         let bcast = format!(

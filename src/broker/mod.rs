@@ -33,15 +33,17 @@
 //! | `ErrUnexpectedValue` | [`ErrAbort::unexpected_value`] |
 //! | a `nil` exchange (kick) | [`Next::Terminated`] |
 //! | `simple.SimpleBroker` | [`simple::SimpleBroker`] |
-//! | `testing` (`TestBrokerSession`, `TestBrokerConfig`) | [`testing`] |
-//! | `testsuite.CommonBrokerSuite` | [`testsuite`] and the [`broker_conformance!`](crate::broker_conformance) macro |
+//! | `testing` (`TestBrokerSession`, `TestBrokerConfig`) | `testing` (with the `testing` feature) |
+//! | `testsuite.CommonBrokerSuite` | `testsuite` and the `broker_conformance!` macro (with the `testing` feature) |
 
 mod exchange;
 mod local;
 mod queue;
 pub mod sharded;
 pub mod simple;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
+#[cfg(any(test, feature = "testing"))]
 pub mod testsuite;
 
 use std::borrow::Cow;

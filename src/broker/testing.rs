@@ -1,7 +1,6 @@
 //! Test implementations of the broker's interfaces, and helpers to drive exchanges and
 //! executors in tests and benchmarks (the original's `broker/testing`).
 
-use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -214,31 +213,139 @@ pub fn perform_with(
     })
 }
 
-/// A store that fails on purpose (the original suite's `testFailingStore`): channel
-/// snapshots succeed, empty, `countdown_to_fail` times and then fail; drops always fail.
-/// Everything else is an [`InMemoryPendingStore`]'s.
-#[derive(Debug, Default)]
-pub struct FailingPendingStore {
-    inner: InMemoryPendingStore,
-    countdown_to_fail: Cell<usize>,
+/// A store operation, as [`FaultyStore`] fails it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    /// [`PendingStore::register`].
+    Register,
+    /// [`PendingStore::unregister`].
+    Unregister,
+    /// [`PendingStore::get_internal_channel_id_from_token`].
+    TokenLookup,
+    /// [`PendingStore::get_internal_channel_id`].
+    ChannelLookup,
+    /// [`PendingStore::append_to_channel`].
+    Append,
+    /// [`PendingStore::append_to_unicast_channel`].
+    AppendUnicast,
+    /// [`PendingStore::get_channel_snapshot`].
+    Snapshot,
+    /// [`PendingStore::get_channel_unfiltered`].
+    Unfiltered,
+    /// [`PendingStore::scrub`].
+    Scrub,
+    /// [`PendingStore::drop_by_msg_id`].
+    Drop,
 }
 
-impl FailingPendingStore {
-    /// A store whose snapshots fail after `countdown_to_fail` successes.
-    pub fn new(countdown_to_fail: usize) -> Self {
+impl StoreOp {
+    /// Every operation.
+    pub const ALL: [StoreOp; 10] = [
+        StoreOp::Register,
+        StoreOp::Unregister,
+        StoreOp::TokenLookup,
+        StoreOp::ChannelLookup,
+        StoreOp::Append,
+        StoreOp::AppendUnicast,
+        StoreOp::Snapshot,
+        StoreOp::Unfiltered,
+        StoreOp::Scrub,
+        StoreOp::Drop,
+    ];
+}
+
+/// One fault of a [`FaultyStore`]: `op` succeeds `successes` more times, then fails
+/// with `message` as [`StoreError::Unavailable`].
+#[derive(Debug, Clone)]
+struct Fault {
+    op: StoreOp,
+    successes: usize,
+    message: String,
+}
+
+/// An [`InMemoryPendingStore`] with faults injected: the one fake store of the tests.
+/// Each fault makes one operation fail as a backend fault after some successes; what
+/// does not fail is the inner store's.
+#[derive(Debug, Default)]
+pub struct FaultyStore {
+    inner: InMemoryPendingStore,
+    /// Borrowed only inside a method.
+    faults: std::cell::RefCell<Vec<Fault>>,
+    /// Successful snapshots are empty at level 0 (the original's `testFailingStore`).
+    empty_snapshots: bool,
+}
+
+impl FaultyStore {
+    /// A store with no fault yet, over a new in-memory store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A store with no fault yet, over `inner`.
+    pub fn over(inner: InMemoryPendingStore) -> Self {
         Self {
-            inner: InMemoryPendingStore::new(),
-            countdown_to_fail: Cell::new(countdown_to_fail),
+            inner,
+            ..Self::default()
+        }
+    }
+
+    /// The original suite's `testFailingStore`: channel snapshots succeed, empty,
+    /// `countdown_to_fail` times and then fail (`get channel snapshot fail`); drops
+    /// always fail (`drop fail`).
+    pub fn original(countdown_to_fail: usize) -> Self {
+        let mut store = Self::new()
+            .failing(
+                StoreOp::Snapshot,
+                countdown_to_fail,
+                "get channel snapshot fail",
+            )
+            .failing(StoreOp::Drop, 0, "drop fail");
+        store.empty_snapshots = true;
+        store
+    }
+
+    /// Makes `op` fail with `message` once it has succeeded `successes` more times.
+    pub fn failing(self, op: StoreOp, successes: usize, message: &str) -> Self {
+        self.faults.borrow_mut().push(Fault {
+            op,
+            successes,
+            message: message.to_owned(),
+        });
+        self
+    }
+
+    /// Makes each of `ops` fail with `message`, every time.
+    pub fn failing_all(self, ops: &[StoreOp], message: &str) -> Self {
+        ops.iter()
+            .fold(self, |store, &op| store.failing(op, 0, message))
+    }
+
+    /// The store behind the faults.
+    pub fn inner(&self) -> &InMemoryPendingStore {
+        &self.inner
+    }
+
+    fn check(&self, op: StoreOp) -> Result<(), StoreError> {
+        let mut faults = self.faults.borrow_mut();
+        match faults.iter_mut().find(|f| f.op == op) {
+            Some(f) if f.successes == 0 => Err(StoreError::Unavailable(f.message.clone())),
+            Some(f) => {
+                f.successes -= 1;
+                Ok(())
+            }
+            None => Ok(()),
         }
     }
 }
 
-impl PendingStore for FailingPendingStore {
+impl PendingStore for FaultyStore {
     fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
+        self.check(StoreOp::Register)?;
         self.inner.register(device_id, app_id)
     }
 
     fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
+        self.check(StoreOp::Unregister)?;
         self.inner.unregister(device_id, app_id)
     }
 
@@ -249,11 +356,13 @@ impl PendingStore for FailingPendingStore {
         user_id: &str,
         device_id: &str,
     ) -> Result<InternalChannelId, StoreError> {
+        self.check(StoreOp::TokenLookup)?;
         self.inner
             .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
     }
 
     fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
+        self.check(StoreOp::ChannelLookup)?;
         self.inner.get_internal_channel_id(name)
     }
 
@@ -263,6 +372,7 @@ impl PendingStore for FailingPendingStore {
         payload: Payload,
         expiration: SystemTime,
     ) -> Result<i64, StoreError> {
+        self.check(StoreOp::Append)?;
         self.inner.append_to_channel(chan, payload, expiration)
     }
 
@@ -272,27 +382,27 @@ impl PendingStore for FailingPendingStore {
         notification: Notification,
         meta: Metadata,
     ) -> Result<(), StoreError> {
+        self.check(StoreOp::AppendUnicast)?;
         self.inner
             .append_to_unicast_channel(chan, notification, meta)
     }
 
     fn get_channel_snapshot(
         &self,
-        _chan: &InternalChannelId,
+        chan: &InternalChannelId,
     ) -> Result<(i64, Vec<Notification>), StoreError> {
-        match self.countdown_to_fail.get() {
-            0 => Err(StoreError::Unavailable("get channel snapshot fail".into())),
-            n => {
-                self.countdown_to_fail.set(n - 1);
-                Ok((0, Vec::new()))
-            }
+        self.check(StoreOp::Snapshot)?;
+        if self.empty_snapshots {
+            return Ok((0, Vec::new()));
         }
+        self.inner.get_channel_snapshot(chan)
     }
 
     fn get_channel_unfiltered(
         &self,
         chan: &InternalChannelId,
     ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
+        self.check(StoreOp::Unfiltered)?;
         self.inner.get_channel_unfiltered(chan)
     }
 
@@ -301,15 +411,17 @@ impl PendingStore for FailingPendingStore {
         chan: &InternalChannelId,
         criteria: ScrubCriteria<'_>,
     ) -> Result<(), StoreError> {
+        self.check(StoreOp::Scrub)?;
         self.inner.scrub(chan, criteria)
     }
 
     fn drop_by_msg_id(
         &self,
-        _chan: &InternalChannelId,
-        _targets: &[Notification],
+        chan: &InternalChannelId,
+        targets: &[Notification],
     ) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("drop fail".into()))
+        self.check(StoreOp::Drop)?;
+        self.inner.drop_by_msg_id(chan, targets)
     }
 }
 

@@ -21,7 +21,7 @@ use super::sharded::{
     owner_of_device,
 };
 use super::simple::{SimpleBroker, SimpleBrokerSession};
-use super::testing::{FailingPendingStore, LogCapture, TestBrokerConfig};
+use super::testing::{FaultyStore, LogCapture, TestBrokerConfig};
 use super::{
     BroadcastExchange, Broker, BrokerError, BrokerSending, BrokerSession, ExchangeQueue,
     ExchangeRef, LevelsMap, LocalSession, Next, SessionId, UnicastExchange,
@@ -37,7 +37,7 @@ pub const PATIENCE: Duration = Duration::from_secs(5);
 pub enum StoreSpec {
     /// An [`InMemoryPendingStore`].
     InMemory,
-    /// A [`FailingPendingStore`] whose snapshots fail after `countdown_to_fail`
+    /// A [`FaultyStore::original`] whose snapshots fail after `countdown_to_fail`
     /// successes.
     Failing {
         /// Successful snapshots before the failures start.
@@ -51,7 +51,7 @@ impl StoreSpec {
         match self {
             StoreSpec::InMemory => Rc::new(InMemoryPendingStore::new()),
             StoreSpec::Failing { countdown_to_fail } => {
-                Rc::new(FailingPendingStore::new(countdown_to_fail))
+                Rc::new(FaultyStore::original(countdown_to_fail))
             }
         }
     }
@@ -203,42 +203,46 @@ pub trait SuiteSession: std::fmt::Debug {
     async fn feed(&self, exchange: &Revealed);
 }
 
-/// Stamps the conformance suite into a module of `#[test]`s.
+/// Defines the suite's tests once, as public `async fn`s, and stamps the same list into
+/// [`broker_conformance!`](crate::broker_conformance): every test written here runs
+/// against every broker the macro is invoked for, with no second list to keep in step.
 ///
-/// `$make` is a `Fn(StoreSpec, TestBrokerConfig) -> impl SuiteBroker`, called inside the
-/// executor; `$run` runs a future-making closure to completion (e.g.
-/// [`run_local`](crate::broker::testing::run_local)).
-#[macro_export]
-macro_rules! broker_conformance {
-    ($name:ident, $make:expr, $run:path) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            $crate::broker_conformance!(@tests $make, $run;
-                unknown_device_has_no_session,
-                start_and_stop_are_idempotent,
-                registration_keeps_device_model_channel_and_levels,
-                bad_levels_key_aborts_registration,
-                wrongly_typed_info_value_aborts_registration,
-                registering_with_pending_broadcast_queues_two_exchanges,
-                store_failure_while_feeding_pending_is_logged_and_registration_succeeds,
-                last_registration_wins,
-                broadcast_reaches_every_session,
-                store_failure_during_broadcast_is_logged,
-                unicast_reaches_exactly_the_addressed_sessions,
-                get_and_drop_through_a_session,
-                store_errors_surface_from_get_and_drop,
-                feeding_a_session_queues_exactly_what_was_fed
-            );
-        }
-    };
-    (@tests $make:expr, $run:path; $($test:ident),*) => {
+/// `$d` is a literal `$`, for the metavariables of the macro defined inside.
+macro_rules! suite {
+    ($d:tt; $(
+        $(#[$meta:meta])*
+        pub async fn $test:ident<H: SuiteBroker>(
+            $make:ident: impl Fn(StoreSpec, TestBrokerConfig) -> H $(,)?
+        ) $body:block
+    )*) => {
         $(
-            #[test]
-            fn $test() {
-                $run(|| $crate::broker::testsuite::$test($make));
-            }
+            $(#[$meta])*
+            pub async fn $test<H: SuiteBroker>(
+                $make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+            ) $body
         )*
+
+        /// Stamps the conformance suite into a module of `#[test]`s, one per test of
+        /// [`testsuite`](crate::broker::testsuite).
+        ///
+        /// `$make` is a `Fn(StoreSpec, TestBrokerConfig) -> impl SuiteBroker`, called
+        /// inside the executor; `$run` runs a future-making closure to completion (e.g.
+        /// [`run_local`](crate::broker::testing::run_local)).
+        #[macro_export]
+        macro_rules! broker_conformance {
+            ($d name:ident, $d make:expr, $d run:path) => {
+                mod $d name {
+                    #[allow(unused_imports)]
+                    use super::*;
+                    $(
+                        #[test]
+                        fn $test() {
+                            $d run(|| $crate::broker::testsuite::$test($d make));
+                        }
+                    )*
+                }
+            };
+        }
     };
 }
 
@@ -278,373 +282,373 @@ async fn logged(logs: &LogCapture, level: &str, message: &str) -> bool {
     logs.has_line(level, message)
 }
 
-/// An unknown device has no session.
-pub async fn unknown_device_has_no_session<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    assert_eq!(b.reveal_session("FOO").await, None);
-}
+suite! {$;
+    /// An unknown device has no session.
+    pub async fn unknown_device_has_no_session<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        assert_eq!(b.reveal_session("FOO").await, None);
+    }
 
-/// Start and stop may be repeated.
-pub async fn start_and_stop_are_idempotent<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    assert!(!b.running());
-    b.start().await;
-    assert!(b.running());
-    b.start().await;
-    assert!(b.running());
-    b.stop().await;
-    assert!(!b.running());
-    b.stop().await;
-    assert!(!b.running());
-}
+    /// Start and stop may be repeated.
+    pub async fn start_and_stop_are_idempotent<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        assert!(!b.running());
+        b.start().await;
+        assert!(b.running());
+        b.start().await;
+        assert!(b.running());
+        b.stop().await;
+        assert!(!b.running());
+        b.stop().await;
+        assert!(!b.running());
+    }
 
-/// Registration keeps the device id, model, image channel and levels; after
-/// unregistering the device has no session.
-pub async fn registration_keeps_device_model_channel_and_levels<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let mut msg = connect("dev-1");
-    msg.levels = Some([("0".to_owned(), 5)].into_iter().collect());
-    msg.info = Some(
-        serde_json::json!({"device": "model", "channel": "daily"})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-    );
-    let sess = b.register(&msg, "s1").await.expect("registration");
-    assert_eq!(b.reveal_session("dev-1").await, Some(sess.key()));
-    assert_eq!(sess.device_identifier(), "dev-1");
-    assert_eq!(sess.device_image_model(), "model");
-    assert_eq!(sess.device_image_channel(), "daily");
-    let expected: LevelsMap = [(InternalChannelId::System, 5)].into_iter().collect();
-    assert_eq!(sess.levels(), expected);
-    b.unregister(&sess).await;
-    assert_eq!(b.reveal_session("dev-1").await, None);
-    b.stop().await;
-}
-
-/// A `Levels` key that is neither `"0"` nor 32 hex digits aborts registration.
-pub async fn bad_levels_key_aborts_registration<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let mut msg = connect("dev-1");
-    msg.levels = Some([("z".to_owned(), 5)].into_iter().collect());
-    let err = b
-        .register(&msg, "s1")
-        .await
-        .expect_err("registration must fail");
-    assert!(err.is_abort(), "{err:?}");
-    assert_eq!(b.reveal_session("dev-1").await, None);
-    b.stop().await;
-}
-
-/// A non-string `Info.device` or `Info.channel` aborts registration with "unexpected
-/// value in message".
-pub async fn wrongly_typed_info_value_aborts_registration<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    for info in [
-        serde_json::json!({"device": -1}),
-        serde_json::json!({"device": "m", "channel": -1}),
-    ] {
+    /// Registration keeps the device id, model, image channel and levels; after
+    /// unregistering the device has no session.
+    pub async fn registration_keeps_device_model_channel_and_levels<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
         let mut msg = connect("dev-1");
-        msg.info = info.as_object().cloned();
-        match b.register(&msg, "s1").await {
-            Err(BrokerError::Abort(a)) => assert_eq!(a, super::ErrAbort::unexpected_value()),
-            other => panic!("expected an abort for {info}, got {other:?}"),
-        }
+        msg.levels = Some([("0".to_owned(), 5)].into_iter().collect());
+        msg.info = Some(
+            serde_json::json!({"device": "model", "channel": "daily"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let sess = b.register(&msg, "s1").await.expect("registration");
+        assert_eq!(b.reveal_session("dev-1").await, Some(sess.key()));
+        assert_eq!(sess.device_identifier(), "dev-1");
+        assert_eq!(sess.device_image_model(), "model");
+        assert_eq!(sess.device_image_channel(), "daily");
+        let expected: LevelsMap = [(InternalChannelId::System, 5)].into_iter().collect();
+        assert_eq!(sess.levels(), expected);
+        b.unregister(&sess).await;
+        assert_eq!(b.reveal_session("dev-1").await, None);
+        b.stop().await;
     }
-    b.stop().await;
-}
 
-/// With a broadcast pending, registration queues a broadcast and a unicast exchange.
-pub async fn registering_with_pending_broadcast_queues_two_exchanges<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.append_to_channel(
-        &InternalChannelId::System,
-        payload(r#"{"m": "M"}"#),
-        much_later(),
-    )
-    .await
-    .expect("append");
-    b.start().await;
-    let sess = b
-        .register(&connect("dev-1"), "s1")
-        .await
-        .expect("registration");
-    assert_eq!(sess.queued().await, 2);
-    match sess.next_exchange().await {
-        Some(Revealed::Broadcast { top_level, .. }) => assert_eq!(top_level, 1),
-        other => panic!("expected the broadcast first, got {other:?}"),
+    /// A `Levels` key that is neither `"0"` nor 32 hex digits aborts registration.
+    pub async fn bad_levels_key_aborts_registration<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let mut msg = connect("dev-1");
+        msg.levels = Some([("z".to_owned(), 5)].into_iter().collect());
+        let err = b
+            .register(&msg, "s1")
+            .await
+            .expect_err("registration must fail");
+        assert!(err.is_abort(), "{err:?}");
+        assert_eq!(b.reveal_session("dev-1").await, None);
+        b.stop().await;
     }
-    match sess.next_exchange().await {
-        Some(Revealed::Unicast(u)) => {
-            assert_eq!(u.chan_id, InternalChannelId::unicast("dev-1", "dev-1"));
-        }
-        other => panic!("expected the unicast second, got {other:?}"),
-    }
-    b.stop().await;
-}
 
-/// A store failure while feeding pending is logged, and registration still succeeds.
-pub async fn store_failure_while_feeding_pending_is_logged_and_registration_succeeds<
-    H: SuiteBroker,
->(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let logs = LogCapture::new();
-    let _guard = logs.set_default();
-    let b = make(
-        StoreSpec::Failing {
-            countdown_to_fail: 0,
-        },
-        TestBrokerConfig::default(),
-    );
-    b.start().await;
-    let sess = b.register(&connect("dev-1"), "s1").await;
-    assert!(sess.is_ok(), "{sess:?}");
-    assert!(
-        logged(
-            &logs,
-            "ERROR",
-            "unsuccessful, get channel snapshot for 0 (cachedOk=true): get channel snapshot fail"
+    /// A non-string `Info.device` or `Info.channel` aborts registration with "unexpected
+    /// value in message".
+    pub async fn wrongly_typed_info_value_aborts_registration<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        for info in [
+            serde_json::json!({"device": -1}),
+            serde_json::json!({"device": "m", "channel": -1}),
+        ] {
+            let mut msg = connect("dev-1");
+            msg.info = info.as_object().cloned();
+            match b.register(&msg, "s1").await {
+                Err(BrokerError::Abort(a)) => assert_eq!(a, super::ErrAbort::unexpected_value()),
+                other => panic!("expected an abort for {info}, got {other:?}"),
+            }
+        }
+        b.stop().await;
+    }
+
+    /// With a broadcast pending, registration queues a broadcast and a unicast exchange.
+    pub async fn registering_with_pending_broadcast_queues_two_exchanges<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.append_to_channel(
+            &InternalChannelId::System,
+            payload(r#"{"m": "M"}"#),
+            much_later(),
         )
-        .await,
-        "captured: {}",
-        logs.captured()
-    );
-    b.stop().await;
-}
-
-/// A newer registration of the same device terminates the older session; unregistering
-/// the older one leaves the newer.
-pub async fn last_registration_wins<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let sess1 = b.register(&connect("dev-1"), "s1").await.expect("first");
-    clear_of_pending(&sess1).await;
-    let sess2 = b.register(&connect("dev-1"), "s2").await.expect("second");
-    assert_eq!(sess1.next_exchange().await, Some(Revealed::Terminated));
-    assert_eq!(b.reveal_session("dev-1").await, Some(sess2.key()));
-    b.unregister(&sess1).await;
-    assert_eq!(b.reveal_session("dev-1").await, Some(sess2.key()));
-    b.stop().await;
-}
-
-/// A broadcast reaches every session with the channel, top level, notifications and
-/// decoded payloads.
-pub async fn broadcast_reaches_every_session<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let sess1 = b.register(&connect("dev-1"), "s1").await.expect("dev-1");
-    clear_of_pending(&sess1).await;
-    let sess2 = b.register(&connect("dev-2"), "s2").await.expect("dev-2");
-    clear_of_pending(&sess2).await;
-    let p = payload(r#"{"m": "M"}"#);
-    b.append_to_channel(&InternalChannelId::System, p.clone(), much_later())
         .await
         .expect("append");
-    b.broadcast(InternalChannelId::System).expect("broadcast");
-    let expected = Revealed::Broadcast {
-        chan_id: InternalChannelId::System,
-        top_level: 1,
-        notifications: vec![Notification::broadcast(p)],
-        decoded: vec![serde_json::json!({"m": "M"}).as_object().cloned()],
-    };
-    assert_eq!(sess1.next_exchange().await, Some(expected.clone()));
-    assert_eq!(sess2.next_exchange().await, Some(expected));
-    b.stop().await;
-}
-
-/// A store failure during a broadcast is logged.
-pub async fn store_failure_during_broadcast_is_logged<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let logs = LogCapture::new();
-    let _guard = logs.set_default();
-    let b = make(
-        StoreSpec::Failing {
-            countdown_to_fail: 1,
-        },
-        TestBrokerConfig::default(),
-    );
-    b.start().await;
-    let sess = b
-        .register(&connect("dev-1"), "s1")
-        .await
-        .expect("registration");
-    clear_of_pending(&sess).await;
-    b.broadcast(InternalChannelId::System).expect("broadcast");
-    assert!(
-        logged(
-            &logs,
-            "ERROR",
-            "unsuccessful, get channel snapshot for 0 (cachedOk=false): get channel snapshot fail"
-        )
-        .await,
-        "captured: {}",
-        logs.captured()
-    );
-    b.stop().await;
-}
-
-/// Unicast deliveries reach exactly the addressed sessions.
-pub async fn unicast_reaches_exactly_the_addressed_sessions<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let chan1 = InternalChannelId::unicast("dev1", "dev1");
-    let chan2 = InternalChannelId::unicast("dev2", "dev2");
-    let mut sessions = Vec::new();
-    for dev in ["dev1", "dev2", "dev3"] {
-        let sess = b.register(&connect(dev), dev).await.expect("registration");
-        clear_of_pending(&sess).await;
-        sessions.push(sess);
+        b.start().await;
+        let sess = b
+            .register(&connect("dev-1"), "s1")
+            .await
+            .expect("registration");
+        assert_eq!(sess.queued().await, 2);
+        match sess.next_exchange().await {
+            Some(Revealed::Broadcast { top_level, .. }) => assert_eq!(top_level, 1),
+            other => panic!("expected the broadcast first, got {other:?}"),
+        }
+        match sess.next_exchange().await {
+            Some(Revealed::Unicast(u)) => {
+                assert_eq!(u.chan_id, InternalChannelId::unicast("dev-1", "dev-1"));
+            }
+            other => panic!("expected the unicast second, got {other:?}"),
+        }
+        b.stop().await;
     }
-    for (chan, app, msg) in [(&chan1, "app1", "msg1"), (&chan2, "app2", "msg2")] {
+
+    /// A store failure while feeding pending is logged, and registration still succeeds.
+    pub async fn store_failure_while_feeding_pending_is_logged_and_registration_succeeds<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let logs = LogCapture::new();
+        let _guard = logs.set_default();
+        let b = make(
+            StoreSpec::Failing {
+                countdown_to_fail: 0,
+            },
+            TestBrokerConfig::default(),
+        );
+        b.start().await;
+        let sess = b.register(&connect("dev-1"), "s1").await;
+        assert!(sess.is_ok(), "{sess:?}");
+        assert!(
+            logged(
+                &logs,
+                "ERROR",
+                "unsuccessful, get channel snapshot for 0 (cachedOk=true): get channel snapshot fail"
+            )
+            .await,
+            "captured: {}",
+            logs.captured()
+        );
+        b.stop().await;
+    }
+
+    /// A newer registration of the same device terminates the older session; unregistering
+    /// the older one leaves the newer.
+    pub async fn last_registration_wins<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let sess1 = b.register(&connect("dev-1"), "s1").await.expect("first");
+        clear_of_pending(&sess1).await;
+        let sess2 = b.register(&connect("dev-1"), "s2").await.expect("second");
+        assert_eq!(sess1.next_exchange().await, Some(Revealed::Terminated));
+        assert_eq!(b.reveal_session("dev-1").await, Some(sess2.key()));
+        b.unregister(&sess1).await;
+        assert_eq!(b.reveal_session("dev-1").await, Some(sess2.key()));
+        b.stop().await;
+    }
+
+    /// A broadcast reaches every session with the channel, top level, notifications and
+    /// decoded payloads.
+    pub async fn broadcast_reaches_every_session<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let sess1 = b.register(&connect("dev-1"), "s1").await.expect("dev-1");
+        clear_of_pending(&sess1).await;
+        let sess2 = b.register(&connect("dev-2"), "s2").await.expect("dev-2");
+        clear_of_pending(&sess2).await;
+        let p = payload(r#"{"m": "M"}"#);
+        b.append_to_channel(&InternalChannelId::System, p.clone(), much_later())
+            .await
+            .expect("append");
+        b.broadcast(InternalChannelId::System).expect("broadcast");
+        let expected = Revealed::Broadcast {
+            chan_id: InternalChannelId::System,
+            top_level: 1,
+            notifications: vec![Notification::broadcast(p)],
+            decoded: vec![serde_json::json!({"m": "M"}).as_object().cloned()],
+        };
+        assert_eq!(sess1.next_exchange().await, Some(expected.clone()));
+        assert_eq!(sess2.next_exchange().await, Some(expected));
+        b.stop().await;
+    }
+
+    /// A store failure during a broadcast is logged.
+    pub async fn store_failure_during_broadcast_is_logged<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let logs = LogCapture::new();
+        let _guard = logs.set_default();
+        let b = make(
+            StoreSpec::Failing {
+                countdown_to_fail: 1,
+            },
+            TestBrokerConfig::default(),
+        );
+        b.start().await;
+        let sess = b
+            .register(&connect("dev-1"), "s1")
+            .await
+            .expect("registration");
+        clear_of_pending(&sess).await;
+        b.broadcast(InternalChannelId::System).expect("broadcast");
+        assert!(
+            logged(
+                &logs,
+                "ERROR",
+                "unsuccessful, get channel snapshot for 0 (cachedOk=false): get channel snapshot fail"
+            )
+            .await,
+            "captured: {}",
+            logs.captured()
+        );
+        b.stop().await;
+    }
+
+    /// Unicast deliveries reach exactly the addressed sessions.
+    pub async fn unicast_reaches_exactly_the_addressed_sessions<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let chan1 = InternalChannelId::unicast("dev1", "dev1");
+        let chan2 = InternalChannelId::unicast("dev2", "dev2");
+        let mut sessions = Vec::new();
+        for dev in ["dev1", "dev2", "dev3"] {
+            let sess = b.register(&connect(dev), dev).await.expect("registration");
+            clear_of_pending(&sess).await;
+            sessions.push(sess);
+        }
+        for (chan, app, msg) in [(&chan1, "app1", "msg1"), (&chan2, "app2", "msg2")] {
+            b.append_to_unicast_channel(
+                chan,
+                Notification::unicast(app, msg, payload(r#"{"m": "M"}"#)),
+                Metadata::expiring(much_later()),
+            )
+            .await
+            .expect("append");
+        }
+        b.unicast(&[chan2.clone(), chan1.clone()]).expect("unicast");
+        for (sess, chan) in sessions.iter().zip([&chan1, &chan2]) {
+            match sess.next_exchange().await {
+                Some(Revealed::Unicast(u)) => assert_eq!(&u.chan_id, chan),
+                other => panic!("expected a unicast exchange on {chan}, got {other:?}"),
+            }
+        }
+        assert_eq!(sessions[2].queued().await, 0, "dev3 was not addressed");
+        b.stop().await;
+    }
+
+    /// A session gets and drops its notifications through the broker's store.
+    pub async fn get_and_drop_through_a_session<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let chan = InternalChannelId::unicast("dev3", "dev3");
+        let sess = b
+            .register(&connect("dev3"), "s1")
+            .await
+            .expect("registration");
         b.append_to_unicast_channel(
-            chan,
-            Notification::unicast(app, msg, payload(r#"{"m": "M"}"#)),
+            &chan,
+            Notification::unicast("app1", "msg1", payload(r#"{"m": "M1"}"#)),
             Metadata::expiring(much_later()),
         )
         .await
         .expect("append");
+        let (_, expected) = b.get_channel_snapshot(&chan).await.expect("snapshot");
+        let (_, notifs) = sess.get(&chan, false).await.expect("get");
+        assert_eq!(notifs.len(), 1);
+        assert_eq!(notifs, expected);
+        sess.drop_by_msg_id(&chan, &notifs).await.expect("drop");
+        let (_, notifs) = sess.get(&chan, true).await.expect("get again");
+        assert!(notifs.is_empty());
+        let (_, left) = b.get_channel_snapshot(&chan).await.expect("snapshot");
+        assert!(left.is_empty());
+        b.stop().await;
     }
-    b.unicast(&[chan2.clone(), chan1.clone()]).expect("unicast");
-    for (sess, chan) in sessions.iter().zip([&chan1, &chan2]) {
-        match sess.next_exchange().await {
-            Some(Revealed::Unicast(u)) => assert_eq!(&u.chan_id, chan),
-            other => panic!("expected a unicast exchange on {chan}, got {other:?}"),
-        }
+
+    /// Store errors surface from a session's get and drop, and are logged.
+    pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let logs = LogCapture::new();
+        let _guard = logs.set_default();
+        let b = make(
+            StoreSpec::Failing {
+                countdown_to_fail: 1,
+            },
+            TestBrokerConfig::default(),
+        );
+        b.start().await;
+        let chan = InternalChannelId::unicast("dev3", "dev3");
+        let sess = b
+            .register(&connect("dev3"), "s1")
+            .await
+            .expect("registration");
+        let err = sess.get(&chan, false).await.expect_err("get must fail");
+        assert!(err.is_store(), "{err:?}");
+        assert_eq!(err.to_string(), "get channel snapshot fail");
+        assert!(
+            logged(
+                &logs,
+                "ERROR",
+                "unsuccessful, get channel snapshot for Udev3:dev3 (cachedOk=false): get channel snapshot fail"
+            )
+            .await,
+            "captured: {}",
+            logs.captured()
+        );
+        logs.reset();
+        let err = sess
+            .drop_by_msg_id(&chan, &[])
+            .await
+            .expect_err("drop must fail");
+        assert!(err.is_store(), "{err:?}");
+        assert!(
+            logged(
+                &logs,
+                "ERROR",
+                "unsuccessful, drop from channel Udev3:dev3: drop fail"
+            )
+            .await,
+            "captured: {}",
+            logs.captured()
+        );
+        b.stop().await;
     }
-    assert_eq!(sessions[2].queued().await, 0, "dev3 was not addressed");
-    b.stop().await;
-}
 
-/// A session gets and drops its notifications through the broker's store.
-pub async fn get_and_drop_through_a_session<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let chan = InternalChannelId::unicast("dev3", "dev3");
-    let sess = b
-        .register(&connect("dev3"), "s1")
-        .await
-        .expect("registration");
-    b.append_to_unicast_channel(
-        &chan,
-        Notification::unicast("app1", "msg1", payload(r#"{"m": "M1"}"#)),
-        Metadata::expiring(much_later()),
-    )
-    .await
-    .expect("append");
-    let (_, expected) = b.get_channel_snapshot(&chan).await.expect("snapshot");
-    let (_, notifs) = sess.get(&chan, false).await.expect("get");
-    assert_eq!(notifs.len(), 1);
-    assert_eq!(notifs, expected);
-    sess.drop_by_msg_id(&chan, &notifs).await.expect("drop");
-    let (_, notifs) = sess.get(&chan, true).await.expect("get again");
-    assert!(notifs.is_empty());
-    let (_, left) = b.get_channel_snapshot(&chan).await.expect("snapshot");
-    assert!(left.is_empty());
-    b.stop().await;
-}
-
-/// Store errors surface from a session's get and drop, and are logged.
-pub async fn store_errors_surface_from_get_and_drop<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let logs = LogCapture::new();
-    let _guard = logs.set_default();
-    let b = make(
-        StoreSpec::Failing {
-            countdown_to_fail: 1,
-        },
-        TestBrokerConfig::default(),
-    );
-    b.start().await;
-    let chan = InternalChannelId::unicast("dev3", "dev3");
-    let sess = b
-        .register(&connect("dev3"), "s1")
-        .await
-        .expect("registration");
-    let err = sess.get(&chan, false).await.expect_err("get must fail");
-    assert!(err.is_store(), "{err:?}");
-    assert_eq!(err.to_string(), "get channel snapshot fail");
-    assert!(
-        logged(
-            &logs,
-            "ERROR",
-            "unsuccessful, get channel snapshot for Udev3:dev3 (cachedOk=false): get channel snapshot fail"
-        )
-        .await,
-        "captured: {}",
-        logs.captured()
-    );
-    logs.reset();
-    let err = sess
-        .drop_by_msg_id(&chan, &[])
-        .await
-        .expect_err("drop must fail");
-    assert!(err.is_store(), "{err:?}");
-    assert!(
-        logged(
-            &logs,
-            "ERROR",
-            "unsuccessful, drop from channel Udev3:dev3: drop fail"
-        )
-        .await,
-        "captured: {}",
-        logs.captured()
-    );
-    b.stop().await;
-}
-
-/// Feeding a session queues exactly what was fed.
-pub async fn feeding_a_session_queues_exactly_what_was_fed<H: SuiteBroker>(
-    make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
-) {
-    let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
-    b.start().await;
-    let sess = b
-        .register(&connect("dev3"), "s1")
-        .await
-        .expect("registration");
-    clear_of_pending(&sess).await;
-    let bcast = Revealed::Broadcast {
-        chan_id: InternalChannelId::System,
-        top_level: 99,
-        notifications: Vec::new(),
-        decoded: Vec::new(),
-    };
-    sess.feed(&bcast).await;
-    assert_eq!(sess.next_exchange().await, Some(bcast));
-    let ucast = Revealed::Unicast(UnicastExchange {
-        chan_id: InternalChannelId::unicast("dev21", "dev21"),
-        cached_ok: true,
-    });
-    sess.feed(&ucast).await;
-    assert_eq!(sess.next_exchange().await, Some(ucast));
-    assert_eq!(sess.queued().await, 0);
-    b.stop().await;
+    /// Feeding a session queues exactly what was fed.
+    pub async fn feeding_a_session_queues_exactly_what_was_fed<H: SuiteBroker>(
+        make: impl Fn(StoreSpec, TestBrokerConfig) -> H,
+    ) {
+        let b = make(StoreSpec::InMemory, TestBrokerConfig::default());
+        b.start().await;
+        let sess = b
+            .register(&connect("dev3"), "s1")
+            .await
+            .expect("registration");
+        clear_of_pending(&sess).await;
+        let bcast = Revealed::Broadcast {
+            chan_id: InternalChannelId::System,
+            top_level: 99,
+            notifications: Vec::new(),
+            decoded: Vec::new(),
+        };
+        sess.feed(&bcast).await;
+        assert_eq!(sess.next_exchange().await, Some(bcast));
+        let ucast = Revealed::Unicast(UnicastExchange {
+            chan_id: InternalChannelId::unicast("dev21", "dev21"),
+            cached_ok: true,
+        });
+        sess.feed(&ucast).await;
+        assert_eq!(sess.next_exchange().await, Some(ucast));
+        assert_eq!(sess.queued().await, 0);
+        b.stop().await;
+    }
 }
 
 /// Waits for the next thing on `queue`, up to [`PATIENCE`].

@@ -2,9 +2,9 @@
 //! registration, then pings and exchanges until the session ends (PROTOCOL.md §1).
 //!
 //! Everything here is generic over the device stream (any futures-io
-//! `AsyncRead + AsyncWrite`: a glommio `TcpStream`, a TLS stream, the in-memory
-//! [`testing::pipe`]) and over a [`SessionClock`], so tests drive sessions with virtual
-//! time ([`testing::ManualClock`]) and never sleep.
+//! `AsyncRead + AsyncWrite`: a glommio `TcpStream`, a TLS stream, the in-memory pipe of
+//! `testing`, with the `testing` feature) and over a [`SessionClock`], so tests drive
+//! sessions with virtual time (`testing::ManualClock`) and never sleep.
 //!
 //! # Memory
 //!
@@ -22,6 +22,7 @@
 //! line nor close the stream: the caller (the listener) does both, since it also ends
 //! sessions that never got this far (a failed TLS handshake).
 
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod wire;
 
@@ -68,7 +69,7 @@ pub struct SessionConfig {
 }
 
 /// Time as a session sees it: real ([`GlommioClock`]) or virtual in tests
-/// ([`testing::ManualClock`]).
+/// (`testing::ManualClock`, with the `testing` feature).
 pub trait SessionClock {
     /// What [`SessionClock::sleep_until`] returns.
     type Sleep: Future<Output = ()> + Unpin;

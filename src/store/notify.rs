@@ -106,11 +106,11 @@ pub fn apply_notify(
 
 #[cfg(test)]
 mod tests {
-    use std::cell::Cell;
     use std::rc::Rc;
     use std::time::Duration;
 
     use super::*;
+    use crate::broker::testing::{FaultyStore, StoreOp};
     use crate::store::{InMemoryPendingStore, ManualClock};
 
     fn t(secs: u64) -> SystemTime {
@@ -562,139 +562,27 @@ mod tests {
         assert_eq!(held(&s), entries(&[("app2", "m2"), ("app1", "m5")]));
     }
 
-    /// The store operations [`FaultyStore`] can fail.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Op {
-        Scrub,
-        Unfiltered,
-        Append,
+    fn faulty(op: StoreOp, successes: usize) -> FaultyStore {
+        FaultyStore::over(store().0).failing(op, successes, &format!("{op:?} failed"))
     }
 
-    /// An in-memory store whose chosen operation fails after some successful calls.
-    ///
-    /// (`crate::broker::testing::FailingPendingStore` fails only snapshots and drops,
-    /// neither of which `apply_notify` calls.)
-    #[derive(Debug)]
-    struct FaultyStore {
-        inner: InMemoryPendingStore,
-        /// The failing operation and how many calls of it succeed first.
-        fail: Cell<Option<(Op, usize)>>,
-    }
-
-    impl FaultyStore {
-        fn new(op: Op, successes: usize) -> Self {
-            Self {
-                inner: store().0,
-                fail: Cell::new(Some((op, successes))),
-            }
-        }
-
-        fn check(&self, op: Op) -> Result<(), StoreError> {
-            match self.fail.get() {
-                Some((o, 0)) if o == op => Err(StoreError::Unavailable(format!("{op:?} failed"))),
-                Some((o, n)) if o == op => {
-                    self.fail.set(Some((o, n - 1)));
-                    Ok(())
-                }
-                _ => Ok(()),
-            }
-        }
-    }
-
-    impl PendingStore for FaultyStore {
-        fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
-            self.inner.register(device_id, app_id)
-        }
-
-        fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
-            self.inner.unregister(device_id, app_id)
-        }
-
-        fn get_internal_channel_id_from_token(
-            &self,
-            token: &str,
-            app_id: &str,
-            user_id: &str,
-            device_id: &str,
-        ) -> Result<InternalChannelId, StoreError> {
-            self.inner
-                .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
-        }
-
-        fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
-            self.inner.get_internal_channel_id(name)
-        }
-
-        fn append_to_channel(
-            &self,
-            chan: &InternalChannelId,
-            payload: Payload,
-            expiration: SystemTime,
-        ) -> Result<i64, StoreError> {
-            self.inner.append_to_channel(chan, payload, expiration)
-        }
-
-        fn append_to_unicast_channel(
-            &self,
-            chan: &InternalChannelId,
-            notification: Notification,
-            meta: Metadata,
-        ) -> Result<(), StoreError> {
-            self.check(Op::Append)?;
-            self.inner
-                .append_to_unicast_channel(chan, notification, meta)
-        }
-
-        fn get_channel_snapshot(
-            &self,
-            chan: &InternalChannelId,
-        ) -> Result<(i64, Vec<Notification>), StoreError> {
-            self.inner.get_channel_snapshot(chan)
-        }
-
-        fn get_channel_unfiltered(
-            &self,
-            chan: &InternalChannelId,
-        ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
-            self.check(Op::Unfiltered)?;
-            self.inner.get_channel_unfiltered(chan)
-        }
-
-        fn scrub(
-            &self,
-            chan: &InternalChannelId,
-            criteria: ScrubCriteria<'_>,
-        ) -> Result<(), StoreError> {
-            self.check(Op::Scrub)?;
-            self.inner.scrub(chan, criteria)
-        }
-
-        fn drop_by_msg_id(
-            &self,
-            chan: &InternalChannelId,
-            targets: &[Notification],
-        ) -> Result<(), StoreError> {
-            self.inner.drop_by_msg_id(chan, targets)
-        }
-    }
-
-    fn unavailable(op: Op) -> Result<NotifyVerdict, StoreError> {
+    fn unavailable(op: StoreOp) -> Result<NotifyVerdict, StoreError> {
         Err(StoreError::Unavailable(format!("{op:?} failed")))
     }
 
     #[test]
     fn failing_read_of_the_channel_is_returned_and_nothing_appended() {
-        let s = FaultyStore::new(Op::Unfiltered, 0);
+        let s = faulty(StoreOp::Unfiltered, 0);
         assert_eq!(
             apply_notify(&s, &req("app1", "m1", 100), 2, "m1".to_owned()),
-            unavailable(Op::Unfiltered)
+            unavailable(StoreOp::Unfiltered)
         );
-        assert!(held(&s.inner).is_empty());
+        assert!(held(s.inner()).is_empty());
     }
 
     #[test]
     fn failing_expiry_scrub_is_returned_and_nothing_appended() {
-        let s = FaultyStore::new(Op::Scrub, 0);
+        let s = faulty(StoreOp::Scrub, 0);
         for r in [
             req("app1", "m1", 100),
             clearing("app1", "m1", 100),
@@ -702,46 +590,46 @@ mod tests {
         ] {
             assert_eq!(
                 apply_notify(&s, &r, 2, "m1".to_owned()),
-                unavailable(Op::Scrub),
+                unavailable(StoreOp::Scrub),
                 "{r:?}"
             );
         }
-        assert!(held(&s.inner).is_empty());
+        assert!(held(s.inner()).is_empty());
     }
 
     #[test]
     fn failing_clear_is_returned_and_nothing_appended() {
         // The expiry scrub succeeds; the clearing one fails.
-        let s = FaultyStore::new(Op::Scrub, 1);
+        let s = faulty(StoreOp::Scrub, 1);
         assert_eq!(
             apply_notify(&s, &clearing("app1", "m1", 100), 2, "m1".to_owned()),
-            unavailable(Op::Scrub)
+            unavailable(StoreOp::Scrub)
         );
-        assert!(held(&s.inner).is_empty());
+        assert!(held(s.inner()).is_empty());
     }
 
     #[test]
     fn failing_replacement_is_returned_and_the_old_one_kept() {
         // Two successful scrubs: those of the first notify and the expiry one of the second.
-        let s = FaultyStore::new(Op::Scrub, 2);
+        let s = faulty(StoreOp::Scrub, 2);
         assert_eq!(
             apply_notify(&s, &tagged("app1", "m1", 100, "a"), 2, "m1".to_owned()),
             Ok(accepted("m1"))
         );
         assert_eq!(
             apply_notify(&s, &tagged("app1", "m2", 100, "a"), 2, "m2".to_owned()),
-            unavailable(Op::Scrub)
+            unavailable(StoreOp::Scrub)
         );
-        assert_eq!(held(&s.inner), entries(&[("app1", "m1")]));
+        assert_eq!(held(s.inner()), entries(&[("app1", "m1")]));
     }
 
     #[test]
     fn failing_append_is_returned() {
-        let s = FaultyStore::new(Op::Append, 0);
+        let s = faulty(StoreOp::AppendUnicast, 0);
         assert_eq!(
             apply_notify(&s, &req("app1", "m1", 100), 2, "m1".to_owned()),
-            unavailable(Op::Append)
+            unavailable(StoreOp::AppendUnicast)
         );
-        assert!(held(&s.inner).is_empty());
+        assert!(held(s.inner()).is_empty());
     }
 }

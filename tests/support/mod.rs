@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use pushbroker::api::testing::HttpAnswer;
 use serde_json::{Value, json};
 
 /// How long a test waits for something that should happen promptly. Generous: tests
@@ -263,37 +264,6 @@ impl Device {
     }
 }
 
-/// A raw HTTP/1.1 response.
-#[derive(Debug)]
-pub struct HttpResponse {
-    /// The status code.
-    pub status: u16,
-    /// Header lines, lower-cased names.
-    pub headers: Vec<(String, String)>,
-    /// The body.
-    pub body: Vec<u8>,
-}
-
-impl HttpResponse {
-    /// The body as JSON.
-    pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-
-    /// A header's value.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 /// Sends one request on a new connection and reads the response (`Connection: close`).
 pub fn http(
     addr: SocketAddr,
@@ -301,7 +271,7 @@ pub fn http(
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> HttpResponse {
+) -> HttpAnswer {
     let mut s = connect_tcp(addr);
     s.set_read_timeout(Some(PATIENCE)).expect("timeout");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
@@ -317,7 +287,7 @@ pub fn http(
 }
 
 /// POSTs `body` as JSON with a Content-Length.
-pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
+pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpAnswer {
     let bytes = serde_json::to_vec(body).expect("json");
     let len = bytes.len().to_string();
     http(
@@ -332,49 +302,9 @@ pub fn post_json(addr: SocketAddr, path: &str, body: &Value) -> HttpResponse {
     )
 }
 
-fn parse_response(raw: &[u8]) -> HttpResponse {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(raw)));
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let mut body = raw[split + 4..].to_vec();
-    if headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
-    {
-        body = dechunk(&body);
-    }
-    HttpResponse {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
-        let size =
-            usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
-        if size == 0 {
-            break;
-        }
-        let start = eol + 2;
-        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
-        data = &data[(start + size + 2).min(data.len())..];
-    }
-    out
+fn parse_response(raw: &[u8]) -> HttpAnswer {
+    HttpAnswer::parse(raw)
+        .unwrap_or_else(|| panic!("not an HTTP answer: {:?}", String::from_utf8_lossy(raw)))
 }
 
 /// A CA and a `localhost` certificate it signed, as PEM files in a temporary folder.

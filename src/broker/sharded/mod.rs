@@ -676,6 +676,7 @@ impl ShardedSending {
     ///
     /// # Errors
     /// As [`ShardedSending::publish`].
+    #[cfg(any(test, feature = "testing"))]
     pub async fn append_everywhere(
         &self,
         chan: InternalChannelId,
