@@ -1,4 +1,4 @@
-//! The log line format that deployment tools parse (PROTOCOL.md §4):
+//! The log line format that deployment tools parse (docs/protocol.md §4.3):
 //! `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message`, one line per event, written at once.
 //!
 //! Only binaries install a subscriber ([`init`]); the library just emits `tracing` events.

@@ -1,6 +1,6 @@
-//! The real `pushbroker` binary end to end: its log lines (PROTOCOL.md §4), the HTTP API's
-//! answers over real connections (§3), the configuration file and the command line, and
-//! an orderly stop on SIGTERM.
+//! The real `pushbroker` binary end to end: its log lines (docs/protocol.md §4.3), the
+//! HTTP API's answers over real connections (§3), the configuration file and the command
+//! line, and an orderly stop on SIGTERM.
 //!
 //! Every server listens on loopback port 0; the addresses come from its log. Tests assert
 //! outcomes, never speed: every wait is bounded by [`PATIENCE`].

@@ -1,5 +1,5 @@
 //! End to end over real loopback sockets: devices speaking the wire protocol to an
-//! in-process [`Server`] with two shards, driven by HTTP API calls (PROTOCOL.md §1–3).
+//! in-process [`Server`] with two shards, driven by HTTP API calls (docs/protocol.md §1–3).
 //!
 //! Every test starts its own server on port 0 and shuts it down at the end. Tests assert
 //! outcomes and orderings, never speed: waits are bounded by [`PATIENCE`], and "nothing
@@ -34,7 +34,7 @@ const APP: &str = "com.example.app";
 /// A ping interval long enough never to interfere with a test that is not about pings.
 const QUIET_PING: Duration = Duration::from_secs(60);
 
-/// The largest payload a BROADCAST or NOTIFICATIONS part carries (PROTOCOL.md §1).
+/// The largest payload a BROADCAST or NOTIFICATIONS part carries (docs/protocol.md §1.5).
 const MAX_PART_PAYLOAD: usize = 62 * 1024;
 
 /// How long a test watches a device to see that nothing comes (a positive check that
@@ -376,7 +376,7 @@ fn big_payload(i: usize) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------
-// Broadcasts: levels, the channel filter, expiry, splitting (PROTOCOL.md §1 splitting, §2)
+// Broadcasts: levels, the channel filter, expiry, splitting (docs/protocol.md §1.5, §2.1)
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -624,7 +624,7 @@ fn large_broadcast_is_split_into_acked_parts_with_rising_levels() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Unicast (PROTOCOL.md §2, §3)
+// Unicast (docs/protocol.md §2.3, §3.4)
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -835,7 +835,7 @@ fn large_pending_notifications_are_split_into_acked_parts() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Registration (PROTOCOL.md §1 step 4)
+// Registration (docs/protocol.md §1.4, step 4)
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -859,7 +859,7 @@ fn the_last_registration_of_a_device_wins_on_any_shard() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Pings and timeouts (PROTOCOL.md §1 step 4)
+// Pings and timeouts (docs/protocol.md §1.4, step 4)
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -934,7 +934,7 @@ fn a_missing_ack_ends_the_session_and_the_notification_stays_pending() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Bad device input ends only that session (PROTOCOL.md §1)
+// Bad device input ends only that session (docs/protocol.md §1.2–1.4, §1.6)
 // ---------------------------------------------------------------------------------------
 
 /// The exchange timeout of the bad-input tests: short, since some wait it out.
@@ -1079,7 +1079,7 @@ fn a_huge_declared_frame_length_ends_only_that_session() {
 }
 
 // ---------------------------------------------------------------------------------------
-// TLS (PROTOCOL.md §1)
+// TLS (docs/protocol.md §1.1)
 // ---------------------------------------------------------------------------------------
 
 #[test]

@@ -1,5 +1,5 @@
 //! The API's one error type: every way a request can fail, each mapped to its status
-//! code, label and message (PROTOCOL.md §3) in one place, and rendered as
+//! code, label and message (docs/protocol.md §3.2) in one place, and rendered as
 //! `{"error":LABEL,"message":TEXT}` (plus `"extra"`) by [`ApiError::to_response`].
 //!
 //! Conversions from the store's and the broker's errors are plain functions of the error

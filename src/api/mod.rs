@@ -1,4 +1,4 @@
-//! The HTTP API for application servers (PROTOCOL.md §3): `/broadcast`, `/notify`,
+//! The HTTP API for application servers (docs/protocol.md §3): `/broadcast`, `/notify`,
 //! `/register`, `/unregister` and `/delivery-hosts`, byte for byte as the original
 //! server answered them, plus the operational `/health`, `/metrics` (Prometheus) and
 //! `/stats`.
@@ -25,7 +25,7 @@
 //! # Logging
 //!
 //! Per request only `tracing::debug!` (target `pushbroker::api`): normal operation
-//! writes nothing at INFO or above (PROTOCOL.md §4), whatever clients send.
+//! writes nothing at INFO or above (docs/protocol.md §4.3), whatever clients send.
 
 mod body;
 mod error;

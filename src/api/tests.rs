@@ -1,5 +1,5 @@
 //! The API core ([`respond`]) against a real sharded broker: every answer of
-//! PROTOCOL.md §3, run on shard 0 as the server runs it, without sockets.
+//! docs/protocol.md §3, run on shard 0 as the server runs it, without sockets.
 
 use std::rc::Rc;
 use std::time::Duration;

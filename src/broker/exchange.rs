@@ -926,7 +926,7 @@ mod tests {
         assert_eq!(level(&sess, &sys), Some(5));
     }
 
-    /// PROTOCOL §1 "Splitting": a part's TopLevel is the level reached by its last payload,
+    /// docs/protocol.md §1.5: a part's TopLevel is the level reached by its last payload,
     /// so a device that drops in between resumes correctly, also when the system
     /// channel's filter left payloads out of the window.
     #[test]

@@ -1,5 +1,5 @@
 //! The per-device session loop: the hello (version byte and CONNECT), CONNACK,
-//! registration, then pings and exchanges until the session ends (PROTOCOL.md §1).
+//! registration, then pings and exchanges until the session ends (docs/protocol.md §1.4).
 //!
 //! Everything here is generic over the device stream (any futures-io
 //! `AsyncRead + AsyncWrite`: a glommio `TcpStream`, a TLS stream, the in-memory pipe of
@@ -306,7 +306,7 @@ pub async fn read_hello<S: AsyncRead + Unpin, C: SessionClock>(
 
 /// Runs a session after its hello: writes CONNACK, registers with `broker`, logs
 /// `session(ID) registered DEVICEID` at INFO, then pings and performs exchanges until
-/// the session ends (PROTOCOL.md §1 step 4). `buf` holds the bytes read past CONNECT.
+/// the session ends (docs/protocol.md §1.4, step 4). `buf` holds the bytes read past CONNECT.
 ///
 /// - The first PING goes out one `ping_interval` after registration, and then one
 ///   interval after the previous PING went out or the last part of an exchange was

@@ -1,7 +1,7 @@
 //! Where notifications wait: channel ids, notification metadata, the [`PendingStore`]
 //! trait the broker and the API use, and the in-memory store.
 //!
-//! The store knows nothing of sessions. Its rules are PROTOCOL.md §2–3: broadcast
+//! The store knows nothing of sessions. Its rules are docs/protocol.md §2–3: broadcast
 //! channels count levels (expired notifications are dropped from what is returned, but
 //! levels keep counting); unicast channels hold notifications with app id, message id,
 //! expiry and replace tag until they are dropped by message id after an ACK.

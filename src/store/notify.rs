@@ -1,5 +1,5 @@
-//! The rules of a unicast notify (PROTOCOL.md §3), applied to a store by whoever owns the
-//! device's channel.
+//! The rules of a unicast notify (docs/protocol.md §3.4), applied to a store by whoever
+//! owns the device's channel.
 
 use std::sync::Arc;
 use std::time::SystemTime;
