@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use futures_lite::future::block_on;
 use pushbroker::api::testing::HttpAnswer;
-use pushbroker::api::{ApiContext, ApiSettings, serve_connection};
+use pushbroker::api::{ApiConfig, ApiContext, serve_connection};
 use pushbroker::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -31,7 +31,7 @@ impl Drop for Server {
     }
 }
 
-fn serve(settings: ApiSettings) -> Server {
+fn serve(settings: ApiConfig) -> Server {
     let broker = ShardedBrokerBuilder::new(2)
         .placement(ShardPlacement::Unbound)
         .name("api-http")
@@ -59,11 +59,11 @@ fn serve(settings: ApiSettings) -> Server {
     Server { broker, addr }
 }
 
-fn settings() -> ApiSettings {
-    ApiSettings {
+fn settings() -> ApiConfig {
+    ApiConfig {
         delivery_hosts: vec!["127.0.0.1:9443".into()],
         delivery_domain: "push.example.com".into(),
-        ..ApiSettings::default()
+        ..ApiConfig::default()
     }
 }
 
@@ -338,7 +338,7 @@ fn delivery_hosts_health_and_metrics_over_http() {
 #[test]
 fn a_slowloris_connection_is_closed_after_the_header_read_timeout() {
     let timeout = Duration::from_millis(200);
-    let server = serve(ApiSettings {
+    let server = serve(ApiConfig {
         http_read_timeout: timeout,
         ..settings()
     });

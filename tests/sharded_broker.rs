@@ -128,7 +128,7 @@ fn registering_on_a_shard_that_does_not_own_the_device_names_the_owner() {
     let other = ShardId(1 - owner.0);
     let err = block_on(register_on(&b, other, device)).expect_err("not the owner");
     match err {
-        BrokerError::WrongShard { owner: o } => assert_eq!(o, owner.0),
+        BrokerError::WrongShard { owner: o } => assert_eq!(o, owner),
         e => panic!("expected WrongShard, got {e:?}"),
     }
     block_on(b.stop());
@@ -144,7 +144,7 @@ fn sessions_of_one_device_arriving_on_different_shards_last_wins() {
     let (tx, rx) = flume::bounded(2);
     let msg = connect(device);
     block_on(b.sending().run_on(other, move |s| {
-        s.run_on(owner, move |o| {
+        s.post(owner, move |o| {
             let o = o.clone();
             glommio::spawn_local(async move {
                 let r = o.register(&msg, &SessionId("s1".into())).await.map(|sess| {

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use pushbroker::broker::SessionId;
 use pushbroker::broker::simple::SimpleBroker;
 use pushbroker::broker::testing::TestBrokerConfig;
-use pushbroker::session::testing::{ManualClock, pipe};
+use pushbroker::session::testing::{VirtualClock, pipe};
 use pushbroker::session::{SessionConfig, read_hello, run};
 use pushbroker::store::{InMemoryPendingStore, PendingStore};
 
@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
                 ping_interval: std::time::Duration::from_secs(10),
                 exchange_timeout: std::time::Duration::from_secs(5),
             };
-            let clock = ManualClock::new();
+            let clock = VirtualClock::new();
             let mut buf = Vec::new();
             if let Ok(connect) = read_hello(&mut io, &mut buf, &config, &clock).await {
                 let device_id = connect.device_id.clone();

@@ -455,7 +455,12 @@ mod tests {
             ),
             (BrokerError::QueueFull, ApiError::Busy),
             (BrokerError::NotRunning, ApiError::NotRunning),
-            (BrokerError::WrongShard { owner: 1 }, ApiError::Internal),
+            (
+                BrokerError::WrongShard {
+                    owner: crate::broker::sharded::ShardId(1),
+                },
+                ApiError::Internal,
+            ),
             (
                 BrokerError::Abort(ErrAbort::unexpected_value()),
                 ApiError::Internal,

@@ -98,8 +98,7 @@ pub async fn respond<B>(ctx: &ApiContext, head: &RequestHead<'_>, body: B) -> Re
 where
     B: Future<Output = Result<Bytes, BodyReadError>>,
 {
-    let shard = ctx.shard();
-    shard.count_api_request();
+    ctx.counters().count_request();
     match route(ctx, head, body).await {
         Ok(resp) => {
             debug!(
@@ -112,7 +111,7 @@ where
             resp
         }
         Err(e) => {
-            shard.count_api_error(e.label());
+            ctx.counters().count_error(e.label());
             debug!(
                 target: "pushbroker::api",
                 method = %head.method,
@@ -325,7 +324,7 @@ fn registration(body: &[u8]) -> Result<Registration, ApiError> {
 }
 
 #[derive(Serialize)]
-struct Registered<'a> {
+struct TokenAnswer<'a> {
     ok: bool,
     token: &'a str,
 }
@@ -340,7 +339,7 @@ fn register(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiE
             debug!(target: "pushbroker::api", "token not made: {e}");
             ApiError::CouldNotMakeToken
         })?;
-    json(&Registered {
+    json(&TokenAnswer {
         ok: true,
         token: &token,
     })

@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::ApiContext;
 use super::handlers::{BodyReadError, RequestHead, respond};
-use super::rt::{GlommioTimer, HyperIo};
+use super::rt::{HyperIo, HyperTimer};
 
 /// Serves one HTTP/1.1 connection until the client closes it, a header-read or write
 /// timeout ends it, or it fails. Keep-alive is on; every request is [`handle`]d on this
@@ -42,7 +42,7 @@ pub async fn serve_connection_until(
     let read_timeout = Some(settings.http_read_timeout).filter(|t| !t.is_zero());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(GlommioTimer)
+        .timer(HyperTimer)
         .keep_alive(true)
         .header_read_timeout(read_timeout);
     let service = hyper::service::service_fn(move |req| {

@@ -1,5 +1,6 @@
-//! What `/health`, `/metrics` and `/stats` report: every shard's [`ShardMetrics`],
-//! gathered with `run_on` within a deadline, rendered as Prometheus text (format 0.0.4)
+//! What `/health`, `/metrics` and `/stats` report: every shard's [`ShardReport`] (its
+//! broker's [`ShardMetrics`], its API counters, its listeners' counters), gathered with
+//! `run_on` within a deadline, rendered as Prometheus text (format 0.0.4)
 //! or as JSON.
 
 use std::fmt::Write as _;
@@ -8,7 +9,36 @@ use std::time::Duration;
 use futures_lite::future;
 use serde::Serialize;
 
-use crate::broker::sharded::{ShardId, ShardMetrics, ShardedSending};
+use super::counters::{ApiCounters, ApiCounts, ConnectionCounters, ConnectionCounts};
+use crate::broker::sharded::{Shard, ShardId, ShardMetrics, ShardedSending};
+
+/// What one shard reports: its broker's figures, the API's and the listeners' counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardReport {
+    /// The broker's figures.
+    pub broker: ShardMetrics,
+    /// What the API counted there.
+    pub api: ApiCounts,
+    /// What the listeners there counted.
+    pub connections: ConnectionCounts,
+}
+
+impl ShardReport {
+    /// The report of `shard`, on its thread.
+    pub fn of(shard: &Shard) -> Self {
+        Self {
+            broker: shard.metrics(),
+            api: shard
+                .service::<ApiCounters>()
+                .map(|c| c.counts())
+                .unwrap_or_default(),
+            connections: shard
+                .service::<ConnectionCounters>()
+                .map(|c| c.counts())
+                .unwrap_or_default(),
+        }
+    }
+}
 
 /// The `Content-Type` of `/metrics`.
 pub(crate) const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -21,16 +51,13 @@ pub(crate) const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf
 ///
 /// Must run on a glommio executor (the questions are local tasks, the deadline a glommio
 /// timer).
-pub(crate) async fn gather(
-    sending: &ShardedSending,
-    within: Duration,
-) -> Vec<Option<ShardMetrics>> {
+pub(crate) async fn gather(sending: &ShardedSending, within: Duration) -> Vec<Option<ShardReport>> {
     let asked: Vec<_> = (0..sending.nr_shards())
         .map(|i| {
             let sending = sending.clone();
             glommio::spawn_local(async move {
                 future::or(
-                    async { sending.run_on(ShardId(i), |s| s.metrics()).await.ok() },
+                    async { sending.run_on(ShardId(i), ShardReport::of).await.ok() },
                     async {
                         glommio::timer::sleep(within).await;
                         None
@@ -85,14 +112,14 @@ pub(crate) struct Figures {
 }
 
 impl Figures {
-    fn of(m: &ShardMetrics) -> Self {
+    fn of(m: &ShardReport) -> Self {
         let mut f = Figures::default();
         f.add(m);
         f
     }
 
     /// The sum over the shards that answered.
-    fn total(answers: &[Option<ShardMetrics>]) -> Self {
+    fn total(answers: &[Option<ShardReport>]) -> Self {
         let mut f = Figures::default();
         for m in answers.iter().flatten() {
             f.add(m);
@@ -100,7 +127,8 @@ impl Figures {
         f
     }
 
-    fn add(&mut self, m: &ShardMetrics) {
+    fn add(&mut self, r: &ShardReport) {
+        let m = &r.broker;
         self.sessions += m.sessions as u64;
         self.registrations += m.delivery.registrations;
         self.broadcast_fanouts += m.delivery.broadcast_fanouts;
@@ -109,14 +137,14 @@ impl Figures {
         self.refused_deliveries += m.delivery.refused_feeds;
         self.broadcasts += m.broadcasts;
         self.unicasts += m.unicasts;
-        self.migrations_in += m.migrations_in;
-        self.migrations_out += m.migrations_out;
-        self.api_requests += m.api_requests;
-        self.rejected_device_connections += m.limits.rejected_devices;
-        self.rejected_http_connections += m.limits.rejected_http;
-        self.device_accept_errors += m.limits.device_accept_errors;
-        self.http_accept_errors += m.limits.http_accept_errors;
-        for &(label, n) in &m.api_errors {
+        self.migrations_in += r.connections.migrations_in;
+        self.migrations_out += r.connections.migrations_out;
+        self.api_requests += r.api.requests;
+        self.rejected_device_connections += r.connections.rejected_devices;
+        self.rejected_http_connections += r.connections.rejected_http;
+        self.device_accept_errors += r.connections.device_accept_errors;
+        self.http_accept_errors += r.connections.http_accept_errors;
+        for &(label, n) in &r.api.errors {
             match self.api_errors.iter_mut().find(|(l, _)| *l == label) {
                 Some((_, total)) => *total += n,
                 None => self.api_errors.push((label, n)),
@@ -178,7 +206,7 @@ impl Serialize for ErrorsJson<'_> {
 }
 
 impl Stats {
-    pub(crate) fn new(answers: &[Option<ShardMetrics>]) -> Self {
+    pub(crate) fn new(answers: &[Option<ShardReport>]) -> Self {
         let shards = answers
             .iter()
             .enumerate()
@@ -214,7 +242,7 @@ type PerShard = (
     &'static str,
     &'static str,
     &'static str,
-    fn(&ShardMetrics) -> u64,
+    fn(&ShardReport) -> u64,
 );
 
 /// The per-shard families with one sample per shard.
@@ -223,74 +251,74 @@ const PER_SHARD: [PerShard; 11] = [
         "pushbroker_sessions",
         "gauge",
         "Device sessions registered now.",
-        |m| m.sessions as u64,
+        |m| m.broker.sessions as u64,
     ),
     (
         "pushbroker_registrations_total",
         "counter",
         "Device sessions registered.",
-        |m| m.delivery.registrations,
+        |m| m.broker.delivery.registrations,
     ),
     (
         "pushbroker_broadcast_fanouts_total",
         "counter",
         "Broadcast snapshots fanned out to the shard's sessions.",
-        |m| m.delivery.broadcast_fanouts,
+        |m| m.broker.delivery.broadcast_fanouts,
     ),
     (
         "pushbroker_refused_deliveries_total",
         "counter",
         "Exchanges a full session queue refused.",
-        |m| m.delivery.refused_feeds,
+        |m| m.broker.delivery.refused_feeds,
     ),
     (
         "pushbroker_broadcasts_total",
         "counter",
         "Broadcast notifications sequenced by the shard.",
-        |m| m.broadcasts,
+        |m| m.broker.broadcasts,
     ),
     (
         "pushbroker_unicasts_total",
         "counter",
         "Notifies applied by the shard.",
-        |m| m.unicasts,
+        |m| m.broker.unicasts,
     ),
     (
         "pushbroker_api_requests_total",
         "counter",
         "HTTP API requests served by the shard.",
-        |m| m.api_requests,
+        |m| m.api.requests,
     ),
     (
         "pushbroker_rejected_device_connections_total",
         "counter",
         "Device connections closed at once because the session limit was reached.",
-        |m| m.limits.rejected_devices,
+        |m| m.connections.rejected_devices,
     ),
     (
         "pushbroker_rejected_http_connections_total",
         "counter",
         "HTTP connections closed at once because the connection limit was reached.",
-        |m| m.limits.rejected_http,
+        |m| m.connections.rejected_http,
     ),
     (
         "pushbroker_device_accept_errors_total",
         "counter",
         "Failed accepts on the device listener (e.g. out of descriptors).",
-        |m| m.limits.device_accept_errors,
+        |m| m.connections.device_accept_errors,
     ),
     (
         "pushbroker_http_accept_errors_total",
         "counter",
         "Failed accepts on the HTTP listener (e.g. out of descriptors).",
-        |m| m.limits.http_accept_errors,
+        |m| m.connections.http_accept_errors,
     ),
 ];
 
 /// The Prometheus text (format 0.0.4) of the shards' answers: per-shard samples for the
 /// shards that answered, `pushbroker_shard_up` for each, and the API errors by label
 /// summed over the shards that answered.
-pub(crate) fn prometheus(answers: &[Option<ShardMetrics>]) -> String {
+pub(crate) fn prometheus(answers: &[Option<ShardReport>]) -> String {
     let mut out = String::with_capacity(4096);
     family(
         &mut out,
@@ -311,7 +339,7 @@ pub(crate) fn prometheus(answers: &[Option<ShardMetrics>]) -> String {
         let _ = writeln!(out, "pushbroker_shard_up{{shard=\"{i}\"}} {up}");
     }
 
-    let up: Vec<(usize, &ShardMetrics)> = answers
+    let up: Vec<(usize, &ShardReport)> = answers
         .iter()
         .enumerate()
         .filter_map(|(i, m)| m.as_ref().map(|m| (i, m)))
@@ -331,8 +359,8 @@ pub(crate) fn prometheus(answers: &[Option<ShardMetrics>]) -> String {
     );
     for &(i, m) in &up {
         for (feed, n) in [
-            ("broadcast", m.delivery.broadcast_feeds),
-            ("unicast", m.delivery.unicast_feeds),
+            ("broadcast", m.broker.delivery.broadcast_feeds),
+            ("unicast", m.broker.delivery.unicast_feeds),
         ] {
             let _ = writeln!(
                 out,
@@ -348,7 +376,10 @@ pub(crate) fn prometheus(answers: &[Option<ShardMetrics>]) -> String {
         "Device connections moved between shards, by direction.",
     );
     for &(i, m) in &up {
-        for (direction, n) in [("in", m.migrations_in), ("out", m.migrations_out)] {
+        for (direction, n) in [
+            ("in", m.connections.migrations_in),
+            ("out", m.connections.migrations_out),
+        ] {
             let _ = writeln!(
                 out,
                 "pushbroker_migrations_total{{shard=\"{i}\",direction=\"{direction}\"}} {n}"
@@ -374,28 +405,32 @@ mod tests {
     use super::*;
     use crate::broker::DeliveryStats;
 
-    fn shard(i: usize, errors: Vec<(&'static str, u64)>) -> ShardMetrics {
-        ShardMetrics {
-            shard: i,
-            sessions: 2 + i,
-            delivery: DeliveryStats {
-                registrations: 10,
-                broadcast_fanouts: 3,
-                broadcast_feeds: 4,
-                unicast_feeds: 5,
-                refused_feeds: 1,
+    fn shard(i: usize, errors: Vec<(&'static str, u64)>) -> ShardReport {
+        ShardReport {
+            broker: ShardMetrics {
+                shard: i,
+                sessions: 2 + i,
+                delivery: DeliveryStats {
+                    registrations: 10,
+                    broadcast_fanouts: 3,
+                    broadcast_feeds: 4,
+                    unicast_feeds: 5,
+                    refused_feeds: 1,
+                },
+                broadcasts: 6,
+                unicasts: 7,
             },
-            broadcasts: 6,
-            unicasts: 7,
-            migrations_in: 8,
-            migrations_out: 9,
-            api_requests: 11,
-            api_errors: errors,
-            limits: crate::broker::sharded::ListenerCounts {
+            api: ApiCounts {
+                requests: 11,
+                errors,
+            },
+            connections: ConnectionCounts {
                 rejected_devices: 12,
                 rejected_http: 13,
                 device_accept_errors: 14,
                 http_accept_errors: 15,
+                migrations_in: 8,
+                migrations_out: 9,
             },
         }
     }

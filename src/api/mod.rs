@@ -28,6 +28,7 @@
 //! writes nothing at INFO or above (docs/protocol.md §4.3), whatever clients send.
 
 mod body;
+mod counters;
 mod error;
 mod handlers;
 mod http;
@@ -46,9 +47,11 @@ use serde::Serialize;
 
 use crate::broker::sharded::Shard;
 
+pub use counters::{ApiCounters, ApiCounts, ConnectionCounters, ConnectionCounts, Listener};
 pub use error::ApiError;
 pub use handlers::{BodyReadError, RequestHead, respond};
 pub use http::{handle, serve_connection, serve_connection_until};
+pub use metrics::ShardReport;
 
 /// The largest request body accepted (the original's `MaxRequestBodyBytes`).
 pub const MAX_REQUEST_BODY_BYTES: usize = 4096;
@@ -64,7 +67,7 @@ pub const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How the HTTP API is configured. The same on every shard; `Send`, so the server builds
 /// it once and hands a clone to each shard.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ApiSettings {
+pub struct ApiConfig {
     /// The device listener addresses `/delivery-hosts` answers with, exactly as logged.
     pub delivery_hosts: Vec<String>,
     /// The domain `/delivery-hosts` answers with (`delivery_domain` in the configuration).
@@ -81,7 +84,7 @@ pub struct ApiSettings {
     pub max_body: usize,
 }
 
-impl Default for ApiSettings {
+impl Default for ApiConfig {
     /// No delivery hosts, an empty domain, 30 s timeouts, `/stats` open, 4096-byte bodies.
     fn default() -> Self {
         Self {
@@ -95,10 +98,10 @@ impl Default for ApiSettings {
     }
 }
 
-impl fmt::Debug for ApiSettings {
+impl fmt::Debug for ApiConfig {
     /// Shows the statistics user but never its password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ApiSettings")
+        f.debug_struct("ApiConfig")
             .field("delivery_hosts", &self.delivery_hosts)
             .field("delivery_domain", &self.delivery_domain)
             .field("http_read_timeout", &self.http_read_timeout)
@@ -119,9 +122,11 @@ impl fmt::Debug for ApiSettings {
 pub struct ApiContext {
     /// The shard serving these requests.
     shard: Shard,
-    settings: ApiSettings,
+    settings: ApiConfig,
     /// The `/delivery-hosts` answer, rendered once.
     delivery_hosts: Bytes,
+    /// The shard's API counters (in its service slot, shared by every context there).
+    counters: std::rc::Rc<ApiCounters>,
 }
 
 #[derive(Serialize)]
@@ -132,7 +137,7 @@ struct DeliveryHosts<'a> {
 
 impl ApiContext {
     /// The context of the API on `shard`.
-    pub fn new(shard: Shard, settings: ApiSettings) -> Self {
+    pub fn new(shard: Shard, settings: ApiConfig) -> Self {
         let hosts = DeliveryHosts {
             hosts: &settings.delivery_hosts,
             domain: &settings.delivery_domain,
@@ -142,10 +147,16 @@ impl ApiContext {
             // Strings only: cannot fail.
             .unwrap_or_else(|_| Bytes::from_static(br#"{"hosts":[],"domain":""}"#));
         Self {
+            counters: shard.service_or_default::<ApiCounters>(),
             shard,
             settings,
             delivery_hosts,
         }
+    }
+
+    /// The shard's API counters.
+    pub fn counters(&self) -> &ApiCounters {
+        &self.counters
     }
 
     /// The shard serving these requests.
@@ -154,7 +165,7 @@ impl ApiContext {
     }
 
     /// The settings.
-    pub fn settings(&self) -> &ApiSettings {
+    pub fn settings(&self) -> &ApiConfig {
         &self.settings
     }
 }

@@ -1,5 +1,5 @@
 //! hyper's runtime traits on glommio, without `unsafe`: [`HyperIo`] adapts a futures-io
-//! stream (a glommio `TcpStream`) to `hyper::rt::Read`/`Write`, and [`GlommioTimer`] gives
+//! stream (a glommio `TcpStream`) to `hyper::rt::Read`/`Write`, and [`HyperTimer`] gives
 //! hyper the timer its `header_read_timeout` needs.
 //!
 //! # Reading without `unsafe`
@@ -15,7 +15,7 @@
 //! # A `Send` sleep without `unsafe`
 //!
 //! `hyper::rt::Sleep` must be `Send + Sync`; glommio's `Timer` is neither (it holds an
-//! `Rc`). [`GlommioSleep`] holds only its deadline and a key; the glommio `Timer` it waits
+//! `Rc`). [`HyperSleep`] holds only its deadline and a key; the glommio `Timer` it waits
 //! on lives in a per-thread table under that key, created at the first poll and dropped
 //! with the sleep. The connection future that owns the sleep is not `Send` (its stream is
 //! glommio's), so the sleep is polled and dropped on the thread that armed it.
@@ -41,12 +41,12 @@ thread_local! {
     /// The shard's read buffer, borrowed only inside one `poll_read`.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
 
-    /// The glommio timers of this thread's armed [`GlommioSleep`]s, by key. Borrowed only
+    /// The glommio timers of this thread's armed [`HyperSleep`]s, by key. Borrowed only
     /// inside one poll or drop, never across an `.await`.
     static TIMERS: RefCell<AHashMap<u64, glommio::timer::Timer>> =
         RefCell::new(AHashMap::new());
 
-    /// The last [`GlommioSleep`] key handed out on this thread.
+    /// The last [`HyperSleep`] key handed out on this thread.
     static LAST_KEY: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -120,28 +120,28 @@ impl<T: AsyncWrite + Unpin> hyper::rt::Write for HyperIo<T> {
 /// hyper's timer on glommio's timers. Its sleeps must be polled on a glommio executor
 /// thread, which is where hyper polls them when it serves a glommio stream.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GlommioTimer;
+pub struct HyperTimer;
 
-impl hyper::rt::Timer for GlommioTimer {
+impl hyper::rt::Timer for HyperTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(GlommioSleep::new(Instant::now().checked_add(duration)))
+        Box::pin(HyperSleep::new(Instant::now().checked_add(duration)))
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(GlommioSleep::new(Some(deadline)))
+        Box::pin(HyperSleep::new(Some(deadline)))
     }
 }
 
 /// A sleep until a deadline, `Send + Sync` because it holds no glommio state itself.
 #[derive(Debug)]
-pub struct GlommioSleep {
+pub struct HyperSleep {
     /// `None`: too far to represent; never fires.
     deadline: Option<Instant>,
     /// The key of this sleep's timer in [`TIMERS`], once armed.
     key: Option<u64>,
 }
 
-impl GlommioSleep {
+impl HyperSleep {
     fn new(deadline: Option<Instant>) -> Self {
         Self {
             deadline,
@@ -162,7 +162,7 @@ impl GlommioSleep {
     }
 }
 
-impl std::future::Future for GlommioSleep {
+impl std::future::Future for HyperSleep {
     type Output = ();
 
     /// # Panics
@@ -199,9 +199,9 @@ impl std::future::Future for GlommioSleep {
     }
 }
 
-impl hyper::rt::Sleep for GlommioSleep {}
+impl hyper::rt::Sleep for HyperSleep {}
 
-impl Drop for GlommioSleep {
+impl Drop for HyperSleep {
     fn drop(&mut self) {
         self.disarm();
     }
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn sleeps_are_send_and_sync() {
-        assert_send_sync::<GlommioSleep>();
+        assert_send_sync::<HyperSleep>();
     }
 
     fn armed() -> usize {
@@ -228,11 +228,11 @@ mod tests {
     fn a_sleep_fires_after_its_duration_and_leaves_no_timer_behind() {
         run_local(|| async {
             let start = Instant::now();
-            GlommioTimer.sleep(Duration::from_millis(30)).await;
+            HyperTimer.sleep(Duration::from_millis(30)).await;
             assert!(start.elapsed() >= Duration::from_millis(30));
             assert_eq!(armed(), 0);
             // A deadline already passed is ready at once.
-            GlommioTimer
+            HyperTimer
                 .sleep_until(Instant::now() - Duration::from_millis(1))
                 .await;
             assert_eq!(armed(), 0);
@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn a_dropped_sleep_releases_its_timer() {
         run_local(|| async {
-            let mut sleep = GlommioTimer.sleep(Duration::from_secs(60));
+            let mut sleep = HyperTimer.sleep(Duration::from_secs(60));
             let polled = futures_lite::future::poll_once(&mut sleep).await;
             assert!(polled.is_none());
             assert_eq!(armed(), 1);
@@ -254,10 +254,10 @@ mod tests {
     #[test]
     fn reset_moves_the_deadline() {
         run_local(|| async {
-            let mut sleep = GlommioTimer.sleep(Duration::from_secs(60));
+            let mut sleep = HyperTimer.sleep(Duration::from_secs(60));
             assert!(futures_lite::future::poll_once(&mut sleep).await.is_none());
             let start = Instant::now();
-            GlommioTimer.reset(&mut sleep, Instant::now() + Duration::from_millis(20));
+            HyperTimer.reset(&mut sleep, Instant::now() + Duration::from_millis(20));
             sleep.await;
             assert!(start.elapsed() < Duration::from_secs(10));
             assert_eq!(armed(), 0);

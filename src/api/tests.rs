@@ -152,7 +152,7 @@ fn started(builder: ShardedBrokerBuilder) -> ShardedBroker {
 }
 
 /// Answers `calls` in order on shard 0 with one context made of `settings`.
-fn call_all_with(b: &ShardedBroker, settings: ApiSettings, calls: Vec<Call>) -> Vec<Answer> {
+fn call_all_with(b: &ShardedBroker, settings: ApiConfig, calls: Vec<Call>) -> Vec<Answer> {
     futures_lite::future::block_on(
         b.sending()
             .run_task_on(ShardId(0), move |shard| async move {
@@ -168,7 +168,7 @@ fn call_all_with(b: &ShardedBroker, settings: ApiSettings, calls: Vec<Call>) -> 
 }
 
 fn call_all(b: &ShardedBroker, calls: Vec<Call>) -> Vec<Answer> {
-    call_all_with(b, ApiSettings::default(), calls)
+    call_all_with(b, ApiConfig::default(), calls)
 }
 
 fn call(b: &ShardedBroker, call: Call) -> Answer {
@@ -736,10 +736,10 @@ fn too_many_pending_answers_with_the_newest_payload_unless_clearing_or_replacing
 #[test]
 fn delivery_hosts_answers_get_only() {
     let b = started(builder());
-    let settings = ApiSettings {
+    let settings = ApiConfig {
         delivery_hosts: vec!["127.0.0.1:4443".into(), "[::1]:4443".into()],
         delivery_domain: "push.example.com".into(),
-        ..ApiSettings::default()
+        ..ApiConfig::default()
     };
     let answers = call_all_with(
         &b,
@@ -788,13 +788,13 @@ fn health_answers_when_every_shard_does_and_503_when_one_is_stuck() {
     let answers =
         futures_lite::future::block_on(b.sending().run_task_on(ShardId(0), |shard| async move {
             let (started_tx, started_rx) = flume::bounded(1);
-            shard.run_on(ShardId(1), move |_| {
+            shard.post(ShardId(1), move |_| {
                 let _ = started_tx.send(());
                 // Deliberately wedges shard 1 past the deadlines of the two calls below.
                 std::thread::sleep(SHARD_ANSWER_TIMEOUT * 2 + Duration::from_millis(500));
             });
             let _ = started_rx.recv_async().await;
-            let ctx = ApiContext::new(shard, ApiSettings::default());
+            let ctx = ApiContext::new(shard, ApiConfig::default());
             let start = std::time::Instant::now();
             let stuck = answer(&ctx, Call::get("/health")).await;
             let waited = start.elapsed();
@@ -907,9 +907,9 @@ fn broadcasts_are_counted_on_their_sequencer() {
 #[test]
 fn metrics_require_the_same_credentials_as_stats() {
     let b = started(builder());
-    let settings = ApiSettings {
+    let settings = ApiConfig {
         statistics_auth: Some(("admin".into(), "s3cret".into())),
-        ..ApiSettings::default()
+        ..ApiConfig::default()
     };
     let good = format!(
         "Basic {}",
@@ -940,9 +940,9 @@ fn stats_require_the_configured_basic_credentials() {
     assert_eq!(json["shards"][1]["up"], true);
     assert_eq!(json["totals"]["api_requests"], 1);
 
-    let settings = ApiSettings {
+    let settings = ApiConfig {
         statistics_auth: Some(("admin".into(), "pa:ss".into())),
-        ..ApiSettings::default()
+        ..ApiConfig::default()
     };
     let basic = |pair: &str| {
         format!(
@@ -984,7 +984,7 @@ fn a_full_owner_inbox_is_503_not_a_wait() {
     let dev = device_on(1);
     let a = futures_lite::future::block_on(b.sending().run_task_on(ShardId(0), move |shard| async move {
         let (started_tx, started_rx) = flume::bounded(1);
-        shard.run_on(ShardId(1), move |_| {
+        shard.post(ShardId(1), move |_| {
             let _ = started_tx.send(());
             // Deliberately wedges shard 1 so that its inbox stays full.
             std::thread::sleep(Duration::from_millis(300));
@@ -996,7 +996,7 @@ fn a_full_owner_inbox_is_503_not_a_wait() {
             filled += 1;
             assert!(filled < 100, "the inbox never filled");
         }
-        let ctx = ApiContext::new(shard, ApiSettings::default());
+        let ctx = ApiContext::new(shard, ApiConfig::default());
         let body = format!(
             r#"{{"appid":"app","userid":"{dev}","deviceid":"{dev}","expire_on":"{}","data":1}}"#,
             later()
@@ -1088,10 +1088,10 @@ fn assert_send_clone<T: Send + Clone>() {}
 
 #[test]
 fn settings_are_send_and_never_show_the_password() {
-    assert_send_clone::<ApiSettings>();
-    let settings = ApiSettings {
+    assert_send_clone::<ApiConfig>();
+    let settings = ApiConfig {
         statistics_auth: Some(("admin".into(), "s3cret".into())),
-        ..ApiSettings::default()
+        ..ApiConfig::default()
     };
     let shown = format!("{settings:?}");
     assert!(shown.contains("admin"));

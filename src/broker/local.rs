@@ -19,7 +19,7 @@ use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, PendingStore};
 
 /// A registered session as the registry holds it.
-struct Registered {
+struct RegistryEntry {
     /// Which registration this is, so an older session cannot unregister a newer one.
     id: u64,
     /// Where the broker feeds the session.
@@ -48,7 +48,7 @@ pub(crate) struct LocalBroker {
     store: Rc<dyn PendingStore>,
     /// Device id → its live session. Borrowed only inside a method, never across
     /// `.await`.
-    registry: RefCell<AHashMap<Arc<str>, Registered>>,
+    registry: RefCell<AHashMap<Arc<str>, RegistryEntry>>,
     /// Capacity of each session's exchange queue.
     session_queue_size: usize,
     /// The last registration id handed out.
@@ -147,7 +147,7 @@ impl LocalBroker {
         let device_id: Arc<str> = Arc::from(connect.device_id.as_str());
         let previous = self.registry.borrow_mut().insert(
             Arc::clone(&device_id),
-            Registered {
+            RegistryEntry {
                 id,
                 queue: Rc::clone(&queue),
             },

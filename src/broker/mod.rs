@@ -125,6 +125,15 @@ impl PartialEq for LevelsMap {
 
 impl Eq for LevelsMap {}
 
+/// A delivery asked for through a broker's sending facet ([`BrokerSending`]).
+#[derive(Debug, Clone)]
+pub(crate) enum Delivery {
+    /// Deliver the broadcast channel's current state to every session.
+    Broadcast(InternalChannelId),
+    /// Deliver the unicast channel's pending notifications to its device's session.
+    Unicast(InternalChannelId),
+}
+
 /// An exchange as queued for a session: shared, on the session's shard.
 pub type ExchangeRef = Rc<dyn Exchange>;
 
@@ -171,10 +180,10 @@ pub enum BrokerError {
     #[error("broker queue is full")]
     QueueFull,
     /// The device belongs to another shard: its connection must move there first.
-    #[error("device belongs to shard {owner}")]
+    #[error("device belongs to {owner}")]
     WrongShard {
-        /// The owner shard's index.
-        owner: usize,
+        /// The owner shard.
+        owner: sharded::ShardId,
     },
 }
 

@@ -12,18 +12,11 @@ use std::rc::Rc;
 use futures_lite::future;
 
 use super::local::LocalBroker;
-use super::{Broker, BrokerConfig, BrokerError, BrokerSending, SessionTracker};
+use super::{Broker, BrokerConfig, BrokerError, BrokerSending, Delivery, SessionTracker};
 use crate::protocol::ConnectMsg;
 use crate::store::{InternalChannelId, PendingStore};
 
 pub use super::local::LocalSession as SimpleBrokerSession;
-
-/// A delivery asked for through the sending facet.
-#[derive(Debug, Clone)]
-enum Delivery {
-    Broadcast(InternalChannelId),
-    Unicast(InternalChannelId),
-}
 
 /// The broker's state, shared by the broker handle and its task on one executor.
 struct Inner {

@@ -27,11 +27,14 @@ use glommio::net::{TcpListener, TcpStream};
 use rustls::ServerConnection;
 use tracing::{debug, warn};
 
+use super::ServerShard;
 use super::limits::{Backoff, Throttle};
 use super::migrate;
+use super::tally::Tally;
 use super::tls::TlsStream;
+use crate::api::{ConnectionCounters, Listener};
 use crate::broker::SessionTracker;
-use crate::broker::sharded::{Listener, Shard, owner_of_device};
+use crate::broker::sharded::{Shard, owner_of_device};
 use crate::protocol::ConnectMsg;
 use crate::session::{self, GlommioClock, SessionConfig};
 
@@ -86,7 +89,7 @@ impl AsyncWrite for DeviceStream {
 
 /// What the device listeners of every shard share (`Send`: built once, cloned in).
 #[derive(Clone)]
-pub(crate) struct DeviceSettings {
+pub(crate) struct DeviceConfig {
     pub(crate) session: SessionConfig,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Device connections this shard may hold (its share of `max_sessions`).
@@ -96,12 +99,14 @@ pub(crate) struct DeviceSettings {
 /// One shard's device side: its settings, its shutdown signal, its session ids.
 pub(crate) struct DeviceContext {
     pub(crate) shard: Shard,
-    pub(crate) settings: DeviceSettings,
+    pub(crate) settings: DeviceConfig,
     /// Closed when the server ends its sessions (after it stopped accepting).
     pub(crate) shutdown: Rc<glommio::sync::Semaphore>,
     next_session: Cell<u64>,
     /// Sessions running on this shard.
-    pub(crate) live: Cell<usize>,
+    pub(crate) live: Tally,
+    /// What the shard's listeners count (in the shard's service slot, shown by /metrics).
+    pub(crate) counters: Rc<ConnectionCounters>,
     /// Device connections this shard holds, from accept (or arrival) to close.
     held: Cell<usize>,
     limit_warning: Throttle,
@@ -112,15 +117,16 @@ pub(crate) struct DeviceContext {
 impl DeviceContext {
     pub(crate) fn new(
         shard: Shard,
-        settings: DeviceSettings,
+        settings: DeviceConfig,
         shutdown: Rc<glommio::sync::Semaphore>,
     ) -> Self {
         Self {
+            counters: shard.service_or_default::<ConnectionCounters>(),
             shard,
             settings,
             shutdown,
             next_session: Cell::new(0),
-            live: Cell::new(0),
+            live: Tally::default(),
             held: Cell::new(0),
             limit_warning: Throttle::default(),
             accept_warning: Throttle::default(),
@@ -132,7 +138,7 @@ impl DeviceContext {
     /// few seconds) logs a refusal when they are all taken.
     fn hold(self: &Rc<Self>) -> Option<Held> {
         if self.held.get() >= self.settings.max_connections {
-            self.shard.count_rejected(Listener::Devices);
+            self.counters.count_rejected(Listener::Devices);
             if let Some(more) = self.limit_warning.pass() {
                 warn!(
                     "device connections at the limit ({} on shard {}); closing new ones \
@@ -201,7 +207,7 @@ pub(crate) async fn serve_devices(
             Some(Err(e)) => {
                 // Out of descriptors or a connection reset before accept: back off
                 // rather than spin.
-                ctx.shard.count_accept_error(Listener::Devices);
+                ctx.counters.count_accept_error(Listener::Devices);
                 if let Some(more) = ctx.accept_warning.pass() {
                     warn!("device accept failed: {e} ({more} more since the last warning)");
                 }
@@ -295,7 +301,7 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
             return;
         }
     };
-    ctx.shard.count_migration_out();
+    ctx.counters.count_migration_out();
     let migrant = Migrant {
         fd,
         tls,
@@ -303,15 +309,15 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
         buf,
         id,
     };
-    ctx.shard.run_on(owner, move |owner_shard| {
-        owner_shard.count_migration_in();
-        let Some(ctx) = device_context(owner_shard) else {
+    ctx.shard.post(owner, move |owner_shard| {
+        let Some(ctx) = owner_shard.service::<ServerShard>().map(|s| s.devices()) else {
             debug!(
                 "session({}) ended with: shard has no device listener",
                 migrant.id
             );
             return;
         };
+        ctx.counters.count_migration_in();
         if let Some(session) = resume(ctx, migrant) {
             glommio::spawn_local(session).detach();
         }
@@ -350,7 +356,7 @@ fn run_session(
     held: Held,
 ) -> impl Future<Output = ()> {
     async move {
-        ctx.live.set(ctx.live.get() + 1);
+        ctx.live.up();
         let tracker = Tracker(id.to_string());
         let end = session::run(
             &mut io,
@@ -363,7 +369,7 @@ fn run_session(
             Box::pin(shutdown(&ctx.shutdown)),
         )
         .await;
-        ctx.live.set(ctx.live.get() - 1);
+        ctx.live.down();
         debug!("session({id}) ended with: {end}");
         // Best effort, bounded: the device may be gone, or no longer reading.
         let timeout = ctx.settings.session.exchange_timeout;
@@ -375,27 +381,6 @@ fn run_session(
         drop(io);
         drop(held);
     }
-}
-
-thread_local! {
-    /// This shard's device context, for connections migrating in. Each shard thread has
-    /// its own; set when the shard's listener starts.
-    static DEVICE_CONTEXT: std::cell::RefCell<Option<Rc<DeviceContext>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Records `ctx` as this shard's device context.
-pub(crate) fn install_device_context(ctx: &Rc<DeviceContext>) {
-    DEVICE_CONTEXT.with(|c| *c.borrow_mut() = Some(Rc::clone(ctx)));
-}
-
-fn device_context(_shard: &Shard) -> Option<Rc<DeviceContext>> {
-    DEVICE_CONTEXT.with(|c| c.borrow().clone())
-}
-
-/// Sessions running on this shard now.
-pub(crate) fn live_sessions() -> usize {
-    DEVICE_CONTEXT.with(|c| c.borrow().as_ref().map_or(0, |ctx| ctx.live.get()))
 }
 
 /// Binds the device listener on this shard.

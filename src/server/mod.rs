@@ -10,25 +10,27 @@
 mod limits;
 mod listener;
 mod migrate;
+mod tally;
 pub mod tls;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::future::block_on;
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::api::{ApiContext, ApiSettings};
+use crate::api::{ApiConfig, ApiContext, ConnectionCounters, Listener};
 use crate::broker::BrokerError;
 use crate::broker::sharded::{
-    Listener, ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder,
+    Shard, ShardId, ShardPlacement, ShardService, Sharded, ShardedBroker, ShardedBrokerBuilder,
 };
 use crate::config::ServerConfig;
 use crate::session::SessionConfig;
 use crate::store::{InMemoryPendingStore, PendingStore};
-use listener::{DeviceContext, DeviceSettings};
+use listener::{DeviceConfig, DeviceContext};
+use tally::Tally;
 
 /// Why the server could not start.
 #[derive(Debug, Error)]
@@ -145,8 +147,8 @@ pub struct Server {
     broker: ShardedBroker,
     http_addr: SocketAddr,
     device_addr: SocketAddr,
-    /// Per shard: tells it to shut down.
-    shutdown: Vec<flume::Sender<()>>,
+    /// The server's part of every shard.
+    shards: Sharded<ServerShard>,
 }
 
 impl Server {
@@ -181,7 +183,7 @@ impl Server {
         broker.start().map_err(ServerError::Shards)?;
         let n = broker.nr_shards();
 
-        let api_settings = ApiSettings {
+        let api_config = ApiConfig {
             delivery_hosts: Vec::new(),
             delivery_domain: config.delivery_domain.clone(),
             http_read_timeout: config.http_read_timeout,
@@ -192,7 +194,7 @@ impl Server {
                 .zip(config.statistics_auth_password.clone()),
             max_body: 4096,
         };
-        let device_settings = DeviceSettings {
+        let device_config = DeviceConfig {
             session: SessionConfig {
                 ping_interval: config.ping_interval,
                 exchange_timeout: config.exchange_timeout,
@@ -203,24 +205,20 @@ impl Server {
         let max_http = limits::share(config.max_http_connections, n);
         // Shard 0 binds first: a configured port 0 is picked there, and the other shards
         // join the picked ports (SO_REUSEPORT).
-        let mut shutdown = Vec::with_capacity(n);
+        let shards = Sharded::<ServerShard>::new(broker.sending());
         let (mut http_addr, mut device_addr) = (http_addr, device_addr);
         for i in 0..n {
-            // Room for both words of `shutdown`: sending never waits on a shard.
-            let (tx, rx) = flume::bounded::<()>(2);
-            shutdown.push(tx);
-            let started = block_on(broker.sending().run_on(ShardId(i), {
-                let api_settings = api_settings.clone();
-                let device_settings = device_settings.clone();
+            let started = block_on(shards.start_on(ShardId(i), {
+                let api_config = api_config.clone();
+                let device_config = device_config.clone();
                 move |shard| {
-                    start_shard(
+                    ServerShard::bind(
                         shard,
                         http_addr,
                         device_addr,
-                        api_settings,
-                        device_settings,
+                        api_config,
+                        device_config,
                         max_http,
-                        rx,
                     )
                 }
             }));
@@ -241,7 +239,7 @@ impl Server {
         info!("listening for http on {http_addr}");
         info!("listening for devices on {device_addr}");
         for i in 0..n {
-            if let Err(e) = block_on(broker.sending().run_on(ShardId(i), |_| begin_serving())) {
+            if let Err(e) = block_on(shards.invoke_on(ShardId(i), |s| s.begin_serving())) {
                 broker.stop_blocking();
                 return Err(e.into());
             }
@@ -251,7 +249,7 @@ impl Server {
             broker,
             http_addr,
             device_addr,
-            shutdown,
+            shards,
         })
     }
 
@@ -315,126 +313,180 @@ impl Server {
     /// 2. ends every session (unacknowledged notifications stay pending), waiting up to
     ///    `grace` again;
     /// 3. stops the shards (bounded too: see [`ShardedBroker::stop_blocking`]).
+    ///
+    /// Each step runs on every shard at once, and each shard's server part answers when
+    /// its step is done (no polling).
     pub fn shutdown(self, grace: Duration) {
-        for tx in &self.shutdown {
-            let _ = tx.send(());
-        }
-        self.wait_for_zero(grace, open_http_connections);
-        for tx in &self.shutdown {
-            let _ = tx.send(());
-        }
-        self.wait_for_zero(grace, listener::live_sessions);
+        let shards = &self.shards;
+        within(
+            grace,
+            shards.invoke_on_all(move |s| async move { s.stop_accepting(grace).await }),
+        );
+        within(
+            grace,
+            shards.invoke_on_all(move |s| async move { s.end_sessions(grace).await }),
+        );
+        within(grace, shards.stop());
         self.broker.stop_blocking();
     }
-
-    /// Waits up to `grace` until `count` is 0 on every shard.
-    fn wait_for_zero(&self, grace: Duration, count: fn() -> usize) {
-        let deadline = Instant::now() + grace;
-        let sending = self.broker.sending();
-        while Instant::now() < deadline {
-            let mut live = 0;
-            for i in 0..self.broker.nr_shards() {
-                live += block_on(sending.run_on(ShardId(i), move |_| count())).unwrap_or(0);
-            }
-            if live == 0 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 }
 
-/// Binds this shard's HTTP and device listeners and starts serving them; the addresses
-/// bound (with a configured port 0 resolved).
-fn start_shard(
-    shard: &crate::broker::sharded::Shard,
-    http_addr: SocketAddr,
-    device_addr: SocketAddr,
-    mut api_settings: ApiSettings,
-    device_settings: DeviceSettings,
-    max_http: usize,
-    shutdown: flume::Receiver<()>,
-) -> Result<(SocketAddr, SocketAddr), ServerError> {
-    let bind = |what, addr| {
-        listener::bind(addr)
-            .and_then(|l| Ok((l.local_addr().map_err(std::io::Error::from)?, l)))
-            .map_err(|source| ServerError::Bind { what, addr, source })
-    };
-    let (http_addr, http) = bind("http", http_addr)?;
-    let (device_addr, devices) = bind("devices", device_addr)?;
-    api_settings.delivery_hosts = vec![device_addr.to_string()];
-    // Closed first: no more accepting, HTTP connections finish and close.
-    let accepting = Rc::new(glommio::sync::Semaphore::new(0));
-    // Closed once HTTP is done: sessions end.
-    let signal = Rc::new(glommio::sync::Semaphore::new(0));
-    let api = Rc::new(ApiContext::new(shard.clone(), api_settings));
-    let ctx = Rc::new(DeviceContext::new(
-        shard.clone(),
-        device_settings,
-        Rc::clone(&signal),
+/// Runs `work` on the calling thread until it is done or `grace` and a second have
+/// passed: the shards bound each step by `grace` themselves; this bounds a shard that
+/// does not answer at all.
+fn within<F: Future>(grace: Duration, work: F) {
+    let (cancel, cancelled) = flume::bounded::<()>(1);
+    let (fire, deadline) = flume::bounded::<()>(1);
+    let limit = grace + Duration::from_secs(1);
+    let timer = std::thread::Builder::new()
+        .name("shutdown-deadline".into())
+        .spawn(move || {
+            // Fires at the deadline; ends early once `cancel` is dropped (the work done).
+            if let Err(flume::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+                let _ = fire.send(());
+            }
+        });
+    block_on(futures_lite::future::or(
+        async {
+            work.await;
+        },
+        async {
+            let _ = deadline.recv_async().await;
+        },
     ));
-    listener::install_device_context(&ctx);
-    // Accepting starts only once every shard is ready (see `begin_serving`).
-    let serve_accepting = Rc::clone(&accepting);
-    READY.with(|r| {
-        *r.borrow_mut() = Some(Box::new(move || {
-            glommio::spawn_local(serve_http(http, api, max_http, Rc::clone(&serve_accepting)))
-                .detach();
-            glommio::spawn_local(listener::serve_devices(devices, ctx, serve_accepting)).detach();
-        }))
-    });
-    // The server's first word to shut down stops accepting, the second ends sessions
-    // (and a server dropped without a word ends everything).
-    glommio::spawn_local(async move {
-        let first = shutdown.recv_async().await;
-        accepting.close();
-        if first.is_ok() {
-            let _ = shutdown.recv_async().await;
-        }
-        signal.close();
-    })
-    .detach();
-    Ok((http_addr, device_addr))
-}
-
-thread_local! {
-    /// This shard's accept loops, bound and ready, waiting for every shard to be ready
-    /// (so no connection migrates to a shard that cannot take it, and the listening
-    /// lines come first). Each shard thread has its own.
-    static READY: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Starts this shard's accept loops.
-fn begin_serving() {
-    if let Some(start) = READY.with(|r| r.borrow_mut().take()) {
-        start();
+    drop(cancel);
+    if let Ok(timer) = timer {
+        let _ = timer.join();
     }
 }
 
-thread_local! {
+/// The server's part of one shard (a [`ShardService`] in the shard's slot): its HTTP and
+/// device listeners, bound, then serving; the API and device contexts; the open HTTP
+/// connections; and the two steps of its stop.
+pub(crate) struct ServerShard {
+    api: Rc<ApiContext>,
+    devices: Rc<DeviceContext>,
+    /// The listeners, bound and not yet accepting (until [`ServerShard::begin_serving`]).
+    bound: std::cell::RefCell<Option<(glommio::net::TcpListener, glommio::net::TcpListener)>>,
+    /// HTTP connections this shard may hold.
+    max_http: usize,
+    /// Closed first: no more accepting; HTTP connections finish what they serve and close.
+    accepting: Rc<glommio::sync::Semaphore>,
     /// HTTP connections open on this shard.
-    static HTTP_CONNECTIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    http_open: Rc<Tally>,
 }
 
-/// HTTP connections open on this shard now.
-fn open_http_connections() -> usize {
-    HTTP_CONNECTIONS.with(std::cell::Cell::get)
+impl ServerShard {
+    /// Binds this shard's HTTP and device listeners (not accepting yet); the service and
+    /// the addresses bound (with a configured port 0 resolved).
+    fn bind(
+        shard: &Shard,
+        http_addr: SocketAddr,
+        device_addr: SocketAddr,
+        mut api_config: ApiConfig,
+        device_config: DeviceConfig,
+        max_http: usize,
+    ) -> Result<(ServerShard, (SocketAddr, SocketAddr)), ServerError> {
+        let bind = |what, addr| {
+            listener::bind(addr)
+                .and_then(|l| Ok((l.local_addr().map_err(std::io::Error::from)?, l)))
+                .map_err(|source| ServerError::Bind { what, addr, source })
+        };
+        let (http_addr, http) = bind("http", http_addr)?;
+        let (device_addr, devices) = bind("devices", device_addr)?;
+        api_config.delivery_hosts = vec![device_addr.to_string()];
+        // Closed once HTTP is done: sessions end.
+        let sessions_end = Rc::new(glommio::sync::Semaphore::new(0));
+        let service = ServerShard {
+            api: Rc::new(ApiContext::new(shard.clone(), api_config)),
+            devices: Rc::new(DeviceContext::new(
+                shard.clone(),
+                device_config,
+                sessions_end,
+            )),
+            bound: std::cell::RefCell::new(Some((http, devices))),
+            max_http,
+            accepting: Rc::new(glommio::sync::Semaphore::new(0)),
+            http_open: Rc::new(Tally::default()),
+        };
+        Ok((service, (http_addr, device_addr)))
+    }
+
+    /// This shard's device side.
+    pub(crate) fn devices(&self) -> Rc<DeviceContext> {
+        Rc::clone(&self.devices)
+    }
+
+    /// Starts this shard's accept loops: once every shard is bound (so no connection
+    /// migrates to a shard that cannot take it, and the listening lines come first).
+    fn begin_serving(&self) {
+        let Some((http, devices)) = self.bound.borrow_mut().take() else {
+            return;
+        };
+        glommio::spawn_local(serve_http(
+            http,
+            Rc::clone(&self.api),
+            self.max_http,
+            Rc::clone(&self.http_open),
+            Rc::clone(&self.accepting),
+        ))
+        .detach();
+        glommio::spawn_local(listener::serve_devices(
+            devices,
+            Rc::clone(&self.devices),
+            Rc::clone(&self.accepting),
+        ))
+        .detach();
+    }
+
+    /// Step 1 of the stop: no more accepting; waits up to `grace` for the open HTTP
+    /// connections to finish what they serve and close.
+    async fn stop_accepting(&self, grace: Duration) {
+        self.accepting.close();
+        self.bound.borrow_mut().take();
+        let _ = glommio::timer::timeout(grace, async {
+            self.http_open.zero().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Step 2 of the stop: ends every session (unacknowledged notifications stay
+    /// pending), waiting up to `grace` for them to close.
+    async fn end_sessions(&self, grace: Duration) {
+        self.devices.shutdown.close();
+        let _ = glommio::timer::timeout(grace, async {
+            self.devices.live.zero().await;
+            Ok(())
+        })
+        .await;
+    }
+}
+
+impl ShardService for ServerShard {
+    /// Both steps, without waiting: whatever is still open is cut off when the shard
+    /// stops.
+    fn stop(self: Rc<Self>) -> std::pin::Pin<Box<dyn Future<Output = ()>>> {
+        Box::pin(async move {
+            self.stop_accepting(Duration::ZERO).await;
+            self.end_sessions(Duration::ZERO).await;
+        })
+    }
 }
 
 /// Counts one open HTTP connection while it lives.
-struct OpenConnection;
+struct OpenConnection(Rc<Tally>);
 
 impl OpenConnection {
-    fn new() -> Self {
-        HTTP_CONNECTIONS.with(|c| c.set(c.get() + 1));
-        OpenConnection
+    fn new(tally: &Rc<Tally>) -> Self {
+        tally.up();
+        OpenConnection(Rc::clone(tally))
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        HTTP_CONNECTIONS.with(|c| c.set(c.get().saturating_sub(1)));
+        self.0.down();
     }
 }
 
@@ -444,12 +496,14 @@ async fn serve_http(
     listener: glommio::net::TcpListener,
     api: Rc<ApiContext>,
     max: usize,
+    open: Rc<Tally>,
     accepting: Rc<glommio::sync::Semaphore>,
 ) {
     let limit_warning = limits::Throttle::default();
     let accept_warning = limits::Throttle::default();
     let backoff = limits::Backoff::default();
     let shard = api.shard().clone();
+    let counters = shard.service_or_default::<ConnectionCounters>();
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             listener::shutdown(&accepting).await;
@@ -458,9 +512,9 @@ async fn serve_http(
         .await;
         match accepted {
             None => break,
-            Some(Ok(stream)) if open_http_connections() >= max => {
+            Some(Ok(stream)) if open.get() >= max => {
                 backoff.succeeded();
-                shard.count_rejected(Listener::Http);
+                counters.count_rejected(Listener::Http);
                 if let Some(more) = limit_warning.pass() {
                     warn!(
                         "http connections at the limit ({max} on shard {}); closing new ones \
@@ -472,7 +526,7 @@ async fn serve_http(
             }
             Some(Ok(stream)) => {
                 backoff.succeeded();
-                let open = OpenConnection::new();
+                let open = OpenConnection::new(&open);
                 let api = Rc::clone(&api);
                 let accepting = Rc::clone(&accepting);
                 glommio::spawn_local(async move {
@@ -483,7 +537,7 @@ async fn serve_http(
                 .detach();
             }
             Some(Err(e)) => {
-                shard.count_accept_error(Listener::Http);
+                counters.count_accept_error(Listener::Http);
                 if let Some(more) = accept_warning.pass() {
                     warn!("http accept failed: {e} ({more} more since the last warning)");
                 }

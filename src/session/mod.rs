@@ -4,7 +4,7 @@
 //! Everything here is generic over the device stream (any futures-io
 //! `AsyncRead + AsyncWrite`: a glommio `TcpStream`, a TLS stream, the in-memory pipe of
 //! `testing`, with the `testing` feature) and over a [`SessionClock`], so tests drive
-//! sessions with virtual time (`testing::ManualClock`) and never sleep.
+//! sessions with virtual time (`testing::VirtualClock`) and never sleep.
 //!
 //! # Memory
 //!
@@ -69,7 +69,7 @@ pub struct SessionConfig {
 }
 
 /// Time as a session sees it: real ([`GlommioClock`]) or virtual in tests
-/// (`testing::ManualClock`, with the `testing` feature).
+/// (`testing::VirtualClock`, with the `testing` feature).
 pub trait SessionClock {
     /// What [`SessionClock::sleep_until`] returns.
     type Sleep: Future<Output = ()> + Unpin;
@@ -361,7 +361,7 @@ where
             }
         }
         let mut registered = match Box::pin(broker.register(&connect, track)).await {
-            Ok(sess) => Registered { broker, sess },
+            Ok(sess) => Registration { broker, sess },
             Err(e) => return e.into(),
         };
         tracing::info!(
@@ -387,12 +387,12 @@ where
 /// A registered session that unregisters when dropped: when [`run`] returns, and also
 /// when its future is dropped before (a cancelled task), so the registry never keeps a
 /// session that is gone.
-struct Registered<'a, B: Broker> {
+struct Registration<'a, B: Broker> {
     broker: &'a B,
     sess: B::Session,
 }
 
-impl<B: Broker> Drop for Registered<'_, B> {
+impl<B: Broker> Drop for Registration<'_, B> {
     fn drop(&mut self) {
         self.broker.unregister(&self.sess);
     }

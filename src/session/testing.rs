@@ -1,4 +1,4 @@
-//! Test doubles for driving sessions without sockets or real time: a [`ManualClock`]
+//! Test doubles for driving sessions without sockets or real time: a [`VirtualClock`]
 //! whose time moves only when told, and an in-memory duplex stream, [`pipe`], whose
 //! device end writes and reads frames by hand.
 //!
@@ -19,15 +19,15 @@ use futures_lite::io::{AsyncRead, AsyncWrite};
 
 use super::SessionClock;
 
-/// A clock standing still until [`ManualClock::advance`] moves it; moving it wakes the
+/// A clock standing still until [`VirtualClock::advance`] moves it; moving it wakes the
 /// sleeps whose deadline passed. Clones share the same time (`Rc` inside).
 #[derive(Clone)]
-pub struct ManualClock {
+pub struct VirtualClock {
     inner: Rc<ClockInner>,
 }
 
 struct ClockInner {
-    /// What [`ManualClock::now`] read when the clock was made.
+    /// What [`VirtualClock::now`] read when the clock was made.
     start: Instant,
     /// How far the clock moved since.
     elapsed: Cell<Duration>,
@@ -38,22 +38,22 @@ struct ClockInner {
     next_id: Cell<u64>,
 }
 
-impl fmt::Debug for ManualClock {
+impl fmt::Debug for VirtualClock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManualClock")
+        f.debug_struct("VirtualClock")
             .field("elapsed", &self.elapsed())
             .field("sleepers", &self.sleepers())
             .finish()
     }
 }
 
-impl Default for ManualClock {
+impl Default for VirtualClock {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl ManualClock {
+impl VirtualClock {
     /// A clock reading the real `Instant::now()` until it is moved.
     pub fn new() -> Self {
         Self {
@@ -109,17 +109,17 @@ impl ManualClock {
     }
 }
 
-impl SessionClock for ManualClock {
-    type Sleep = ManualSleep;
+impl SessionClock for VirtualClock {
+    type Sleep = VirtualSleep;
 
     fn now(&self) -> Instant {
         self.inner.start + self.inner.elapsed.get()
     }
 
-    fn sleep_until(&self, deadline: Instant) -> ManualSleep {
+    fn sleep_until(&self, deadline: Instant) -> VirtualSleep {
         let id = self.inner.next_id.get();
         self.inner.next_id.set(id + 1);
-        ManualSleep {
+        VirtualSleep {
             clock: Rc::clone(&self.inner),
             id,
             deadline,
@@ -127,29 +127,29 @@ impl SessionClock for ManualClock {
     }
 }
 
-/// A sleep of a [`ManualClock`]: completes once the clock reads its deadline.
-pub struct ManualSleep {
+/// A sleep of a [`VirtualClock`]: completes once the clock reads its deadline.
+pub struct VirtualSleep {
     clock: Rc<ClockInner>,
     id: u64,
     deadline: Instant,
 }
 
-impl fmt::Debug for ManualSleep {
+impl fmt::Debug for VirtualSleep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ManualSleep")
+        f.debug_struct("VirtualSleep")
             .field("id", &self.id)
             .field("deadline", &self.deadline)
             .finish()
     }
 }
 
-impl ManualSleep {
+impl VirtualSleep {
     fn disarm(&self) {
         self.clock.sleepers.borrow_mut().retain(|s| s.0 != self.id);
     }
 }
 
-impl Future for ManualSleep {
+impl Future for VirtualSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -167,7 +167,7 @@ impl Future for ManualSleep {
     }
 }
 
-impl Drop for ManualSleep {
+impl Drop for VirtualSleep {
     fn drop(&mut self) {
         self.disarm();
     }

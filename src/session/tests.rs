@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use futures_lite::future;
 use glommio::Task;
 
-use super::testing::{DeviceEnd, ManualClock, ServerEnd, pipe, pipe_with_capacity};
+use super::testing::{DeviceEnd, ServerEnd, VirtualClock, pipe, pipe_with_capacity};
 use super::wire::MAX_PENDING;
 use super::*;
 use crate::broker::simple::{SimpleBroker, SimpleBrokerSession};
@@ -115,7 +115,7 @@ impl TapBroker {
 struct Env {
     store: Rc<InMemoryPendingStore>,
     broker: Rc<TapBroker>,
-    clock: ManualClock,
+    clock: VirtualClock,
 }
 
 impl Env {
@@ -133,7 +133,7 @@ impl Env {
                 inner,
                 queues: RefCell::new(Vec::new()),
             }),
-            clock: ManualClock::new(),
+            clock: VirtualClock::new(),
         }
     }
 
@@ -390,7 +390,7 @@ fn a_hello_trickling_in_byte_by_byte_is_read() {
 #[test]
 fn read_hello_starts_from_bytes_already_read_and_keeps_what_follows_connect() {
     run_local(|| async {
-        let clock = ManualClock::new();
+        let clock = VirtualClock::new();
         let (mut server, device) = pipe();
         let json = connect_json("dev-1");
         let mut frame = u16::try_from(json.len())
@@ -1036,7 +1036,7 @@ fn the_session_future_is_small() {
         let connect = ConnectMsg::default();
         let sid = SessionId("1".to_owned());
         let config = config();
-        let clock = ManualClock::new();
+        let clock = VirtualClock::new();
         let (_stop, stopped) = flume::bounded::<()>(1);
         let shutdown = async move {
             let _ = stopped.recv_async().await;
@@ -1077,7 +1077,7 @@ fn the_session_future_is_small() {
 
         eprintln!(
             "session::run future: {tcp_size} B (glommio TcpStream, GlommioClock, SimpleBroker), \
-             {pipe_size} B (pipe, ManualClock)"
+             {pipe_size} B (pipe, VirtualClock)"
         );
         assert!(tcp_size <= MAX_RUN_FUTURE, "{tcp_size} B");
         assert!(pipe_size <= MAX_RUN_FUTURE, "{pipe_size} B");
@@ -1120,7 +1120,7 @@ fn session_ends_say_what_they_are() {
 #[test]
 fn manual_sleeps_complete_only_once_the_clock_reaches_their_deadline() {
     run_local(|| async {
-        let clock = ManualClock::new();
+        let clock = VirtualClock::new();
         let start = clock.now();
         let mut early = Box::pin(clock.sleep_until(start + Duration::from_secs(1)));
         let mut late = Box::pin(clock.sleep_until(start + Duration::from_secs(2)));

@@ -1,6 +1,7 @@
 //! One shard: its registry, store and mesh endpoints, and the loop that serves its inbox
 //! and mesh.
 
+use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
@@ -21,8 +22,9 @@ use crate::broker::{Broker, BrokerError, SessionTracker};
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
 
-/// What one shard has counted, for `/metrics` and `/stats`: a plain value that can leave
-/// the shard.
+/// What one shard's broker has counted (the API's `/metrics` and `/stats` show it, with
+/// what the API and the listeners count themselves): a plain value that can leave the
+/// shard.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardMetrics {
     /// The shard.
@@ -35,38 +37,6 @@ pub struct ShardMetrics {
     pub broadcasts: u64,
     /// Notifies applied here (this shard's devices).
     pub unicasts: u64,
-    /// Connections moved here from another shard.
-    pub migrations_in: u64,
-    /// Connections moved from here to their owner.
-    pub migrations_out: u64,
-    /// API requests served here.
-    pub api_requests: u64,
-    /// API errors served here, by label.
-    pub api_errors: Vec<(&'static str, u64)>,
-    /// Connections refused and accepts failed on this shard's listeners.
-    pub limits: ListenerCounts,
-}
-
-/// What a shard's listeners refused or failed to accept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ListenerCounts {
-    /// Device connections closed at once: the shard held its share of the sessions.
-    pub rejected_devices: u64,
-    /// HTTP connections closed at once: the shard held its share of them.
-    pub rejected_http: u64,
-    /// Failed accepts on the device listener.
-    pub device_accept_errors: u64,
-    /// Failed accepts on the HTTP listener.
-    pub http_accept_errors: u64,
-}
-
-/// Which of a shard's listeners.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    /// Where devices connect.
-    Devices,
-    /// The HTTP API.
-    Http,
 }
 
 /// Counters a shard keeps beside its broker's delivery stats.
@@ -74,12 +44,6 @@ pub enum Listener {
 struct Counters {
     broadcasts: Cell<u64>,
     unicasts: Cell<u64>,
-    migrations_in: Cell<u64>,
-    migrations_out: Cell<u64>,
-    api_requests: Cell<u64>,
-    /// Label → count. Borrowed only inside a method.
-    api_errors: RefCell<Vec<(&'static str, u64)>>,
-    limits: Cell<ListenerCounts>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -155,6 +119,9 @@ struct ShardCore {
     msg_prefix: String,
     next_msg: Cell<u64>,
     counters: Counters,
+    /// The services installed on this shard, one per type ([`Shard::service`]).
+    /// Borrowed only inside a method, never across `.await`.
+    services: RefCell<Vec<(TypeId, Rc<dyn Any>)>>,
 }
 
 /// A shard as the tasks running on it see it: register sessions of the devices it owns,
@@ -215,7 +182,7 @@ impl Shard {
         self.core.local.stats()
     }
 
-    /// Everything this shard has counted.
+    /// What this shard's broker has counted.
     pub fn metrics(&self) -> ShardMetrics {
         let c = &self.core.counters;
         ShardMetrics {
@@ -224,61 +191,51 @@ impl Shard {
             delivery: self.stats(),
             broadcasts: c.broadcasts.get(),
             unicasts: c.unicasts.get(),
-            migrations_in: c.migrations_in.get(),
-            migrations_out: c.migrations_out.get(),
-            api_requests: c.api_requests.get(),
-            api_errors: c.api_errors.borrow().clone(),
-            limits: c.limits.get(),
         }
     }
 
-    /// Counts a connection closed at once because `listener`'s limit was reached.
-    pub fn count_rejected(&self, listener: Listener) {
-        let mut l = self.core.counters.limits.get();
-        match listener {
-            Listener::Devices => l.rejected_devices += 1,
-            Listener::Http => l.rejected_http += 1,
+    /// This shard's service of type `T`, if one is installed: the state a layer above the
+    /// broker keeps per shard (the server's listeners, the API's counters), found by
+    /// type instead of through thread-locals. See [`Sharded`](super::Sharded).
+    pub fn service<T: 'static>(&self) -> Option<Rc<T>> {
+        let services = self.core.services.borrow();
+        let (_, any) = services.iter().find(|(t, _)| *t == TypeId::of::<T>())?;
+        Rc::clone(any).downcast::<T>().ok()
+    }
+
+    /// This shard's service of type `T`, installing `T::default()` first if there is none.
+    pub fn service_or_default<T: Default + 'static>(&self) -> Rc<T> {
+        if let Some(service) = self.service::<T>() {
+            return service;
         }
-        self.core.counters.limits.set(l);
+        let service = Rc::new(T::default());
+        self.install_service(Rc::clone(&service));
+        service
     }
 
-    /// Counts a failed accept on `listener`.
-    pub fn count_accept_error(&self, listener: Listener) {
-        let mut l = self.core.counters.limits.get();
-        match listener {
-            Listener::Devices => l.device_accept_errors += 1,
-            Listener::Http => l.http_accept_errors += 1,
-        }
-        self.core.counters.limits.set(l);
+    /// Installs `service` as this shard's service of type `T`; the one it replaces, if
+    /// any.
+    pub fn install_service<T: 'static>(&self, service: Rc<T>) -> Option<Rc<T>> {
+        let old = self.remove_service::<T>();
+        self.core
+            .services
+            .borrow_mut()
+            .push((TypeId::of::<T>(), service as Rc<dyn Any>));
+        old
     }
 
-    /// Counts a connection moved here from another shard.
-    pub fn count_migration_in(&self) {
-        bump(&self.core.counters.migrations_in);
+    /// Removes this shard's service of type `T` and returns it.
+    pub fn remove_service<T: 'static>(&self) -> Option<Rc<T>> {
+        let mut services = self.core.services.borrow_mut();
+        let at = services.iter().position(|(t, _)| *t == TypeId::of::<T>())?;
+        let (_, any) = services.swap_remove(at);
+        any.downcast::<T>().ok()
     }
 
-    /// Counts a connection moved from here to its owner.
-    pub fn count_migration_out(&self) {
-        bump(&self.core.counters.migrations_out);
-    }
-
-    /// Counts an API request served here.
-    pub fn count_api_request(&self) {
-        bump(&self.core.counters.api_requests);
-    }
-
-    /// Counts an API error served here, by its label.
-    pub fn count_api_error(&self, label: &'static str) {
-        let mut errors = self.core.counters.api_errors.borrow_mut();
-        match errors.iter_mut().find(|(l, _)| *l == label) {
-            Some((_, n)) => *n += 1,
-            None => errors.push((label, 1)),
-        }
-    }
-
-    /// Runs `job` on shard `dest` (here too, after the current task turn), in order with
-    /// everything else this shard sends there.
-    pub fn run_on(&self, dest: ShardId, job: impl FnOnce(&Shard) + Send + 'static) {
+    /// Posts `job` to run on shard `dest` (here too, after the current task turn), in
+    /// order with everything else this shard sends there, without waiting for it (for an
+    /// awaited answer from any thread, see [`ShardedSending::run_on`]).
+    pub fn post(&self, dest: ShardId, job: impl FnOnce(&Shard) + Send + 'static) {
         self.core.outbox.push(dest, MeshMsg::Run(Box::new(job)));
     }
 
@@ -400,7 +357,7 @@ impl Broker for Shard {
     ) -> Result<LocalSession, BrokerError> {
         let owner = owner_of_device(&connect.device_id, self.nr_shards());
         if owner != self.id() {
-            return Err(BrokerError::WrongShard { owner: owner.0 });
+            return Err(BrokerError::WrongShard { owner });
         }
         self.core.local.register(connect, track)
     }
@@ -441,6 +398,7 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
             msg_prefix: format!("{started:x}-{:x}-", context.id.0),
             next_msg: Cell::new(0),
             counters: Counters::default(),
+            services: RefCell::new(Vec::new()),
             config: context.config,
         }),
     };
