@@ -255,7 +255,7 @@ impl BroadcastExchange {
             };
             buf.clear();
             encode_frame(&mut buf, &Message::Broadcast(part))
-                .map_err(|e| ErrAbort::new(format!("cannot encode broadcast: {e}")))?;
+                .map_err(|e| ErrAbort::caused_by("cannot encode broadcast", e))?;
             parts.push((Rc::from(&buf[..]), top));
         }
         Ok(Encoded {
@@ -357,7 +357,7 @@ impl Exchange for UnicastExchange {
                 notifications: Cow::Borrowed(&scratch.notifications[range.clone()]),
             });
             let frame = encode_frame(&mut scratch.buf, &msg)
-                .map_err(|e| ErrAbort::new(format!("cannot encode notifications: {e}")))?;
+                .map_err(|e| ErrAbort::caused_by("cannot encode notifications", e))?;
             scratch.parts.push(Part {
                 frame: Frame::Local(frame),
                 top_level: 0,
@@ -430,7 +430,7 @@ impl Exchange for ConnMetaExchange {
         let scratch = sess.exchange_scratch_area();
         scratch.reset();
         let frame = encode_frame(&mut scratch.buf, &msg)
-            .map_err(|e| ErrAbort::new(format!("cannot encode {}: {e}", msg.type_name())))?;
+            .map_err(|e| ErrAbort::caused_by(format!("cannot encode {}", msg.type_name()), e))?;
         scratch.parts.push(Part {
             frame: Frame::Local(frame),
             top_level: 0,

@@ -49,6 +49,7 @@ pub mod testsuite;
 use std::borrow::Cow;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -138,18 +139,42 @@ pub(crate) enum Delivery {
 pub type ExchangeRef = Rc<dyn Exchange>;
 
 /// The session must end, and why (the original's `ErrAbort`).
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[derive(Debug, Error, Clone)]
 #[error("session aborted ({reason})")]
 pub struct ErrAbort {
     /// Why, as the session's end is logged.
     pub reason: Cow<'static, str>,
+    /// What caused it, when another error did (kept, not flattened into the reason).
+    #[source]
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+/// Aborts are equal when their reasons are: the reason is what a session's end says.
+impl PartialEq for ErrAbort {
+    fn eq(&self, other: &Self) -> bool {
+        self.reason == other.reason
+    }
+}
+
+impl Eq for ErrAbort {}
 
 impl ErrAbort {
     /// An abort for `reason`.
     pub fn new(reason: impl Into<Cow<'static, str>>) -> Self {
         Self {
             reason: reason.into(),
+            cause: None,
+        }
+    }
+
+    /// An abort for `reason`, caused by `cause` (its [`source`](std::error::Error::source)).
+    pub fn caused_by(
+        reason: impl Into<Cow<'static, str>>,
+        cause: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            reason: reason.into(),
+            cause: Some(Arc::new(cause)),
         }
     }
 
@@ -480,6 +505,16 @@ pub fn levels_from_connect(connect: &ConnectMsg) -> Result<LevelsMap, ErrAbort> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_abort_caused_by_an_error_keeps_it_as_its_source() {
+        let json = serde_json::from_str::<u8>("x").expect_err("not JSON");
+        let abort = ErrAbort::caused_by("cannot encode CONNACK", json);
+        assert_eq!(abort.to_string(), "session aborted (cannot encode CONNACK)");
+        let source = std::error::Error::source(&abort).expect("the JSON error");
+        assert!(source.to_string().contains("expected value"), "{source}");
+        assert_eq!(abort, ErrAbort::new("cannot encode CONNACK"));
+    }
 
     #[test]
     fn levels_replace_by_channel_and_compare_in_any_order() {

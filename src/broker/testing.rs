@@ -328,7 +328,7 @@ impl FaultyStore {
     fn check(&self, op: StoreOp) -> Result<(), StoreError> {
         let mut faults = self.faults.borrow_mut();
         match faults.iter_mut().find(|f| f.op == op) {
-            Some(f) if f.successes == 0 => Err(StoreError::Unavailable(f.message.clone())),
+            Some(f) if f.successes == 0 => Err(StoreError::Unavailable(f.message.clone().into())),
             Some(f) => {
                 f.successes -= 1;
                 Ok(())

@@ -894,7 +894,7 @@ impl ShardedSuiteSession {
 fn store_error(e: BrokerError) -> StoreError {
     match e {
         BrokerError::Store(e) => e,
-        other => StoreError::Unavailable(other.to_string()),
+        other => StoreError::Unavailable(crate::store::StoreFault::new(other)),
     }
 }
 

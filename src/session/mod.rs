@@ -410,8 +410,7 @@ async fn write_connack<S: AsyncWrite + Unpin, C: SessionClock>(
         },
     });
     let mut frame = Vec::new();
-    encode_frame(&mut frame, &msg)
-        .map_err(|e| ErrAbort::new(format!("cannot encode CONNACK: {e}")))?;
+    encode_frame(&mut frame, &msg).map_err(|e| ErrAbort::caused_by("cannot encode CONNACK", e))?;
     write_frame(
         io,
         &frame,

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
+
 pub use inmemory::InMemoryPendingStore;
 pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 
@@ -63,8 +64,60 @@ pub enum StoreError {
     #[error("channel is full")]
     Full,
     /// The store could not do it now (a backend fault); the caller may retry later.
-    #[error("{0}")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(StoreFault),
+}
+
+/// The cause of a backend fault, kept as the error it is (its own
+/// [`source`](std::error::Error::source) chain included); shared, so a [`StoreError`]
+/// stays `Clone`. Made from any error, or from a message.
+#[derive(Clone)]
+pub struct StoreFault(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl StoreFault {
+    /// A fault caused by `cause`.
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(std::sync::Arc::from(cause.into()))
+    }
+}
+
+impl std::fmt::Display for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for StoreFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for StoreFault {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// Faults are equal when they read the same (tests compare them).
+impl PartialEq for StoreFault {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for StoreFault {}
+
+impl From<&str> for StoreFault {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<String> for StoreFault {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
 }
 
 impl StoreError {
@@ -283,6 +336,24 @@ mod tests {
         assert!(!meta.is_expired(t(9)));
         assert!(!meta.is_expired(t(10)));
         assert!(meta.is_expired(t(10) + Duration::from_nanos(1)));
+    }
+
+    #[test]
+    fn a_backend_fault_keeps_its_cause_as_the_error_it_is() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connection refused by 10.0.0.7")]
+        struct Refused(#[source] std::io::Error);
+
+        let cause = Refused(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let e = StoreError::Unavailable(StoreFault::new(cause));
+        assert!(e.is_unavailable());
+        assert_eq!(e.to_string(), "connection refused by 10.0.0.7");
+        // The cause's own cause is still there, typed.
+        let source = std::error::Error::source(&e).expect("the io error");
+        assert!(
+            source.downcast_ref::<std::io::Error>().is_some(),
+            "{source:?}"
+        );
     }
 
     #[test]

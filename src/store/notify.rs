@@ -567,7 +567,7 @@ mod tests {
     }
 
     fn unavailable(op: StoreOp) -> Result<NotifyVerdict, StoreError> {
-        Err(StoreError::Unavailable(format!("{op:?} failed")))
+        Err(StoreError::Unavailable(format!("{op:?} failed").into()))
     }
 
     #[test]
