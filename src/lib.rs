@@ -74,6 +74,6 @@ pub use serde_json;
 pub use broker::sharded::{ShardedBroker, ShardedBrokerBuilder};
 pub use broker::simple::SimpleBroker;
 pub use config::ServerConfig;
-pub use protocol::{ConnectMsg, Notification, Payload};
+pub use protocol::{ConnectMsg, DeviceId, Notification, Payload};
 pub use server::{Server, ServerError};
 pub use store::{InMemoryPendingStore, InternalChannelId, PendingStore};

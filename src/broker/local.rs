@@ -5,7 +5,6 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
-use std::sync::Arc;
 
 use ahash::AHashMap;
 use tracing::{debug, error};
@@ -15,7 +14,7 @@ use super::{
     ExchangesScratchArea, LevelsMap, SessionTracker, UnicastExchange, feed_pending,
     get_info_string, levels_from_connect,
 };
-use crate::protocol::{ConnectMsg, Notification};
+use crate::protocol::{ConnectMsg, DeviceId, Notification};
 use crate::store::{InternalChannelId, PendingStore};
 
 /// A registered session as the registry holds it.
@@ -48,7 +47,7 @@ pub(crate) struct LocalBroker {
     store: Rc<dyn PendingStore>,
     /// Device id → its live session. Borrowed only inside a method, never across
     /// `.await`.
-    registry: RefCell<AHashMap<Arc<str>, RegistryEntry>>,
+    registry: RefCell<AHashMap<DeviceId, RegistryEntry>>,
     /// Capacity of each session's exchange queue.
     session_queue_size: usize,
     /// The last registration id handed out.
@@ -144,9 +143,9 @@ impl LocalBroker {
         let id = self.next_session.get() + 1;
         self.next_session.set(id);
         let queue = Rc::new(ExchangeQueue::new(self.session_queue_size));
-        let device_id: Arc<str> = Arc::from(connect.device_id.as_str());
+        let device_id = DeviceId::new(&connect.device_id);
         let previous = self.registry.borrow_mut().insert(
-            Arc::clone(&device_id),
+            device_id.clone(),
             RegistryEntry {
                 id,
                 queue: Rc::clone(&queue),
@@ -303,7 +302,7 @@ pub struct LocalSession {
     broker: Rc<LocalBroker>,
     /// The registration id.
     id: u64,
-    device_id: Arc<str>,
+    device_id: DeviceId,
     model: Rc<str>,
     image_channel: Rc<str>,
     levels: LevelsMap,
@@ -325,6 +324,11 @@ impl fmt::Debug for LocalSession {
 }
 
 impl LocalSession {
+    /// The device this session is of.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
     /// The registration id: the broker's `session_of` reports the id of a device's live
     /// session.
     pub fn id(&self) -> u64 {

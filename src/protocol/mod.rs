@@ -3,6 +3,7 @@
 //! about brokers.
 
 pub mod codec;
+mod device_id;
 pub mod messages;
 pub mod split;
 
@@ -10,6 +11,7 @@ pub use codec::{
     DecodeError, EncodeError, MAX_FRAME_BODY, VersionError, WIRE_VERSION, decode_frame,
     decode_message, decode_version, encode_frame,
 };
+pub use device_id::DeviceId;
 pub use messages::{
     BroadcastMsg, ConnAckMsg, ConnAckParams, ConnectMsg, Message, Notification, NotificationsMsg,
     Payload, SYSTEM_CHANNEL_HEX,
