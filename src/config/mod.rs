@@ -11,7 +11,7 @@
 //! | Key | Type | Default | Meaning |
 //! |-----|------|---------|---------|
 //! | `addr` | `"host:port"` | `"127.0.0.1:9090"` | Where devices connect. Port `0` picks a free port (the bound address is logged). |
-//! | `exchange_timeout` | duration | `"5s"` | How long a device has to answer one exchange (a PING's PONG, a BROADCAST's ACK), and for the TLS handshake, version byte, CONNECT and CONNACK together. |
+//! | `exchange_timeout` | duration | `"5s"` | How long a device has to answer one exchange (a PING's PONG, a BROADCAST's ACK); also, each on its own, the TLS handshake, the version byte with CONNECT, and the write of CONNACK. |
 //! | `ping_interval` | duration | `"10s"` | Idle time after which the server PINGs a device; the server is never silent longer than this. |
 //! | `session_queue_size` | integer ≥ 1 | `10` | Exchanges a session may have queued towards its device; a full queue coalesces instead of blocking the shard. |
 //! | `broker_queue_size` | integer ≥ 1 | `10000` | Requests a shard's inbox may hold; when an owner's inbox is full the HTTP API answers 503 `unavailable`. |
