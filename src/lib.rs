@@ -54,6 +54,7 @@
 //! - [`server`]: device listeners (TCP/TLS, connection migration), the HTTP API on every
 //!   shard, start-up and shutdown.
 //! - [`logging`]: the log line format tools parse (binaries install it).
+//! - [`rt`]: hyper's runtime traits on glommio (the HTTP API's I/O and timer).
 //! - [`broker`]: the broker API (registration, sessions, exchanges), the one-process
 //!   [`broker::simple`] broker, test implementations and the conformance suite.
 
@@ -62,6 +63,7 @@ pub mod broker;
 pub mod config;
 pub mod logging;
 pub mod protocol;
+pub mod rt;
 pub mod server;
 pub mod session;
 pub mod store;

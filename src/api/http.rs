@@ -13,7 +13,7 @@ use tracing::debug;
 
 use super::ApiContext;
 use super::handlers::{BodyReadError, RequestHead, respond};
-use super::rt::{HyperIo, HyperTimer};
+use crate::rt::{HyperIo, HyperTimer};
 
 /// Serves one HTTP/1.1 connection until the client closes it, a header-read or write
 /// timeout ends it, or it fails. Keep-alive is on; every request is [`handle`]d on this

@@ -11,7 +11,7 @@
 //!   a request head and a body future in, a response out. Tests call it without sockets.
 //! - `handlers`: the endpoints. `body`: the JSON bodies, decoded as Go's `encoding/json`
 //!   did. [`ApiError`]: every failure, its status, label, message and JSON body in one
-//!   place. `metrics`: gathering and rendering every shard's figures. [`rt`]: hyper's
+//!   place. `metrics`: gathering and rendering every shard's figures. [`rt`](crate::rt): hyper's
 //!   I/O and timer traits on glommio, without `unsafe`.
 //!
 //! # Sharding
@@ -33,7 +33,6 @@ mod error;
 mod handlers;
 mod http;
 mod metrics;
-pub mod rt;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
@@ -85,13 +84,14 @@ pub struct ApiConfig {
 }
 
 impl Default for ApiConfig {
-    /// No delivery hosts, an empty domain, 30 s timeouts, `/stats` open, 4096-byte bodies.
+    /// No delivery hosts, an empty domain, the configuration's default timeouts
+    /// (`http_read_timeout`, `http_write_timeout`), `/stats` open, 4096-byte bodies.
     fn default() -> Self {
         Self {
             delivery_hosts: Vec::new(),
             delivery_domain: String::new(),
-            http_read_timeout: Duration::from_secs(30),
-            http_write_timeout: Duration::from_secs(30),
+            http_read_timeout: crate::config::DEFAULT_HTTP_TIMEOUT,
+            http_write_timeout: crate::config::DEFAULT_HTTP_TIMEOUT,
             statistics_auth: None,
             max_body: MAX_REQUEST_BODY_BYTES,
         }

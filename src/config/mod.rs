@@ -152,27 +152,27 @@ pub struct ServerConfig {
 }
 
 /// Default for `addr`.
-const DEFAULT_ADDR: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9090";
 /// Default for `http_addr`.
-const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
 /// Default for `exchange_timeout`.
-const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `ping_interval`.
-const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Default for `session_queue_size`.
 pub const DEFAULT_SESSION_QUEUE_SIZE: usize = 10;
 /// Default for `broker_queue_size`.
 pub const DEFAULT_BROKER_QUEUE_SIZE: usize = 10_000;
 /// Default for `http_read_timeout` and `http_write_timeout`.
-const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for `max_notifications_per_app`.
 pub const DEFAULT_MAX_NOTIFICATIONS_PER_APP: usize = 100;
-/// Default for `broadcast_backlog`.
-const DEFAULT_BROADCAST_BACKLOG: usize = 1000;
+/// Default for `broadcast_backlog` (the in-memory store's own default).
+pub use crate::store::DEFAULT_BROADCAST_BACKLOG;
 /// Default for `max_http_connections`.
-const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 512;
+pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 512;
 /// Default for `reserved_descriptors`.
-const DEFAULT_RESERVED_DESCRIPTORS: usize = 128;
+pub const DEFAULT_RESERVED_DESCRIPTORS: usize = 128;
 
 impl Default for ServerConfig {
     fn default() -> Self {

@@ -69,6 +69,10 @@ impl fmt::Debug for InMemoryPendingStore {
     }
 }
 
+/// Live notifications a broadcast channel keeps by default (`broadcast_backlog`): what
+/// catch-up can hold stays bounded.
+pub const DEFAULT_BROADCAST_BACKLOG: usize = 1000;
+
 impl Default for InMemoryPendingStore {
     fn default() -> Self {
         Self::new()
@@ -76,17 +80,19 @@ impl Default for InMemoryPendingStore {
 }
 
 impl InMemoryPendingStore {
-    /// An empty store on the system clock.
+    /// An empty store on the system clock, keeping [`DEFAULT_BROADCAST_BACKLOG`]
+    /// notifications per broadcast channel.
     pub fn new() -> Self {
         Self::with_clock(Rc::new(SystemClock))
     }
 
-    /// An empty store on `clock`.
+    /// An empty store on `clock`, keeping [`DEFAULT_BROADCAST_BACKLOG`] notifications
+    /// per broadcast channel.
     pub fn with_clock(clock: Rc<dyn Clock>) -> Self {
         Self {
             channels: RefCell::new(AHashMap::new()),
             clock,
-            broadcast_backlog: usize::MAX,
+            broadcast_backlog: DEFAULT_BROADCAST_BACKLOG,
         }
     }
 

@@ -19,7 +19,7 @@ use thiserror::Error;
 pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
 
-pub use inmemory::InMemoryPendingStore;
+pub use inmemory::{DEFAULT_BROADCAST_BACKLOG, InMemoryPendingStore};
 pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 
 use crate::protocol::Notification;

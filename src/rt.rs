@@ -1,4 +1,5 @@
-//! hyper's runtime traits on glommio, without `unsafe`: [`HyperIo`] adapts a futures-io
+//! hyper's runtime traits on glommio, without `unsafe`: runtime glue under the HTTP API,
+//! not service state (which lives in each shard's service slot). [`HyperIo`] adapts a futures-io
 //! stream (a glommio `TcpStream`) to `hyper::rt::Read`/`Write`, and [`HyperTimer`] gives
 //! hyper the timer its `header_read_timeout` needs.
 //!
