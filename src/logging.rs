@@ -2,6 +2,20 @@
 //! `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message`, one line per event, written at once.
 //!
 //! Only binaries install a subscriber ([`init`]); the library just emits `tracing` events.
+//!
+//! # Targets
+//!
+//! Every event names one of a fixed set of targets, whatever module emits it, so that a
+//! `RUST_LOG` filter keeps selecting the same lines when code moves:
+//!
+//! | target | lines |
+//! |---|---|
+//! | `pushbroker::session` ([`target::SESSION`]) | `session(ID) connected …`, `… registered …`, `… ended with: …` |
+//! | `pushbroker::api` ([`target::API`]) | a line per HTTP request and connection (DEBUG) |
+//! | `pushbroker::broker` ([`target::BROKER`]) | broker internals: registrations, full queues, shards, store errors |
+//! | `pushbroker::server` ([`target::SERVER`]) | `listening for …`, start, accept failures, connection limits |
+//!
+//! The default filter, [`DEFAULT_FILTER`], is INFO and above plus the DEBUG session lines.
 
 use std::fmt;
 
@@ -13,11 +27,30 @@ use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// The filter used when `RUST_LOG` is not set: INFO and above, plus the DEBUG session
-/// lines (`session(ID) connected …`, `… ended with: …`) that tools wait for; other
-/// per-request detail (API requests, broker internals) only when asked for, so a busy
-/// server does not write a line per request.
-pub const DEFAULT_FILTER: &str = "info,pushbroker::server::listener=debug";
+/// The targets of the server's log lines: a fixed set, named in `RUST_LOG` filters.
+///
+/// Every event the library emits names one of these explicitly
+/// (`debug!(target: target::SESSION, …)`), so a filter selects the same lines whichever
+/// file emits them.
+pub mod target {
+    /// A device session's lines: `session(ID) connected PEERADDR`,
+    /// `session(ID) registered DEVICEID`, `session(ID) ended with: REASON`.
+    pub const SESSION: &str = "pushbroker::session";
+    /// The HTTP API: a line per request and per connection, at DEBUG.
+    pub const API: &str = "pushbroker::api";
+    /// Broker internals: registrations, full session queues, shards starting, stopping
+    /// and failing, store errors.
+    pub const BROKER: &str = "pushbroker::broker";
+    /// The server around them: `listening for …`, start, accept failures, connection
+    /// limits.
+    pub const SERVER: &str = "pushbroker::server";
+}
+
+/// The filter used when `RUST_LOG` is not set: INFO and above, plus the DEBUG
+/// [`target::SESSION`] lines (`session(ID) connected …`, `… ended with: …`) that tools
+/// wait for; other per-request detail (API requests, broker internals) only when asked
+/// for, so a busy server does not write a line per request.
+pub const DEFAULT_FILTER: &str = "info,pushbroker::session=debug";
 
 /// Formats events as `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message key=value…`.
 #[derive(Debug, Clone, Copy)]
@@ -132,8 +165,116 @@ impl fmt::Display for Untrusted<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::broker::testing::LogCapture;
+
+    /// The lines `emit` logs through [`LineFormat`] under `filter`.
+    fn logged_under(filter: &str, emit: impl FnOnce()) -> String {
+        let capture = LogCapture::new();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(filter))
+            .with_writer(capture.clone())
+            .fmt_fields(DefaultFields::new())
+            .event_format(LineFormat::new())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // Call sites first hit on threads without a subscriber may have cached
+            // "never"; make them ask this one.
+            tracing::callsite::rebuild_interest_cache();
+            emit();
+        });
+        capture.captured()
+    }
+
+    #[test]
+    fn the_default_filter_shows_session_lines_and_hides_request_detail() {
+        let log = logged_under(DEFAULT_FILTER, || {
+            tracing::debug!(target: target::SESSION, "session(7) connected 127.0.0.1:5");
+            tracing::debug!(target: target::API, status = 200, "api request");
+            tracing::debug!(target: target::BROKER, "registered with broker");
+            tracing::debug!(target: target::SERVER, "server started");
+            tracing::info!(target: target::SERVER, "listening for http on 127.0.0.1:8080");
+        });
+        assert!(
+            log.contains(" DEBUG session(7) connected 127.0.0.1:5\n"),
+            "{log}"
+        );
+        assert!(
+            log.contains(" INFO listening for http on 127.0.0.1:8080\n"),
+            "{log}"
+        );
+        assert_eq!(log.lines().count(), 2, "{log}");
+    }
+
+    #[test]
+    fn a_filter_on_a_target_selects_its_lines() {
+        let filter = format!("warn,{}=debug", target::API);
+        let log = logged_under(&filter, || {
+            tracing::debug!(target: target::SESSION, "session(7) connected 127.0.0.1:5");
+            tracing::debug!(target: target::API, "api request");
+        });
+        assert!(log.contains(" DEBUG api request\n"), "{log}");
+        assert_eq!(log.lines().count(), 1, "{log}");
+    }
+
+    /// Every event in the server's sources names one of [`target`]'s targets, so that
+    /// filters do not depend on where a line is emitted.
+    #[test]
+    fn every_event_names_a_fixed_target() {
+        const NAMES: [&str; 4] = ["SESSION", "API", "BROKER", "SERVER"];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        // The load generator is a client program of its own, not the server.
+        let skip = root.join("bin").join("pushload");
+        let mut files = Vec::new();
+        let mut dirs = vec![root];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() && path != skip {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    files.push(path);
+                }
+            }
+        }
+        let mut events = 0;
+        let mut untargeted = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            for level in ["trace", "debug", "info", "warn", "error"] {
+                let call = format!("{level}!(");
+                for (at, _) in text.match_indices(&call) {
+                    let before = text[..at].chars().next_back();
+                    if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                        continue;
+                    }
+                    events += 1;
+                    let args = text[at + call.len()..].trim_start();
+                    let named = args.strip_prefix("target:").is_some_and(|rest| {
+                        let expr = rest.trim_start();
+                        let expr = expr.strip_prefix("crate::logging::").unwrap_or(expr);
+                        NAMES
+                            .iter()
+                            .any(|n| expr.starts_with(&format!("target::{n},")))
+                    });
+                    if !named {
+                        let line = text[..at].lines().count();
+                        untargeted.push(format!("{}:{line}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            events > 30,
+            "only {events} events found: is the scan right?"
+        );
+        assert!(
+            untargeted.is_empty(),
+            "events without a fixed target: {untargeted:#?}"
+        );
+    }
 
     #[test]
     fn ordinary_ids_are_written_as_they_are() {

@@ -31,6 +31,7 @@ use super::body::{Broadcast, Registration, Unicast};
 use super::error::{JSON_MEDIA_TYPE, json_response};
 use super::metrics::{self, PROMETHEUS_TEXT, Stats};
 use super::{ApiContext, ApiError, MAX_DATA_BYTES, SHARD_ANSWER_TIMEOUT};
+use crate::logging::target;
 use crate::protocol::Payload;
 use crate::store::{NotifyVerdict, UnicastRequest};
 
@@ -102,7 +103,7 @@ where
     match route(ctx, head, body).await {
         Ok(resp) => {
             debug!(
-                target: "pushbroker::api",
+                target: target::API,
                 method = %head.method,
                 path = head.path,
                 status = resp.status().as_u16(),
@@ -113,7 +114,7 @@ where
         Err(e) => {
             ctx.counters().count_error(e.label());
             debug!(
-                target: "pushbroker::api",
+                target: target::API,
                 method = %head.method,
                 path = head.path,
                 status = e.status().as_u16(),
@@ -269,7 +270,7 @@ async fn broadcast(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>
         .publish(chan, payload, expiration)
         .await
         .map_err(|e| {
-            debug!(target: "pushbroker::api", "broadcast not published: {e}");
+            debug!(target: target::API, "broadcast not published: {e}");
             ApiError::from_broker(&e, ApiError::CouldNotStoreNotification)
         })?;
     Ok(ok())
@@ -288,7 +289,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
         .store()
         .get_internal_channel_id_from_token(&req.token, &req.app_id, &req.user_id, &req.device_id)
         .map_err(|e| {
-            debug!(target: "pushbroker::api", "token not resolved: {e}");
+            debug!(target: target::API, "token not resolved: {e}");
             ApiError::from_token_lookup(&e)
         })?;
     if !chan.is_unicast() {
@@ -306,7 +307,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
         Ok(NotifyVerdict::Accepted { .. }) => Ok(ok()),
         Ok(NotifyVerdict::TooManyPending { newest }) => Err(ApiError::TooManyPending { newest }),
         Err(e) => {
-            debug!(target: "pushbroker::api", "notify not applied: {e}");
+            debug!(target: target::API, "notify not applied: {e}");
             Err(ApiError::from_broker(
                 &e,
                 ApiError::CouldNotStoreNotification,
@@ -336,7 +337,7 @@ fn register(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiE
         .store()
         .register(&reg.device_id, &reg.app_id)
         .map_err(|e| {
-            debug!(target: "pushbroker::api", "token not made: {e}");
+            debug!(target: target::API, "token not made: {e}");
             ApiError::CouldNotMakeToken
         })?;
     json(&TokenAnswer {
@@ -351,7 +352,7 @@ fn unregister(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, Ap
         .store()
         .unregister(&reg.device_id, &reg.app_id)
         .map_err(|e| {
-            debug!(target: "pushbroker::api", "token not removed: {e}");
+            debug!(target: target::API, "token not removed: {e}");
             ApiError::CouldNotRemoveToken
         })?;
     Ok(ok())

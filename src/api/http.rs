@@ -13,6 +13,7 @@ use tracing::debug;
 
 use super::ApiContext;
 use super::handlers::{BodyReadError, RequestHead, respond};
+use crate::logging::target;
 use crate::rt::{HyperIo, HyperTimer};
 
 /// Serves one HTTP/1.1 connection until the client closes it, a header-read or write
@@ -34,7 +35,7 @@ pub async fn serve_connection_until(
     let settings = ctx.settings();
     if !settings.http_write_timeout.is_zero() {
         if let Err(e) = stream.set_write_timeout(Some(settings.http_write_timeout)) {
-            debug!(target: "pushbroker::api", ?peer, "cannot set the write timeout: {e}");
+            debug!(target: target::API, ?peer, "cannot set the write timeout: {e}");
         }
     }
     // Answers are small and whole: send them at once.
@@ -61,8 +62,8 @@ pub async fn serve_connection_until(
     })
     .await;
     match served {
-        Ok(()) => debug!(target: "pushbroker::api", ?peer, "http connection closed"),
-        Err(e) => debug!(target: "pushbroker::api", ?peer, "http connection ended: {e}"),
+        Ok(()) => debug!(target: target::API, ?peer, "http connection closed"),
+        Err(e) => debug!(target: target::API, ?peer, "http connection ended: {e}"),
     }
 }
 
@@ -109,7 +110,7 @@ async fn read_body(
             .unwrap_or_else(|_| Err("timed out".to_owned()))
     };
     read.map_err(|e| {
-        debug!(target: "pushbroker::api", "cannot read a request body: {e}");
+        debug!(target: target::API, "cannot read a request body: {e}");
         BodyReadError
     })
 }

@@ -24,8 +24,9 @@
 //!
 //! # Logging
 //!
-//! Per request only `tracing::debug!` (target `pushbroker::api`): normal operation
-//! writes nothing at INFO or above (docs/protocol.md §4.3), whatever clients send.
+//! Per request only `tracing::debug!`, target `pushbroker::api`
+//! ([`logging::target::API`](crate::logging::target::API)): normal operation writes
+//! nothing at INFO or above (docs/protocol.md §4.3), whatever clients send.
 
 mod body;
 mod counters;

@@ -14,6 +14,7 @@ use super::{
     ExchangesScratchArea, LevelsMap, SessionTracker, UnicastExchange, feed_pending,
     get_info_string, levels_from_connect,
 };
+use crate::logging::target;
 use crate::protocol::{ConnectMsg, DeviceId, Notification};
 use crate::store::{InternalChannelId, PendingStore};
 
@@ -121,7 +122,7 @@ impl LocalBroker {
             Ok(()) => self.count(|s| s.broadcast_feeds += 1),
             Err(refused) => {
                 self.count(|s| s.refused_feeds += 1);
-                debug!("session queue full, dropping {refused:?}");
+                debug!(target: target::BROKER, "session queue full, dropping {refused:?}");
             }
         }
     }
@@ -165,7 +166,12 @@ impl LocalBroker {
             scratch: ExchangesScratchArea::default(),
         };
         self.count(|s| s.registrations += 1);
-        debug!(session = track.session_id(), device = %crate::logging::Untrusted(&sess.device_id), "registered with broker");
+        debug!(
+            target: target::BROKER,
+            session = track.session_id(),
+            device = %crate::logging::Untrusted(&sess.device_id),
+            "registered with broker"
+        );
         feed_pending(&mut sess);
         track.registered(&sess);
         Ok(sess)
@@ -196,7 +202,10 @@ impl LocalBroker {
         cached_ok: bool,
     ) -> Result<(i64, Vec<Notification>), BrokerError> {
         self.store.get_channel_snapshot(chan).map_err(|e| {
-            error!("unsuccessful, get channel snapshot for {chan} (cachedOk={cached_ok}): {e}");
+            error!(
+                target: target::BROKER,
+                "unsuccessful, get channel snapshot for {chan} (cachedOk={cached_ok}): {e}"
+            );
             e.into()
         })
     }
@@ -207,7 +216,7 @@ impl LocalBroker {
         targets: &[Notification],
     ) -> Result<(), BrokerError> {
         self.store.drop_by_msg_id(chan, targets).map_err(|e| {
-            error!("unsuccessful, drop from channel {chan}: {e}");
+            error!(target: target::BROKER, "unsuccessful, drop from channel {chan}: {e}");
             e.into()
         })
     }
@@ -274,7 +283,7 @@ impl LocalBroker {
     /// here; whether it was.
     pub(crate) fn deliver_unicast(&self, chan: InternalChannelId) -> bool {
         let Some((_, device)) = chan.unicast_user_and_device() else {
-            debug!("unicast asked for broadcast channel {chan}");
+            debug!(target: target::BROKER, "unicast asked for broadcast channel {chan}");
             return false;
         };
         let queue = self

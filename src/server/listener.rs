@@ -35,6 +35,7 @@ use super::tls::TlsStream;
 use crate::api::{ConnectionCounters, Listener};
 use crate::broker::SessionTracker;
 use crate::broker::sharded::{Shard, owner_of_device};
+use crate::logging::target;
 use crate::protocol::ConnectMsg;
 use crate::session::{self, GlommioClock, SessionConfig};
 
@@ -141,6 +142,7 @@ impl DeviceContext {
             self.counters.count_rejected(Listener::Devices);
             if let Some(more) = self.limit_warning.pass() {
                 warn!(
+                    target: target::SERVER,
                     "device connections at the limit ({} on shard {}); closing new ones \
                      ({more} more since the last warning)",
                     self.settings.max_connections,
@@ -209,7 +211,10 @@ pub(crate) async fn serve_devices(
                 // rather than spin.
                 ctx.counters.count_accept_error(Listener::Devices);
                 if let Some(more) = ctx.accept_warning.pass() {
-                    warn!("device accept failed: {e} ({more} more since the last warning)");
+                    warn!(
+                        target: target::SERVER,
+                        "device accept failed: {e} ({more} more since the last warning)"
+                    );
                 }
                 glommio::timer::sleep(ctx.backoff.failed()).await;
                 continue;
@@ -224,11 +229,11 @@ pub(crate) async fn serve_devices(
         let peer = stream
             .peer_addr()
             .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        debug!("session({id}) connected {peer}");
+        debug!(target: target::SESSION, "session({id}) connected {peer}");
         let _ = stream.set_nodelay(true);
         glommio::spawn_local(accept_session(Rc::clone(&ctx), stream, id, held)).detach();
     }
-    debug!(shard = %ctx.shard.id(), "device listener stopped");
+    debug!(target: target::SERVER, shard = %ctx.shard.id(), "device listener stopped");
 }
 
 /// The state of a connection that leaves its shard for the owner's.
@@ -250,7 +255,7 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
         Some(config) => match ServerConnection::new(Arc::clone(config)) {
             Ok(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, Box::new(conn)))),
             Err(e) => {
-                debug!("session({id}) ended with: tls: {e}");
+                debug!(target: target::SESSION, "session({id}) ended with: tls: {e}");
                 return;
             }
         },
@@ -262,11 +267,11 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
         match handshake.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                debug!("session({id}) ended with: tls handshake: {e}");
+                debug!(target: target::SESSION, "session({id}) ended with: tls handshake: {e}");
                 return;
             }
             Err(_) => {
-                debug!("session({id}) ended with: tls handshake timeout");
+                debug!(target: target::SESSION, "session({id}) ended with: tls handshake timeout");
                 return;
             }
         }
@@ -275,7 +280,7 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
     let connect = match session::read_hello(&mut io, &mut buf, &settings.session, &clock).await {
         Ok(c) => Box::new(c),
         Err(end) => {
-            debug!("session({id}) ended with: {end}");
+            debug!(target: target::SESSION, "session({id}) ended with: {end}");
             return;
         }
     };
@@ -297,7 +302,10 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
     let fd = match migrate::detach(stream) {
         Ok(fd) => fd,
         Err(e) => {
-            debug!("session({id}) ended with: cannot move to {owner}: {e}");
+            debug!(
+                target: target::SESSION,
+                "session({id}) ended with: cannot move to {owner}: {e}"
+            );
             return;
         }
     };
@@ -312,6 +320,7 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
     ctx.shard.post(owner, move |owner_shard| {
         let Some(ctx) = owner_shard.service::<ServerShard>().map(|s| s.devices()) else {
             debug!(
+                target: target::SESSION,
                 "session({}) ended with: shard has no device listener",
                 migrant.id
             );
@@ -329,6 +338,7 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
 fn resume(ctx: Rc<DeviceContext>, m: Migrant) -> Option<impl Future<Output = ()>> {
     let Some(held) = ctx.hold() else {
         debug!(
+            target: target::SESSION,
             "session({}) ended with: device connections at the limit",
             m.id
         );
@@ -370,7 +380,7 @@ fn run_session(
         )
         .await;
         ctx.live.down();
-        debug!("session({id}) ended with: {end}");
+        debug!(target: target::SESSION, "session({id}) ended with: {end}");
         // Best effort, bounded: the device may be gone, or no longer reading.
         let timeout = ctx.settings.session.exchange_timeout;
         let _ = glommio::timer::timeout(timeout, async {

@@ -27,6 +27,7 @@ use crate::broker::sharded::{
     Shard, ShardId, ShardPlacement, ShardService, Sharded, ShardedBroker, ShardedBrokerBuilder,
 };
 use crate::config::ServerConfig;
+use crate::logging::target;
 use crate::session::SessionConfig;
 use crate::store::{InMemoryPendingStore, PendingStore};
 use listener::{DeviceConfig, DeviceContext};
@@ -236,15 +237,15 @@ impl Server {
             (http_addr, device_addr) = bound;
         }
         // Every shard is bound and can take migrated connections: log, then accept.
-        info!("listening for http on {http_addr}");
-        info!("listening for devices on {device_addr}");
+        info!(target: target::SERVER, "listening for http on {http_addr}");
+        info!(target: target::SERVER, "listening for devices on {device_addr}");
         for i in 0..n {
             if let Err(e) = block_on(shards.invoke_on(ShardId(i), |s| s.begin_serving())) {
                 broker.stop_blocking();
                 return Err(e.into());
             }
         }
-        debug!(shards = n, "server started");
+        debug!(target: target::SERVER, shards = n, "server started");
         Ok(Server {
             broker,
             http_addr,
@@ -517,6 +518,7 @@ async fn serve_http(
                 counters.count_rejected(Listener::Http);
                 if let Some(more) = limit_warning.pass() {
                     warn!(
+                        target: target::SERVER,
                         "http connections at the limit ({max} on shard {}); closing new ones \
                          ({more} more since the last warning)",
                         shard.id()
@@ -539,7 +541,10 @@ async fn serve_http(
             Some(Err(e)) => {
                 counters.count_accept_error(Listener::Http);
                 if let Some(more) = accept_warning.pass() {
-                    warn!("http accept failed: {e} ({more} more since the last warning)");
+                    warn!(
+                        target: target::SERVER,
+                        "http accept failed: {e} ({more} more since the last warning)"
+                    );
                 }
                 glommio::timer::sleep(backoff.failed()).await;
             }

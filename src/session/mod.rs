@@ -365,6 +365,7 @@ where
             Err(e) => return e.into(),
         };
         tracing::info!(
+            target: crate::logging::target::SESSION,
             "session({}) registered {}",
             track.session_id(),
             crate::logging::Untrusted(&connect.device_id)

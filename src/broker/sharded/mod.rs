@@ -55,6 +55,7 @@ pub use service::{ShardService, Sharded};
 pub use shard::{Shard, ShardMetrics};
 
 use super::Delivery;
+use crate::logging::target;
 
 /// How long [`ShardedBroker::stop_blocking`] waits for the shards to stop.
 const SHARD_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -214,7 +215,7 @@ impl ShardedBroker {
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => {
-                    warn!("cannot start shard {i}: {e}");
+                    warn!(target: target::BROKER, "cannot start shard {i}: {e}");
                     state.threads = threads;
                     state.stopped = Some(stopped_rx);
                     drop(state);
@@ -247,7 +248,7 @@ impl ShardedBroker {
                     ))
                 }
             };
-            warn!("cannot start shard {i}: {failure}");
+            warn!(target: target::BROKER, "cannot start shard {i}: {failure}");
             state.threads = threads;
             state.stopped = Some(stopped_rx);
             drop(state);
@@ -256,7 +257,7 @@ impl ShardedBroker {
         }
         state.threads = threads;
         state.stopped = Some(stopped_rx);
-        debug!(shards = n, "sharded broker started");
+        debug!(target: target::BROKER, shards = n, "sharded broker started");
         Ok(())
     }
 
@@ -297,7 +298,10 @@ impl ShardedBroker {
                 Err(flume::RecvTimeoutError::Timeout) => {
                     // Joining would wait for ever: leave the wedged threads to the
                     // process's end.
-                    warn!("a shard did not stop within {SHARD_STOP_TIMEOUT:?}; leaving it");
+                    warn!(
+                        target: target::BROKER,
+                        "a shard did not stop within {SHARD_STOP_TIMEOUT:?}; leaving it"
+                    );
                     drop(std::mem::take(&mut self.lock().threads));
                     return;
                 }
@@ -317,13 +321,13 @@ impl ShardedBroker {
         for t in threads {
             match t.join() {
                 Ok(rx) => receivers.push(rx),
-                Err(e) => warn!("shard ended abnormally: {e}"),
+                Err(e) => warn!(target: target::BROKER, "shard ended abnormally: {e}"),
             }
         }
         if receivers.len() != self.nr_shards() {
             // A shard died: its receivers are gone. Build fresh ones so a restart works;
             // the senders held elsewhere are then disconnected (callers see NotRunning).
-            warn!("restarting with fresh channels after a shard failure");
+            warn!(target: target::BROKER, "restarting with fresh channels after a shard failure");
             receivers = (0..self.nr_shards())
                 .map(|_| ShardReceivers {
                     inbox: flume::bounded(1).1,

@@ -19,6 +19,7 @@ use super::{
 use crate::broker::DeliveryStats;
 use crate::broker::local::{LocalBroker, LocalSession};
 use crate::broker::{Broker, BrokerError, SessionTracker};
+use crate::logging::target;
 use crate::protocol::{ConnectMsg, Notification};
 use crate::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest, apply_notify};
 
@@ -100,7 +101,7 @@ impl Outbox {
             if let Some(mesh) = self.meshes.get(dest) {
                 // Unbounded: fails only when the peer's receiver is gone (stopping).
                 if mesh.send(batch).is_err() {
-                    debug!("shard {dest} is gone; dropped a mesh batch");
+                    debug!(target: target::BROKER, "shard {dest} is gone; dropped a mesh batch");
                 }
             }
         }
@@ -332,12 +333,15 @@ impl Shard {
         {
             Ok(top) if top != top_level => {
                 warn!(
+                    target: target::BROKER,
                     "replica of {chan} on {} at level {top}, sequencer at {top_level}",
                     self.id()
                 );
             }
             Ok(_) => {}
-            Err(e) => warn!("replica of {chan} on {} not updated: {e}", self.id()),
+            Err(e) => {
+                warn!(target: target::BROKER, "replica of {chan} on {} not updated: {e}", self.id())
+            }
         }
     }
 }
@@ -402,7 +406,7 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
             config: context.config,
         }),
     };
-    debug!(shard = %shard.id(), "shard running");
+    debug!(target: target::BROKER, shard = %shard.id(), "shard running");
     let mut dirty = Dirty::new();
     'serve: loop {
         let first = future::or(
@@ -444,7 +448,7 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     }
     // Whatever this shard still had to send goes now.
     shard.core.outbox.flush();
-    debug!(shard = %shard.id(), "shard stopped");
+    debug!(target: target::BROKER, shard = %shard.id(), "shard stopped");
     rx
 }
 
