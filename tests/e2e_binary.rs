@@ -368,6 +368,32 @@ fn normal_operation_writes_nothing_at_info_or_above() {
     marker.close();
 }
 
+#[test]
+fn api_lines_name_the_request_and_the_peer_as_plain_values_when_asked_for() {
+    let mut server =
+        ServerProcess::start_filtered(&config(json!({})), "info,pushbroker::api=debug");
+    assert_eq!(http_get(server.http_addr, "/health").status, 200);
+    let request = server
+        .wait_log(|l| message_at(l, "DEBUG").is_some_and(|m| m.starts_with("api request ")))
+        .unwrap_or_else(|| panic!("no api request line: {:#?}", server.log));
+    assert_eq!(
+        message_at(&request, "DEBUG"),
+        Some("api request method=GET path=/health status=200")
+    );
+    let closed = server
+        .wait_log(|l| message_at(l, "DEBUG").is_some_and(|m| m.starts_with("http connection ")))
+        .unwrap_or_else(|| panic!("no http connection line: {:#?}", server.log));
+    let message = message_at(&closed, "DEBUG").unwrap_or_default();
+    let peer = message
+        .split_once(" peer=")
+        .and_then(|(_, peer)| peer.parse::<SocketAddr>().ok())
+        .unwrap_or_else(|| panic!("no peer address in {message:?}"));
+    assert!(peer.ip().is_loopback(), "{peer}");
+    for line in &server.log {
+        assert_log_shape(line);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // HTTP API
 // ---------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ use super::body::{Broadcast, Registration, Unicast};
 use super::error::{JSON_MEDIA_TYPE, json_response};
 use super::metrics::{self, PROMETHEUS_TEXT, Stats};
 use super::{ApiContext, ApiError, MAX_DATA_BYTES, SHARD_ANSWER_TIMEOUT};
-use crate::logging::target;
+use crate::logging::{Untrusted, target};
 use crate::protocol::Payload;
 use crate::store::{NotifyVerdict, UnicastRequest};
 
@@ -105,7 +105,7 @@ where
             debug!(
                 target: target::API,
                 method = %head.method,
-                path = head.path,
+                path = %Untrusted(head.path),
                 status = resp.status().as_u16(),
                 "api request"
             );
@@ -116,9 +116,9 @@ where
             debug!(
                 target: target::API,
                 method = %head.method,
-                path = head.path,
+                path = %Untrusted(head.path),
                 status = e.status().as_u16(),
-                label = e.label(),
+                label = %e.label(),
                 "api request failed: {e}"
             );
             e.to_response()

@@ -31,11 +31,12 @@ pub async fn serve_connection_until(
     ctx: Rc<ApiContext>,
     stop: impl std::future::Future<Output = ()>,
 ) {
-    let peer = stream.peer_addr().ok();
+    // Only when known: a line reads `peer=1.2.3.4:5`, never `peer=Some(…)`.
+    let peer = stream.peer_addr().ok().map(tracing::field::display);
     let settings = ctx.settings();
     if !settings.http_write_timeout.is_zero() {
         if let Err(e) = stream.set_write_timeout(Some(settings.http_write_timeout)) {
-            debug!(target: target::API, ?peer, "cannot set the write timeout: {e}");
+            debug!(target: target::API, peer, "cannot set the write timeout: {e}");
         }
     }
     // Answers are small and whole: send them at once.
@@ -62,8 +63,8 @@ pub async fn serve_connection_until(
     })
     .await;
     match served {
-        Ok(()) => debug!(target: target::API, ?peer, "http connection closed"),
-        Err(e) => debug!(target: target::API, ?peer, "http connection ended: {e}"),
+        Ok(()) => debug!(target: target::API, peer, "http connection closed"),
+        Err(e) => debug!(target: target::API, peer, "http connection ended: {e}"),
     }
 }
 

@@ -1082,6 +1082,14 @@ fn requests_log_nothing_at_info_or_above() {
     assert!(loud.is_empty(), "{loud:?}");
     let requests = log.lines().filter(|l| l.contains("api request")).count();
     assert_eq!(requests, n, "one debug line per request:\n{log}");
+    // Fields read as values, not as Rust literals.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("method=GET path=/nowhere status=404 label=")),
+        "{log}"
+    );
+    assert!(!log.contains("path=\""), "{log}");
+    assert!(!log.contains("label=\""), "{log}");
 }
 
 fn assert_send_clone<T: Send + Clone>() {}

@@ -168,7 +168,7 @@ impl LocalBroker {
         self.count(|s| s.registrations += 1);
         debug!(
             target: target::BROKER,
-            session = track.session_id(),
+            session = %track.session_id(),
             device = %crate::logging::Untrusted(&sess.device_id),
             "registered with broker"
         );

@@ -396,6 +396,16 @@ impl ServerProcess {
         Self::spawn(command)
     }
 
+    /// Like [`ServerProcess::start`], with `RUST_LOG` set to `filter`.
+    pub fn start_filtered(config: &Value, filter: &str) -> Self {
+        let dir = temp_dir("server");
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pushbroker"));
+        command.arg(&path);
+        Self::spawn_filtered(command, Some(filter))
+    }
+
     /// Like [`ServerProcess::start`], with the process's open-files limit lowered to
     /// `nofile` (through the shell's `ulimit -n`, then `exec`: the pid stays the server's).
     pub fn start_with_open_files(config: &Value, nofile: u32) -> Self {
@@ -411,10 +421,18 @@ impl ServerProcess {
         Self::spawn(command)
     }
 
-    fn spawn(mut command: Command) -> Self {
-        let mut child = command
+    fn spawn(command: Command) -> Self {
+        Self::spawn_filtered(command, None)
+    }
+
+    /// Starts `command` with `RUST_LOG` set to `filter`, or unset.
+    fn spawn_filtered(mut command: Command, filter: Option<&str>) -> Self {
+        match filter {
+            Some(filter) => command.env("RUST_LOG", filter),
             // Tests check what the server logs by default: never inherit a filter.
-            .env_remove("RUST_LOG")
+            None => command.env_remove("RUST_LOG"),
+        };
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
