@@ -19,6 +19,7 @@
 
 use std::fmt;
 
+use thiserror::Error;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
 use tracing::{Event, Level, Subscriber};
@@ -108,14 +109,81 @@ where
     }
 }
 
+/// A log filter that cannot be used.
+#[derive(Debug, Error)]
+pub enum FilterError {
+    /// The filter is not UTF-8.
+    #[error("not UTF-8")]
+    NotUnicode,
+    /// One of its comma-separated directives does not parse.
+    #[error("cannot parse directive {directive:?}: {reason}")]
+    Directive {
+        /// The directive as written.
+        directive: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Why logging could not be set up.
+#[derive(Debug, Error)]
+pub enum InitError {
+    /// `RUST_LOG` is not a filter.
+    #[error("bad RUST_LOG")]
+    Filter(#[from] FilterError),
+    /// Another subscriber was installed first.
+    #[error("cannot install the log subscriber")]
+    Install(#[from] tracing::subscriber::SetGlobalDefaultError),
+}
+
+/// Parses a `RUST_LOG` filter (`info,pushbroker::api=debug`): [`DEFAULT_FILTER`] when it
+/// is empty or blank, else its comma-separated directives, blanks around them ignored.
+///
+/// # Errors
+/// The first directive that does not parse, by name: a mistyped filter is an error, never
+/// silently a filter other than the one meant.
+pub fn parse_filter(spec: &str) -> Result<EnvFilter, FilterError> {
+    let directives: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return parse_filter(DEFAULT_FILTER);
+    }
+    let bad = |directive: &str, e: tracing_subscriber::filter::ParseError| FilterError::Directive {
+        directive: directive.to_owned(),
+        reason: e.to_string(),
+    };
+    for directive in &directives {
+        EnvFilter::builder()
+            .parse(directive)
+            .map_err(|e| bad(directive, e))?;
+    }
+    EnvFilter::builder()
+        .parse(directives.join(","))
+        .map_err(|e| bad(spec, e))
+}
+
+/// The filter `RUST_LOG` asks for: [`DEFAULT_FILTER`] when it is unset or empty.
+///
+/// # Errors
+/// When it is set to something [`parse_filter`] refuses.
+pub fn filter_from_env() -> Result<EnvFilter, FilterError> {
+    match std::env::var_os(EnvFilter::DEFAULT_ENV) {
+        None => parse_filter(DEFAULT_FILTER),
+        Some(spec) => parse_filter(spec.to_str().ok_or(FilterError::NotUnicode)?),
+    }
+}
+
 /// Installs the line format on stderr for the whole process, filtered by `RUST_LOG`
 /// (default [`DEFAULT_FILTER`]).
 ///
 /// # Errors
-/// When a subscriber is already installed.
-pub fn init() -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+/// When `RUST_LOG` is not a filter ([`parse_filter`]), or a subscriber is already
+/// installed.
+pub fn init() -> Result<(), InitError> {
+    let filter = filter_from_env()?;
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -125,7 +193,8 @@ pub fn init() -> Result<(), tracing::subscriber::SetGlobalDefaultError> {
         .fmt_fields(DefaultFields::new())
         .event_format(LineFormat::new())
         .finish();
-    tracing::subscriber::set_global_default(subscriber)
+    tracing::subscriber::set_global_default(subscriber)?;
+    Ok(())
 }
 
 /// The longest part of a device-supplied string a log line shows.
@@ -217,6 +286,50 @@ mod tests {
         });
         assert!(log.contains(" DEBUG api request\n"), "{log}");
         assert_eq!(log.lines().count(), 1, "{log}");
+    }
+
+    #[test]
+    fn an_empty_or_blank_filter_is_the_default() {
+        let default = parse_filter(DEFAULT_FILTER).unwrap().to_string();
+        for spec in ["", "  ", ",", " , "] {
+            assert_eq!(parse_filter(spec).unwrap().to_string(), default, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn blanks_around_directives_are_ignored() {
+        assert_eq!(
+            parse_filter(" info , pushbroker::api=debug ")
+                .unwrap()
+                .to_string(),
+            parse_filter("info,pushbroker::api=debug")
+                .unwrap()
+                .to_string()
+        );
+    }
+
+    #[test]
+    fn a_bad_directive_is_an_error_naming_it() {
+        for (spec, bad) in [
+            ("pushbroker=notalevel", "pushbroker=notalevel"),
+            (
+                "info, pushbroker::api=verbose ,warn",
+                "pushbroker::api=verbose",
+            ),
+            ("warn,pushbroker::session=5x", "pushbroker::session=5x"),
+        ] {
+            let err = parse_filter(spec).unwrap_err();
+            let FilterError::Directive { directive, .. } = &err else {
+                panic!("{err:?}");
+            };
+            assert_eq!(directive, bad);
+            let message = err.to_string();
+            assert!(message.contains(&format!("{bad:?}")), "{message}");
+        }
+        let message = parse_filter("pushbroker=notalevel")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("level"), "{message}");
     }
 
     /// Every event in the server's sources names one of [`target`]'s targets, so that

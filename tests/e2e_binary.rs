@@ -964,7 +964,17 @@ struct Run {
 /// Runs the binary with `args` and waits, up to [`PATIENCE`], for it to exit on its own
 /// (killing it and failing otherwise).
 fn run_binary<I: AsRef<OsStr>>(args: &[I]) -> Run {
-    let mut child = Command::new(BINARY)
+    run_binary_logging(args, None)
+}
+
+/// [`run_binary`] with `RUST_LOG` set to `filter` (or unset).
+fn run_binary_logging<I: AsRef<OsStr>>(args: &[I], filter: Option<&str>) -> Run {
+    let mut command = Command::new(BINARY);
+    match filter {
+        Some(filter) => command.env("RUST_LOG", filter),
+        None => command.env_remove("RUST_LOG"),
+    };
+    let mut child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1224,6 +1234,35 @@ fn a_closed_stderr_breaks_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn a_bad_rust_log_fails_naming_the_directive() {
+    let path = write_config(r#"{"addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0"}"#);
+    let run = run_binary_logging(&[&path], Some("info,pushbroker=notalevel"));
+    assert!(!run.status.success(), "{:?}", run.status);
+    assert!(
+        run.stderr
+            .starts_with("pushbroker: cannot set up logging: bad RUST_LOG: "),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("\"pushbroker=notalevel\""),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert!(!run.stderr.contains("listening for"), "{}", run.stderr);
+}
+
+#[test]
+fn an_empty_rust_log_is_the_default_filter() {
+    let mut server = ServerProcess::start_filtered(&config(json!({})), "");
+    let (device, id) = registered_device(&mut server, "empty-filter-dev");
+    connected_peer(&mut server, &id);
+    device.close();
+    assert_eq!(wait_ended(&mut server, &id), "EOF");
 }
 
 #[test]
