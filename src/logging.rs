@@ -1,7 +1,20 @@
-//! The log line format that deployment tools parse (docs/protocol.md §4.3):
-//! `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message`, one line per event, written at once.
+//! The server's log lines: their formats, targets and filter.
 //!
 //! Only binaries install a subscriber ([`init`]); the library just emits `tracing` events.
+//!
+//! # Formats
+//!
+//! One line per event, written at once, in one of two formats ([`LogFormat`]):
+//!
+//! - text ([`LineFormat`], the default): `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message
+//!   key=value…`, the shape deployment tools parse (docs/protocol.md §4.3). Its time is
+//!   local time without an offset, as the original server wrote it, so that those tools
+//!   keep working. The server's events record their fields for display
+//!   (`peer=1.2.3.4:5`, never `peer=Some(…)`), strings from devices and API clients
+//!   through [`Untrusted`].
+//! - JSON ([`JsonFormat`]): an object per line with `timestamp` (RFC 3339 in UTC with
+//!   microseconds, `2026-01-02T03:04:05.123456Z`), `level`, `target`, `message` and the
+//!   event's fields as JSON values, for log collectors.
 //!
 //! # Targets
 //!
@@ -16,16 +29,20 @@
 //! | `pushbroker::server` ([`target::SERVER`]) | `listening for …`, start, accept failures, connection limits |
 //!
 //! The default filter, [`DEFAULT_FILTER`], is INFO and above plus the DEBUG session lines.
+//! `RUST_LOG` replaces it; one that does not parse is an error ([`parse_filter`]).
 
 use std::fmt;
 
+use serde::Serialize;
+use serde::ser::SerializeMap as _;
 use thiserror::Error;
 use time::macros::format_description;
 use time::{OffsetDateTime, UtcOffset};
-use tracing::{Event, Level, Subscriber};
+use tracing::field::{Field, Visit};
+use tracing::{Dispatch, Event, Level, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{DefaultFields, Writer};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 /// The targets of the server's log lines: a fixed set, named in `RUST_LOG` filters.
@@ -53,7 +70,8 @@ pub mod target {
 /// for, so a busy server does not write a line per request.
 pub const DEFAULT_FILTER: &str = "info,pushbroker::session=debug";
 
-/// Formats events as `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message key=value…`.
+/// Formats events as `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message key=value…`, the time in
+/// the local time zone without an offset (as the original server wrote it).
 #[derive(Debug, Clone, Copy)]
 pub struct LineFormat {
     /// The local time zone's offset, read once at start-up (reading it later, with
@@ -106,6 +124,165 @@ where
         write!(writer, "{stamp} {} ", level_word(event.metadata().level()))?;
         ctx.format_fields(writer.by_ref(), event)?;
         writeln!(writer)
+    }
+}
+
+/// Formats events as one JSON object per line: `timestamp` (RFC 3339 in UTC, with
+/// microseconds: `2026-01-02T03:04:05.123456Z`), `level` (`INFO`, …), `target` (one of
+/// [`target`]), `message`, then the event's fields, each as a JSON value (numbers and
+/// booleans as such, anything else as a string). A field named like one of the first
+/// four keys is written as `field.NAME`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonFormat;
+
+/// The keys [`JsonFormat`] writes before an event's fields.
+const JSON_KEYS: [&str; 4] = ["timestamp", "level", "target", "message"];
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let stamp = OffsetDateTime::now_utc()
+            .format(format_description!(
+                "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+            ))
+            .map_err(|_| fmt::Error)?;
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let line = JsonLine {
+            timestamp: &stamp,
+            level: level_word(event.metadata().level()),
+            target: event.metadata().target(),
+            fields: &fields,
+        };
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writer.write_str(&text)?;
+        writeln!(writer)
+    }
+}
+
+/// An event's fields as JSON values, its message apart.
+#[derive(Debug, Default)]
+struct JsonFields {
+    message: String,
+    fields: Vec<(&'static str, serde_json::Value)>,
+}
+
+impl JsonFields {
+    fn put(&mut self, field: &Field, value: serde_json::Value) {
+        if field.name() == "message" {
+            self.message = match value {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+        } else {
+            self.fields.push((field.name(), value));
+        }
+    }
+}
+
+impl Visit for JsonFields {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        // `%x` fields arrive here too, formatted with their Display.
+        self.put(field, format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        let value = i64::try_from(value).map_or_else(|_| value.to_string().into(), Into::into);
+        self.put(field, value);
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        let value = u64::try_from(value).map_or_else(|_| value.to_string().into(), Into::into);
+        self.put(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        // JSON has no NaN or infinity.
+        let value = serde_json::Number::from_f64(value)
+            .map_or_else(|| value.to_string().into(), serde_json::Value::Number);
+        self.put(field, value);
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.put(field, value.to_string().into());
+    }
+}
+
+/// One line of [`JsonFormat`], its keys in order.
+struct JsonLine<'a> {
+    timestamp: &'a str,
+    level: &'static str,
+    target: &'a str,
+    fields: &'a JsonFields,
+}
+
+impl Serialize for JsonLine<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(JSON_KEYS.len() + self.fields.fields.len()))?;
+        map.serialize_entry("timestamp", self.timestamp)?;
+        map.serialize_entry("level", self.level)?;
+        map.serialize_entry("target", self.target)?;
+        map.serialize_entry("message", &self.fields.message)?;
+        for (name, value) in &self.fields.fields {
+            if JSON_KEYS.contains(name) {
+                map.serialize_entry(&format!("field.{name}"), value)?;
+            } else {
+                map.serialize_entry(name, value)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// [`LineFormat`]: the plain lines deployment tools parse, in local time.
+    #[default]
+    Text,
+    /// [`JsonFormat`]: a JSON object per line, in UTC, for log collectors.
+    Json,
+}
+
+/// A subscriber writing `format` lines to `writer`, filtered by `filter`.
+fn dispatch<W>(filter: EnvFilter, format: LogFormat, writer: W) -> Dispatch
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        // A write error (stderr a closed pipe: a log shipper that died) drops the line.
+        // Reporting it would print to that same stderr, which panics.
+        .log_internal_errors(false)
+        .fmt_fields(DefaultFields::new());
+    match format {
+        LogFormat::Text => Dispatch::new(builder.event_format(LineFormat::new()).finish()),
+        LogFormat::Json => Dispatch::new(builder.event_format(JsonFormat).finish()),
     }
 }
 
@@ -176,24 +353,15 @@ pub fn filter_from_env() -> Result<EnvFilter, FilterError> {
     }
 }
 
-/// Installs the line format on stderr for the whole process, filtered by `RUST_LOG`
-/// (default [`DEFAULT_FILTER`]).
+/// Installs `format` on stderr for the whole process, filtered by `RUST_LOG` (default
+/// [`DEFAULT_FILTER`]).
 ///
 /// # Errors
 /// When `RUST_LOG` is not a filter ([`parse_filter`]), or a subscriber is already
 /// installed.
-pub fn init() -> Result<(), InitError> {
+pub fn init(format: LogFormat) -> Result<(), InitError> {
     let filter = filter_from_env()?;
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // A write error (stderr a closed pipe: a log shipper that died) drops the line.
-        // Reporting it would print to that same stderr, which panics.
-        .log_internal_errors(false)
-        .fmt_fields(DefaultFields::new())
-        .event_format(LineFormat::new())
-        .finish();
-    tracing::subscriber::set_global_default(subscriber)?;
+    tracing::dispatcher::set_global_default(dispatch(filter, format, std::io::stderr))?;
     Ok(())
 }
 
@@ -239,22 +407,22 @@ mod tests {
     use super::*;
     use crate::broker::testing::LogCapture;
 
-    /// The lines `emit` logs through [`LineFormat`] under `filter`.
-    fn logged_under(filter: &str, emit: impl FnOnce()) -> String {
+    /// The lines `emit` logs in `format` under `filter`.
+    fn logged_as(format: LogFormat, filter: &str, emit: impl FnOnce()) -> String {
         let capture = LogCapture::new();
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new(filter))
-            .with_writer(capture.clone())
-            .fmt_fields(DefaultFields::new())
-            .event_format(LineFormat::new())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let filter = parse_filter(filter).unwrap();
+        tracing::dispatcher::with_default(&dispatch(filter, format, capture.clone()), || {
             // Call sites first hit on threads without a subscriber may have cached
             // "never"; make them ask this one.
             tracing::callsite::rebuild_interest_cache();
             emit();
         });
         capture.captured()
+    }
+
+    /// The lines `emit` logs as text under `filter`.
+    fn logged_under(filter: &str, emit: impl FnOnce()) -> String {
+        logged_as(LogFormat::Text, filter, emit)
     }
 
     #[test]
@@ -286,6 +454,108 @@ mod tests {
         });
         assert!(log.contains(" DEBUG api request\n"), "{log}");
         assert_eq!(log.lines().count(), 1, "{log}");
+    }
+
+    #[test]
+    fn text_lines_keep_their_shape() {
+        let log = logged_under("debug", || {
+            let peer: std::net::SocketAddr = ([10, 1, 2, 3], 4567).into();
+            tracing::debug!(
+                target: target::API,
+                peer = Some(tracing::field::display(peer)),
+                status = 200,
+                "http connection closed"
+            );
+        });
+        let (stamp, rest) = log.split_at(27);
+        assert_eq!(
+            stamp.replace(|c: char| c.is_ascii_digit(), "#"),
+            "####/##/## ##:##:##.###### "
+        );
+        assert_eq!(
+            rest,
+            "DEBUG http connection closed peer=10.1.2.3:4567 status=200\n"
+        );
+    }
+
+    #[test]
+    fn json_lines_are_objects_with_the_event_and_its_fields() {
+        let log = logged_as(LogFormat::Json, "debug", || {
+            let peer: std::net::SocketAddr = ([10, 1, 2, 3], 4567).into();
+            tracing::info!(
+                target: target::SESSION,
+                peer = %peer,
+                absent = None::<u8>,
+                status = 200u16,
+                late = -3i64,
+                ok = true,
+                ratio = 0.5,
+                path = "/a b",
+                shown = ?Some(1),
+                level = "mine",
+                "session({}) registered {}",
+                7,
+                Untrusted("dev\n1")
+            );
+        });
+        assert_eq!(log.matches('\n').count(), 1, "one line: {log}");
+        assert!(log.ends_with('\n'), "{log}");
+        let line: serde_json::Value = serde_json::from_str(&log).unwrap();
+        let object = line.as_object().unwrap();
+        let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+        let mut want = vec![
+            "timestamp",
+            "level",
+            "target",
+            "message",
+            "peer",
+            "status",
+            "late",
+            "ok",
+            "ratio",
+            "path",
+            "shown",
+            "field.level",
+        ];
+        want.sort_unstable();
+        assert_eq!(keys, want, "{log}");
+        // The keys come in a fixed order, the event's own first.
+        assert!(log.starts_with(r#"{"timestamp":""#), "{log}");
+        assert!(
+            log.contains(r#"","level":"INFO","target":"pushbroker::session","message":"#),
+            "{log}"
+        );
+        assert_eq!(line["message"], r#"session(7) registered "dev\n1""#);
+        assert_eq!(line["peer"], "10.1.2.3:4567");
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["late"], -3);
+        assert_eq!(line["ok"], true);
+        assert_eq!(line["ratio"], 0.5);
+        assert_eq!(line["path"], "/a b");
+        assert_eq!(line["shown"], "Some(1)");
+        assert_eq!(line["field.level"], "mine");
+        let stamp = line["timestamp"].as_str().unwrap();
+        assert_eq!(
+            stamp.replace(|c: char| c.is_ascii_digit(), "#"),
+            "####-##-##T##:##:##.######Z"
+        );
+        let at =
+            OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).unwrap();
+        assert_eq!(at.offset(), UtcOffset::UTC);
+        let off = (OffsetDateTime::now_utc() - at).abs();
+        assert!(off < time::Duration::minutes(1), "{stamp} is not now");
+    }
+
+    #[test]
+    fn json_messages_and_fields_cannot_break_the_line() {
+        let log = logged_as(LogFormat::Json, "debug", || {
+            let forged = "x\n{\"level\":\"ERROR\"}\u{7f}\u{2028}";
+            tracing::debug!(target: target::API, path = forged, "got {forged}");
+        });
+        assert_eq!(log.matches('\n').count(), 1, "one line: {log}");
+        let line: serde_json::Value = serde_json::from_str(&log).unwrap();
+        assert_eq!(line["level"], "DEBUG");
+        assert_eq!(line["path"], "x\n{\"level\":\"ERROR\"}\u{7f}\u{2028}");
     }
 
     #[test]

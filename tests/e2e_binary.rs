@@ -368,6 +368,83 @@ fn normal_operation_writes_nothing_at_info_or_above() {
     marker.close();
 }
 
+/// A log line written with `--log-format json`, checked for the keys every line has.
+fn json_line(line: &str) -> Value {
+    let value: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+    let stamp = value["timestamp"].as_str().unwrap_or_default();
+    assert_eq!(
+        stamp.replace(|c: char| c.is_ascii_digit(), "#"),
+        "####-##-##T##:##:##.######Z",
+        "{line}"
+    );
+    assert!(
+        time::OffsetDateTime::parse(stamp, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{line}"
+    );
+    assert!(
+        LEVELS.contains(&value["level"].as_str().unwrap_or_default()),
+        "{line}"
+    );
+    for key in ["target", "message"] {
+        assert!(value[key].is_string(), "no {key}: {line}");
+    }
+    value
+}
+
+#[test]
+fn log_format_json_writes_a_json_object_per_line() {
+    let path = temp_dir("json-log").join("config.json");
+    std::fs::write(&path, config(json!({"ping_interval": "1m"})).to_string()).expect("config");
+    let path = path.to_string_lossy().into_owned();
+    let mut server = ServerProcess::start_with(&["--log-format", "json", &path]);
+    let listening: Vec<Value> = server.log.iter().map(|l| json_line(l)).collect();
+    let messages: Vec<&str> = listening
+        .iter()
+        .filter(|l| l["level"] == "INFO")
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            format!("listening for http on {}", server.http_addr),
+            format!("listening for devices on {}", server.device_addr),
+        ]
+    );
+    assert!(
+        listening
+            .iter()
+            .filter(|l| l["level"] == "INFO")
+            .all(|l| l["target"] == "pushbroker::server"),
+        "{listening:#?}"
+    );
+
+    let mut device = Device::connect(server.device_addr);
+    hello(&mut device, "json-dev", json!({})).expect("CONNACK");
+    let registered = server
+        .wait_log(|l| {
+            serde_json::from_str::<Value>(l).is_ok_and(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with(") registered json-dev"))
+            })
+        })
+        .unwrap_or_else(|| panic!("no registered line: {:#?}", server.log));
+    let registered = json_line(&registered);
+    assert_eq!(registered["level"], "INFO");
+    assert_eq!(registered["target"], "pushbroker::session");
+    device.close();
+    let ended = server
+        .wait_log(|l| l.contains("ended with: EOF"))
+        .unwrap_or_else(|| panic!("no ended line: {:#?}", server.log));
+    let ended = json_line(&ended);
+    assert_eq!(ended["level"], "DEBUG");
+    assert_eq!(ended["target"], "pushbroker::session");
+    for line in &server.log {
+        json_line(line);
+    }
+}
+
 #[test]
 fn api_lines_name_the_request_and_the_peer_as_plain_values_when_asked_for() {
     let mut server =

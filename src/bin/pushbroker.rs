@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use pushbroker::config::{DEFAULT_CONFIG_JSON, ServerConfig};
+use pushbroker::logging;
 use pushbroker::server::Server;
 
 /// How long shutdown waits for sessions to end before stopping the shards.
@@ -26,6 +27,29 @@ struct Cli {
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+    /// The format of the log lines on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// The values of `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// `YYYY/MM/DD HH:MM:SS.uuuuuu LEVEL message key=value…` in local time, the lines
+    /// tools built for the original server parse.
+    Text,
+    /// One JSON object per line: timestamp (RFC 3339, UTC), level, target, message,
+    /// fields.
+    Json,
+}
+
+impl From<LogFormat> for logging::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
 }
 
 /// Writes `text` to stdout: what the user asked to see, not a log line.
@@ -52,7 +76,7 @@ fn main() -> ExitCode {
         say(DEFAULT_CONFIG_JSON.trim_end());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = pushbroker::logging::init() {
+    if let Err(e) = logging::init(cli.log_format.into()) {
         return fail("cannot set up logging", &e);
     }
     let config = match &cli.config {

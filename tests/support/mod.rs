@@ -456,13 +456,13 @@ impl ServerProcess {
             device_addr: SocketAddr::from(([0, 0, 0, 0], 0)),
         };
         let http = p
-            .wait_log(|l| l.contains("INFO listening for http on "))
+            .wait_log(|l| listening_addr(l, "http").is_some())
             .expect("http listening line");
         let devices = p
-            .wait_log(|l| l.contains("INFO listening for devices on "))
+            .wait_log(|l| listening_addr(l, "devices").is_some())
             .expect("devices listening line");
-        p.http_addr = addr_after(&http, "listening for http on ");
-        p.device_addr = addr_after(&devices, "listening for devices on ");
+        p.http_addr = listening_addr(&http, "http").expect("http address");
+        p.device_addr = listening_addr(&devices, "devices").expect("devices address");
         p
     }
 
@@ -509,11 +509,27 @@ impl Drop for ServerProcess {
     }
 }
 
-fn addr_after(line: &str, marker: &str) -> SocketAddr {
-    line.split(marker)
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
+/// The address of an `INFO listening for WHAT on ADDR` log line, written as text or (with
+/// `--log-format json`) as a JSON object.
+fn listening_addr(line: &str, what: &str) -> Option<SocketAddr> {
+    let marker = format!("listening for {what} on ");
+    if line.starts_with('{') {
+        let line: Value = serde_json::from_str(line).ok()?;
+        if line["level"] != "INFO" {
+            return None;
+        }
+        return line["message"]
+            .as_str()?
+            .strip_prefix(&marker)?
+            .parse()
+            .ok();
+    }
+    let (_, addr) = line.split_once(&format!("INFO {marker}"))?;
+    Some(
+        addr.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no address in {line:?}")),
+    )
 }
 
 /// A path as a JSON string.
