@@ -4,7 +4,7 @@
 # per run and TABLE.md (medians of the reps, after/before ratios).
 #
 #   perf/compare.sh --before REV [--sizes "5000 19000"] [--reps 3]
-#                   [--scenarios "broadcast unicast"] [--out DIR]
+#                   [--scenarios "broadcast unicast"] [--tls] [--out DIR]
 #
 # REV is built in a git worktree under target/compare/; pushload is the working tree's.
 set -euo pipefail
@@ -17,6 +17,7 @@ SIZES="5000 19000"
 REPS=3
 SCENARIOS="broadcast unicast"
 OUT=""
+TLS=""
 while [ $# -gt 0 ]; do
     case $1 in
         --before) BEFORE=$2; shift 2 ;;
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
         --reps) REPS=$2; shift 2 ;;
         --scenarios) SCENARIOS=$2; shift 2 ;;
         --out) OUT=$(abspath "$2"); shift 2 ;;
+        --tls) TLS=--tls; shift ;;
         -h|--help) sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -74,7 +76,7 @@ for scenario in $SCENARIOS; do
                 name=$scenario-$size-$side-$rep
                 # shellcheck disable=SC2207 # flags are single words
                 cmd=(target/release/pushload --server "$bin" --scenario "$scenario"
-                     --sessions "$size" --workers "$workers" $(scenario_flags "$scenario" "$size")
+                     --sessions "$size" --workers "$workers" $TLS $(scenario_flags "$scenario" "$size")
                      --json "$OUT/$name.json")
                 echo "+ ${cmd[*]}"
                 rc=0
@@ -101,6 +103,8 @@ metrics = [
     ("latency p50 (ms)", lambda r: r["latency_ms"]["p50"]),
     ("latency p99 (ms)", lambda r: r["latency_ms"]["p99"]),
     ("server RSS per session (KB)", lambda r: r.get("server_rss_per_session_kb")),
+    ("server CPU per connect (µs)", lambda r: r.get("server_cpu_us_per_connect")),
+    ("connects per s", lambda r: r.get("connects_per_s")),
 ]
 print("| scenario | sessions | metric | before | after | after / before |")
 print("|---|---:|---|---:|---:|---:|")

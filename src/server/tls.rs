@@ -110,6 +110,21 @@ impl<S: AsyncWrite + Unpin> Write for SyncIo<'_, '_, S> {
         }
     }
 
+    /// rustls hands a flight over as several records (the handshake's ServerHello to
+    /// Finished are five); the transport writes one buffer per call, so they are joined
+    /// here into one write: one segment on the wire instead of one per record.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        match (nonempty.next(), nonempty.next()) {
+            (None, _) => Ok(0),
+            (Some(only), None) => self.write(only),
+            (Some(_), Some(_)) => {
+                let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+                self.write(&joined)
+            }
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match Pin::new(&mut *self.io).poll_flush(self.cx) {
             Poll::Ready(r) => r,
