@@ -107,10 +107,18 @@ const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// earlier one re-arms it. Under steady traffic a session re-arms about once per
 /// `exchange_timeout` instead of twice per delivery. A sleep is made only when a wait
 /// does not complete at once.
+///
+/// The sleep is polled (which registers the task's waker with the reactor) once after it
+/// is armed; glommio re-files a timer in its tree at every poll, so later polls only read
+/// the clock, and poll the sleep again once its time has come. This relies on the alarm
+/// being polled from one task, whose waker stays the same: a session's alarm lives in
+/// its task.
 pub(super) struct Alarm<S> {
     sleep: Option<S>,
     /// When `sleep` rings.
     at: Instant,
+    /// Whether `sleep` has been polled since it was armed: the task is woken when it rings.
+    registered: bool,
 }
 
 impl<S: Future<Output = ()> + Unpin> Alarm<S> {
@@ -119,6 +127,7 @@ impl<S: Future<Output = ()> + Unpin> Alarm<S> {
         Alarm {
             sleep: None,
             at: Instant::now(),
+            registered: false,
         }
     }
 
@@ -134,7 +143,12 @@ impl<S: Future<Output = ()> + Unpin> Alarm<S> {
             match &mut self.sleep {
                 // Armed no later than the deadline: nothing to do until it rings.
                 Some(sleep) if self.at <= deadline => {
+                    // Registered, and its time not come: it will wake the task.
+                    if self.registered && clock.now() < self.at {
+                        return Poll::Pending;
+                    }
                     if Pin::new(sleep).poll(cx).is_pending() {
+                        self.registered = true;
                         return Poll::Pending;
                     }
                     self.sleep = None;
@@ -146,6 +160,7 @@ impl<S: Future<Output = ()> + Unpin> Alarm<S> {
             }
             self.sleep = Some(clock.sleep_until(deadline));
             self.at = deadline;
+            self.registered = false;
         }
     }
 }
@@ -237,4 +252,85 @@ pub(super) async fn write_frame<S: AsyncWrite + Unpin, C: SessionClock>(
             .map(|()| Err(SessionEnd::Timeout(Waiting::Write)))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::task::Waker;
+
+    use super::*;
+
+    /// A clock read from a cell, whose sleeps count how often they are polled.
+    struct CountingClock {
+        now: Rc<Cell<Instant>>,
+        polls: Rc<Cell<u32>>,
+    }
+
+    struct CountingSleep {
+        now: Rc<Cell<Instant>>,
+        at: Instant,
+        polls: Rc<Cell<u32>>,
+    }
+
+    impl Future for CountingSleep {
+        type Output = ();
+
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+            self.polls.set(self.polls.get() + 1);
+            if self.now.get() >= self.at {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl SessionClock for CountingClock {
+        type Sleep = CountingSleep;
+
+        fn now(&self) -> Instant {
+            self.now.get()
+        }
+
+        fn sleep_until(&self, deadline: Instant) -> CountingSleep {
+            CountingSleep {
+                now: Rc::clone(&self.now),
+                at: deadline,
+                polls: Rc::clone(&self.polls),
+            }
+        }
+    }
+
+    #[test]
+    fn an_armed_alarm_polls_its_sleep_once_until_its_time_comes() {
+        let start = Instant::now();
+        let clock = CountingClock {
+            now: Rc::new(Cell::new(start)),
+            polls: Rc::new(Cell::new(0)),
+        };
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut alarm = Alarm::new();
+        let deadline = start + Duration::from_secs(5);
+        for _ in 0..10 {
+            assert!(alarm.poll_until(&clock, deadline, &mut cx).is_pending());
+        }
+        assert_eq!(
+            clock.polls.get(),
+            1,
+            "the sleep is polled to register, then left"
+        );
+        // A later deadline leaves the sleep where it is.
+        assert!(
+            alarm
+                .poll_until(&clock, deadline + Duration::from_secs(1), &mut cx)
+                .is_pending()
+        );
+        assert_eq!(clock.polls.get(), 1);
+        // Its time come, it is polled and rings.
+        clock.now.set(deadline);
+        assert!(alarm.poll_until(&clock, deadline, &mut cx).is_ready());
+        assert_eq!(clock.polls.get(), 2);
+    }
 }
