@@ -142,7 +142,32 @@ fn resolve(key: &'static str, addr: &str) -> Result<SocketAddr, ServerError> {
         })
 }
 
-/// A running server.
+/// A running server: started with [`Server::start`], stopped with [`Server::shutdown`].
+///
+/// # Example
+///
+/// A server on free ports, asked for its delivery hosts over HTTP, then shut down.
+///
+/// ```
+/// use std::io::{Read, Write};
+/// use std::time::Duration;
+/// use pushbroker::{Server, ServerConfig};
+///
+/// let config = ServerConfig {
+///     addr: "127.0.0.1:0".into(),
+///     http_addr: "127.0.0.1:0".into(),
+///     ..ServerConfig::default()
+/// };
+/// let server = Server::start(&config)?;
+/// let mut http = std::net::TcpStream::connect(server.http_addr())?;
+/// http.write_all(b"GET /delivery-hosts HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+/// let mut answer = String::new();
+/// http.read_to_string(&mut answer)?;
+/// assert!(answer.starts_with("HTTP/1.1 200"));
+/// assert!(answer.contains(&server.device_addr().to_string()));
+/// server.shutdown(Duration::from_secs(2));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Server {
     broker: ShardedBroker,
