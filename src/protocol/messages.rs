@@ -361,6 +361,13 @@ impl Message<'_> {
             set_cookie: String,
         }
 
+        // What a device sends after every delivery and every PING, in the one form clients
+        // write it: no JSON parse needed (any other form is parsed below).
+        match json {
+            br#"{"T":"ack"}"# => return Ok(Message::Ack),
+            br#"{"T":"pong"}"# => return Ok(Message::Pong),
+            _ => {}
+        }
         let tag: Tag<'_> = serde_json::from_slice(json)?;
         Ok(match &*tag.t {
             "connect" => Message::Connect(Box::new(serde_json::from_slice(json)?)),
@@ -515,6 +522,26 @@ mod tests {
         assert_eq!(json(&Message::Ping), r#"{"T":"ping"}"#);
         assert_eq!(json(&Message::Pong), r#"{"T":"pong"}"#);
         assert_eq!(json(&Message::Ack), r#"{"T":"ack"}"#);
+    }
+
+    #[test]
+    fn acks_and_pongs_decode_alike_in_any_spelling() {
+        // The exact forms take a shortcut; others go through the parser to the same answer.
+        for (text, want) in [
+            (r#"{"T":"ack"}"#, Message::Ack),
+            (r#"{ "T": "ack" }"#, Message::Ack),
+            (r#"{"T":"ack","Extra":1}"#, Message::Ack),
+            (r#"{"T":"pong"}"#, Message::Pong),
+            ("{\"T\":\"pong\"}\n", Message::Pong),
+        ] {
+            assert_eq!(Message::decode(text.as_bytes()).ok(), Some(want), "{text}");
+        }
+        for bad in [r#"{"T":"ack"}}"#, r#"{"T":"ack""#, r#"{"T":"ACK"}"#] {
+            assert!(
+                !matches!(Message::decode(bad.as_bytes()), Ok(Message::Ack)),
+                "{bad} taken for an ACK"
+            );
+        }
     }
 
     #[test]
