@@ -53,7 +53,8 @@
 //! - [`config`]: the configuration (the original server's JSON keys) and Go durations.
 //! - [`server`]: device listeners (TCP/TLS, connection migration), the HTTP API on every
 //!   shard, start-up and shutdown.
-//! - [`logging`]: the log line format tools parse (binaries install it).
+//! - [`logging`]: log lines: the text format tools parse, JSON, fixed targets and the
+//!   filter (binaries install it).
 //! - [`rt`]: hyper's runtime traits on glommio (the HTTP API's I/O and timer).
 //! - [`broker`]: the broker API (registration, sessions, exchanges), the one-process
 //!   [`broker::simple`] broker, test implementations and the conformance suite.

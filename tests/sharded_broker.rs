@@ -577,3 +577,83 @@ fn stop_releases_every_executor_thread() {
     b.stop_blocking();
     assert!(eventually(|| threads_named("stoptst") == 0));
 }
+
+/// A per-shard service that records where it ran, its stop, and its drop.
+struct Probe {
+    shard: pushbroker::broker::sharded::Shard,
+    stopped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.dropped
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl pushbroker::broker::sharded::ShardService for Probe {
+    fn stop(self: std::rc::Rc<Self>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> {
+        Box::pin(async move {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+            self.stopped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    }
+}
+
+type Counter = std::sync::Arc<std::sync::atomic::AtomicUsize>;
+
+fn start_probes(
+    b: &ShardedBroker,
+) -> (
+    pushbroker::broker::sharded::Sharded<Probe>,
+    Counter,
+    Counter,
+) {
+    let services = pushbroker::broker::sharded::Sharded::<Probe>::new(b.sending());
+    let stopped = Counter::default();
+    let dropped = Counter::default();
+    for i in 0..b.nr_shards() {
+        let (stopped, dropped) = (stopped.clone(), dropped.clone());
+        let started = block_on(services.start_on(ShardId(i), move |s| {
+            let probe = Probe {
+                shard: s.clone(),
+                stopped,
+                dropped,
+            };
+            Ok::<_, ()>((probe, s.id()))
+        }));
+        assert_eq!(started.ok().and_then(Result::ok), Some(ShardId(i)));
+    }
+    (services, stopped, dropped)
+}
+
+#[test]
+fn sharded_services_run_on_their_shard_and_stop_awaited() {
+    let b = broker(2, "svc");
+    let (services, stopped, dropped) = start_probes(&b);
+    let ids = block_on(services.invoke_on_all(|p| async move { p.shard.id() }));
+    assert_eq!(ids, vec![Some(ShardId(0)), Some(ShardId(1))]);
+    let one = block_on(services.invoke_on(ShardId(1), |p| p.shard.id()));
+    assert_eq!(one.ok().flatten(), Some(ShardId(1)));
+    // stop() returns once every shard's stop has run (each sleeps first).
+    block_on(services.stop());
+    assert_eq!(stopped.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // Stopped: no service to call any more.
+    let gone = block_on(services.invoke_on(ShardId(0), |p| p.shard.id()));
+    assert_eq!(gone.ok().flatten(), None);
+    b.stop_blocking();
+}
+
+#[test]
+fn a_service_left_installed_is_dropped_when_its_shard_stops() {
+    // Each probe holds its shard: a reference cycle the shard must break as it stops.
+    let b = broker(2, "svc-left");
+    let (_services, stopped, dropped) = start_probes(&b);
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 0);
+    b.stop_blocking();
+    assert_eq!(dropped.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(stopped.load(std::sync::atomic::Ordering::SeqCst), 0);
+}

@@ -138,9 +138,10 @@ pub(crate) enum Delivery {
 /// An exchange as queued for a session: shared, on the session's shard.
 pub type ExchangeRef = Rc<dyn Exchange>;
 
-/// The session must end, and why (the original's `ErrAbort`).
+/// The session must end, and why (the original's `ErrAbort`). Its text names the cause
+/// too, when there is one, since a session's end is logged by its text alone.
 #[derive(Debug, Error, Clone)]
-#[error("session aborted ({reason})")]
+#[error("session aborted ({reason}{})", cause.as_ref().map(|c| format!(": {c}")).unwrap_or_default())]
 pub struct ErrAbort {
     /// Why, as the session's end is logged.
     pub reason: Cow<'static, str>,
@@ -510,7 +511,11 @@ mod tests {
     fn an_abort_caused_by_an_error_keeps_it_as_its_source() {
         let json = serde_json::from_str::<u8>("x").expect_err("not JSON");
         let abort = ErrAbort::caused_by("cannot encode CONNACK", json);
-        assert_eq!(abort.to_string(), "session aborted (cannot encode CONNACK)");
+        let text = abort.to_string();
+        assert!(
+            text.starts_with("session aborted (cannot encode CONNACK: expected value"),
+            "{text}"
+        );
         let source = std::error::Error::source(&abort).expect("the JSON error");
         assert!(source.to_string().contains("expected value"), "{source}");
         assert_eq!(abort, ErrAbort::new("cannot encode CONNACK"));

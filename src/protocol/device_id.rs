@@ -9,8 +9,8 @@ use std::sync::Arc;
 /// keys the registry and names a session's device; anything that takes `&str` takes it
 /// (it derefs to `str`), and a map keyed by `DeviceId` is looked up by `&str`.
 ///
-/// The text is the device's, unchecked: log it through
-/// [`logging::Untrusted`](crate::logging::Untrusted).
+/// The text is the device's, unchecked: its `Display` escapes it as
+/// [`logging::Untrusted`](crate::logging::Untrusted) does, `as_str` gives it as it is.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId(Arc<str>);
 
@@ -64,9 +64,11 @@ impl fmt::Debug for DeviceId {
     }
 }
 
+/// As a log line may show it: through [`logging::Untrusted`](crate::logging::Untrusted)
+/// (an ordinary id as it is, anything else quoted, escaped and cut).
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        crate::logging::Untrusted(&self.0).fmt(f)
     }
 }
 
@@ -83,5 +85,7 @@ mod tests {
         let id = DeviceId::from(String::from("dev-1"));
         assert_eq!(id.as_str(), "dev-1");
         assert_eq!(format!("{id} {id:?}"), r#"dev-1 "dev-1""#);
+        let forged = DeviceId::new("x\nINFO listening for devices on 1.2.3.4:5");
+        assert!(!forged.to_string().contains('\n'), "{forged}");
     }
 }

@@ -372,6 +372,11 @@ fn within<F: Future>(grace: Duration, work: F) {
                 let _ = fire.send(());
             }
         });
+    let Ok(timer) = timer else {
+        // No thread for the deadline: the shards bound the step by `grace` themselves.
+        block_on(work);
+        return;
+    };
     block_on(futures_lite::future::or(
         async {
             work.await;
@@ -381,9 +386,7 @@ fn within<F: Future>(grace: Duration, work: F) {
         },
     ));
     drop(cancel);
-    if let Ok(timer) = timer {
-        let _ = timer.join();
-    }
+    let _ = timer.join();
 }
 
 /// The server's part of one shard (a [`ShardService`] in the shard's slot): its HTTP and

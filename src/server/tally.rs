@@ -24,7 +24,8 @@ impl Tally {
         let n = self.n.get().saturating_sub(1);
         self.n.set(n);
         if n == 0 {
-            for waker in self.zero.borrow_mut().drain(..) {
+            let waiting = std::mem::take(&mut *self.zero.borrow_mut());
+            for waker in waiting {
                 waker.wake();
             }
         }

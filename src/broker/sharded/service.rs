@@ -1,7 +1,8 @@
 //! One service object per shard, after seastar's `sharded<T>`: a layer above the broker
 //! (the server, the API) keeps its per-shard state in a typed slot of each [`Shard`]
-//! rather than in thread-locals, starts it on every shard, calls into it on a given
-//! shard, and stops it with an awaitable stop.
+//! rather than in thread-locals, starts it shard by shard, calls into it on one shard or
+//! all, and stops it with an awaitable stop. A service still installed when its shard
+//! stops is dropped there.
 
 use std::future::Future;
 use std::marker::PhantomData;
@@ -59,7 +60,8 @@ impl<T: ShardService> Sharded<T> {
     }
 
     /// Makes the service on `shard` (on that shard's thread) and installs it there;
-    /// what `make` returns besides the service comes back.
+    /// what `make` returns besides the service comes back. A service of the same type
+    /// already there is stopped (in a task of its own) and replaced.
     ///
     /// # Errors
     /// What `make` returned (nothing is installed then), or [`BrokerError::NotRunning`].
@@ -75,7 +77,9 @@ impl<T: ShardService> Sharded<T> {
         self.sending
             .run_on(shard, move |s| {
                 let (service, out) = make(s)?;
-                s.install_service(Rc::new(service));
+                if let Some(old) = s.install_service(Rc::new(service)) {
+                    glommio::spawn_local(old.stop()).detach();
+                }
                 Ok(out)
             })
             .await

@@ -448,6 +448,11 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     }
     // Whatever this shard still had to send goes now.
     shard.core.outbox.flush();
+    // The services hold the shard (a reference cycle through its core): dropped here, on
+    // the shard's thread, whether or not their owner stopped them, so a stopped shard
+    // frees its store and closes whatever its services hold (listeners among them).
+    let services = std::mem::take(&mut *shard.core.services.borrow_mut());
+    drop(services);
     debug!(target: target::BROKER, shard = %shard.id(), "shard stopped");
     rx
 }
