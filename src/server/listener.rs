@@ -178,12 +178,38 @@ pub(crate) async fn shutdown(signal: &glommio::sync::Semaphore) {
     let _ = signal.acquire(1).await;
 }
 
-/// Names the session in log lines.
-struct Tracker(String);
+/// Names the session in log lines: its id in decimal, kept inline (a `String` would be
+/// one more heap block for every session, idle or not).
+struct Tracker {
+    digits: [u8; 20],
+    len: u8,
+}
+
+impl Tracker {
+    fn new(id: u64) -> Self {
+        let mut digits = [0u8; 20];
+        let mut n = id;
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        digits.copy_within(start.., 0);
+        Tracker {
+            digits,
+            len: (20 - start) as u8,
+        }
+    }
+}
 
 impl SessionTracker for Tracker {
     fn session_id(&self) -> &str {
-        &self.0
+        // Only ASCII digits were written.
+        std::str::from_utf8(&self.digits[..usize::from(self.len)]).unwrap_or("?")
     }
 }
 
@@ -367,7 +393,7 @@ fn run_session(
 ) -> impl Future<Output = ()> {
     async move {
         ctx.live.up();
-        let tracker = Tracker(id.to_string());
+        let tracker = Tracker::new(id);
         let end = session::run(
             &mut io,
             connect,
@@ -410,6 +436,13 @@ mod tests {
         _: fn(A, B, C, D, E, G) -> F,
     ) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    #[test]
+    fn the_tracker_names_a_session_by_its_decimal_id() {
+        for id in [0, 7, 10, 12_345, u64::MAX] {
+            assert_eq!(Tracker::new(id).session_id(), id.to_string());
+        }
     }
 
     /// The session task lives as long as the connection: its future is what an idle
