@@ -295,13 +295,22 @@ impl Exchange for BroadcastExchange {
         }
         let encoded = self.encoded_for(start, &tag);
         let scratch = sess.exchange_scratch_area();
-        scratch.tag = tag;
-        let encoded = encoded?;
         scratch.reset();
+        let encoded = match encoded {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                scratch.tag = tag;
+                return Err(e);
+            }
+        };
         if encoded.payload_count == 0 && self.top_level >= client_level {
-            // Nothing new and no need to resync a device that is ahead.
+            // Nothing new and no need to resync a device that is ahead. The tag's buffer
+            // is not kept: a session that was sent nothing (every idle session after its
+            // catch-up at registration) holds no heap block for it.
             return Ok(Prepared::Nop);
         }
+        // Kept for the next delivery, which then writes the tag without allocating.
+        scratch.tag = tag;
         scratch
             .parts
             .extend(encoded.parts.iter().map(|(frame, top)| Part {
