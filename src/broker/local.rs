@@ -18,14 +18,6 @@ use crate::logging::target;
 use crate::protocol::{ConnectMsg, DeviceId, Notification};
 use crate::store::{InternalChannelId, PendingStore};
 
-/// A registered session as the registry holds it.
-struct RegistryEntry {
-    /// Which registration this is, so an older session cannot unregister a newer one.
-    id: u64,
-    /// Where the broker feeds the session.
-    queue: Rc<ExchangeQueue>,
-}
-
 /// What one executor's broker has done since it started: for tests, benchmarks and
 /// metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,7 +40,7 @@ pub(crate) struct LocalBroker {
     store: Rc<dyn PendingStore>,
     /// Device id → its live session. Borrowed only inside a method, never across
     /// `.await`.
-    registry: RefCell<AHashMap<DeviceId, RegistryEntry>>,
+    registry: RefCell<AHashMap<DeviceId, Rc<ExchangeQueue>>>,
     /// Capacity of each session's exchange queue.
     session_queue_size: usize,
     /// The last registration id handed out.
@@ -143,17 +135,15 @@ impl LocalBroker {
         let levels = levels_from_connect(connect)?;
         let id = self.next_session.get() + 1;
         self.next_session.set(id);
-        let queue = Rc::new(ExchangeQueue::new(self.session_queue_size));
+        // The queue carries the registration id: the registry keeps one pointer per device.
+        let queue = Rc::new(ExchangeQueue::for_session(self.session_queue_size, id));
         let device_id = DeviceId::new(&connect.device_id);
-        let previous = self.registry.borrow_mut().insert(
-            device_id.clone(),
-            RegistryEntry {
-                id,
-                queue: Rc::clone(&queue),
-            },
-        );
+        let previous = self
+            .registry
+            .borrow_mut()
+            .insert(device_id.clone(), Rc::clone(&queue));
         if let Some(previous) = previous {
-            previous.queue.terminate();
+            previous.terminate();
         }
         let mut sess = LocalSession {
             broker: Rc::clone(self),
@@ -182,14 +172,14 @@ impl LocalBroker {
         let mut registry = self.registry.borrow_mut();
         if registry
             .get(&sess.device_id)
-            .is_some_and(|r| r.id == sess.id)
+            .is_some_and(|q| q.session() == sess.id)
         {
             registry.remove(&sess.device_id);
         }
     }
 
     pub(crate) fn session_of(&self, device_id: &str) -> Option<u64> {
-        self.registry.borrow().get(device_id).map(|r| r.id)
+        self.registry.borrow().get(device_id).map(|q| q.session())
     }
 
     pub(crate) fn session_count(&self) -> usize {
@@ -266,12 +256,8 @@ impl LocalBroker {
     /// Feeds `exchange` to every session, yielding to the executor as needed so a large
     /// fan-out never stalls pings and accepts.
     pub(crate) async fn fan_out(&self, exchange: ExchangeRef) {
-        let queues: Vec<Rc<ExchangeQueue>> = self
-            .registry
-            .borrow()
-            .values()
-            .map(|r| Rc::clone(&r.queue))
-            .collect();
+        let queues: Vec<Rc<ExchangeQueue>> =
+            self.registry.borrow().values().map(Rc::clone).collect();
         self.count(|s| s.broadcast_fanouts += 1);
         for queue in queues {
             self.feed(&queue, Rc::clone(&exchange));
@@ -286,11 +272,7 @@ impl LocalBroker {
             debug!(target: target::BROKER, "unicast asked for broadcast channel {chan}");
             return false;
         };
-        let queue = self
-            .registry
-            .borrow()
-            .get(device)
-            .map(|r| Rc::clone(&r.queue));
+        let queue = self.registry.borrow().get(device).map(Rc::clone);
         match queue {
             Some(queue) => {
                 let exchange = Rc::new(UnicastExchange {

@@ -47,6 +47,9 @@ pub struct ExchangeQueue {
     terminated: Cell<bool>,
     /// The session task waiting in [`ExchangeQueue::next`], woken by feed and terminate.
     waker: RefCell<Option<Waker>>,
+    /// The registration id of the session it serves (0 when made outside a registry):
+    /// kept here so the registry's table holds one pointer per device.
+    session: u64,
 }
 
 impl fmt::Debug for ExchangeQueue {
@@ -68,12 +71,23 @@ impl ExchangeQueue {
     /// An empty queue holding at most `capacity` exchanges, and never fewer than
     /// [`MIN_SESSION_QUEUE`].
     pub fn new(capacity: usize) -> Self {
+        Self::for_session(capacity, 0)
+    }
+
+    /// A queue for the session with registration id `session`.
+    pub(crate) fn for_session(capacity: usize, session: u64) -> Self {
         Self {
             items: RefCell::new(VecDeque::new()),
             capacity: capacity.max(MIN_SESSION_QUEUE),
             terminated: Cell::new(false),
             waker: RefCell::new(None),
+            session,
         }
+    }
+
+    /// The registration id of the session this queue serves.
+    pub(crate) fn session(&self) -> u64 {
+        self.session
     }
 
     /// Queues `exchange`, replacing a queued one with the same coalescing key.
