@@ -432,6 +432,21 @@ enum Stream {
     Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
 }
 
+/// Makes a device socket cheaper for the client's kernel: the simplest congestion
+/// control (per received TCP ack, `bbr` costs more than the device's data needs) and a
+/// fixed receive buffer, which turns off per-read receive-window autotuning. Both are
+/// the client's own side of the connection; the server's sockets keep their settings.
+/// A kernel that refuses either keeps its defaults.
+fn lighten(socket: &TcpSocket) {
+    let s = socket2::SockRef::from(socket);
+    let _ = s.set_tcp_congestion(b"reno");
+    let _ = s.set_recv_buffer_size(RECV_BUFFER);
+}
+
+/// The fixed receive buffer of a device socket: far more than a device is ever sent
+/// between two reads.
+const RECV_BUFFER: usize = 128 * 1024;
+
 /// Connects device `index`, says hello and reads CONNACK. Returns the stream and its
 /// read buffer holding whatever came after CONNACK.
 async fn connect(
@@ -447,6 +462,7 @@ async fn connect(
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    lighten(&socket);
     // Spread over loopback addresses when the server is on loopback; elsewhere the
     // kernel picks the source.
     if spec.devices.is_ipv4() && spec.devices.ip().is_loopback() {
