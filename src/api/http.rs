@@ -34,10 +34,10 @@ pub async fn serve_connection_until(
     // Only when known: a line reads `peer=1.2.3.4:5`, never `peer=Some(…)`.
     let peer = stream.peer_addr().ok().map(tracing::field::display);
     let settings = ctx.settings();
-    if !settings.http_write_timeout.is_zero() {
-        if let Err(e) = stream.set_write_timeout(Some(settings.http_write_timeout)) {
-            debug!(target: target::API, peer, "cannot set the write timeout: {e}");
-        }
+    if !settings.http_write_timeout.is_zero()
+        && let Err(e) = stream.set_write_timeout(Some(settings.http_write_timeout))
+    {
+        debug!(target: target::API, peer, "cannot set the write timeout: {e}");
     }
     // Answers are small and whole: send them at once.
     let _ = stream.set_nodelay(true);

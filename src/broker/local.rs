@@ -385,6 +385,10 @@ impl BrokerSession for LocalSession {
         self.broker.broadcast_exchange(chan, true)
     }
 
+    fn durable(&self) -> Option<crate::store::DurableWait> {
+        self.broker.store().durable()
+    }
+
     fn feed(&self, exchange: ExchangeRef) {
         self.broker.feed(&self.queue, exchange);
     }

@@ -310,6 +310,13 @@ pub trait BrokerSession {
         chan: &InternalChannelId,
         targets: &[Notification],
     ) -> Result<(), BrokerError>;
+    /// A wait until what this session's exchanges changed in the store (the drops of its
+    /// ACKs) is durable; the session awaits it before it writes anything else, so a
+    /// device that reads another frame after its ACK knows the ACK will not be undone
+    /// by a crash. `None` when nothing needs waiting for (the default).
+    fn durable(&self) -> Option<crate::store::DurableWait> {
+        None
+    }
     /// The exchange that delivers broadcast channel `chan` as it is now: [`get`] and
     /// [`BroadcastExchange::new`] in one step. A broker that keeps the latest exchange of
     /// each channel hands the same one to every session, so sessions catching up on the

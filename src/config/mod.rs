@@ -29,6 +29,9 @@
 //! | `shards` | integer | `0` | Broker shards (one thread each); `0` means one per available CPU. |
 //! | `statistics_auth_user` | string | none | User for the statistics endpoint's basic auth. Set with `statistics_auth_password` or not at all; without both, statistics need no auth. |
 //! | `statistics_auth_password` | string | none | Password for the statistics endpoint's basic auth. |
+//! | `data_dir` | path | none (the shipped `config/default.json`: `"pushbroker-data"`) | Where each shard keeps its log of store operations, so pending notifications, broadcast levels and message ids survive a crash and a restart. Relative to the config file's folder (for the embedded default: the working directory). Without it everything is kept in memory only, as in the original server. |
+//! | `durability` | `"sync"` or `"relaxed"` | `"sync"` | With `data_dir`: `sync` answers `/notify` and `/broadcast` (and lets a session go on after an ACK) only once the operation is on disk, many requests sharing one `fdatasync`; `relaxed` answers at once and syncs every `fsync_interval`, so a machine crash loses at most that much. |
+//! | `fsync_interval` | duration | `"10ms"` | With `durability: "relaxed"`: how often the log is written and synced. |
 //!
 //! Durations are Go duration strings ([`parse_go_duration`]): `"500ms"`, `"0.5s"`,
 //! `"1m30s"`; they must be longer than zero. A `"host:port"` is what Go's
@@ -92,6 +95,9 @@ const KNOWN_KEYS: &[&str] = &[
     "shards",
     "statistics_auth_user",
     "statistics_auth_password",
+    "data_dir",
+    "durability",
+    "fsync_interval",
 ];
 
 /// The server's configuration, validated: see the [module docs](self) for the reference
@@ -149,6 +155,11 @@ pub struct ServerConfig {
     /// Basic-auth password for the statistics endpoint (`statistics_auth_password`).
     /// Redacted from `Debug` output so it never reaches a log.
     pub statistics_auth_password: Option<String>,
+    /// Where the shards keep their logs (`data_dir`), already resolved against the config
+    /// file's folder; `None` keeps everything in memory.
+    pub data_dir: Option<PathBuf>,
+    /// When a change is acknowledged, with `data_dir` (`durability`, `fsync_interval`).
+    pub durability: crate::store::Durability,
 }
 
 /// Default for `addr`.
@@ -173,6 +184,10 @@ pub use crate::store::DEFAULT_BROADCAST_BACKLOG;
 pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 512;
 /// Default for `reserved_descriptors`.
 pub const DEFAULT_RESERVED_DESCRIPTORS: usize = 128;
+/// Default for `fsync_interval`.
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(10);
+/// The `data_dir` of the shipped `config/default.json` (the embedded default).
+pub const DEFAULT_DATA_DIR: &str = "pushbroker-data";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -196,6 +211,8 @@ impl Default for ServerConfig {
             shards: 0,
             statistics_auth_user: None,
             statistics_auth_password: None,
+            data_dir: None,
+            durability: crate::store::Durability::Sync,
         }
     }
 }
@@ -225,6 +242,8 @@ impl fmt::Debug for ServerConfig {
                 "statistics_auth_password",
                 &self.statistics_auth_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("data_dir", &self.data_dir)
+            .field("durability", &self.durability)
             .finish()
     }
 }
@@ -253,6 +272,7 @@ impl ServerConfig {
             }
         };
         let (key_pem_file, cert_pem_file) = keys.pair("key_pem_file", "cert_pem_file")?;
+        keys.duration("fsync_interval", DEFAULT_FSYNC_INTERVAL)?;
         let (statistics_auth_user, statistics_auth_password) =
             keys.pair("statistics_auth_user", "statistics_auth_password")?;
         Self {
@@ -287,6 +307,19 @@ impl ServerConfig {
             shards: keys.count("shards", 0, 0)?,
             statistics_auth_user,
             statistics_auth_password,
+            data_dir: keys.string("data_dir")?.map(|p| resolve(PathBuf::from(p))),
+            durability: match keys.string("durability")?.as_deref() {
+                None | Some("sync") => crate::store::Durability::Sync,
+                Some("relaxed") => crate::store::Durability::Relaxed(
+                    keys.duration("fsync_interval", DEFAULT_FSYNC_INTERVAL)?,
+                ),
+                Some(other) => {
+                    return Err(Keys::invalid(
+                        "durability",
+                        format!("expected \"sync\" or \"relaxed\", found {other:?}"),
+                    ));
+                }
+            },
         }
         .validated()
     }
@@ -381,12 +414,16 @@ impl ServerConfig {
         Self::from_json(&text, base_dir)
     }
 
-    /// The configuration in [`DEFAULT_CONFIG_JSON`], which equals
-    /// [`ServerConfig::default`] (a unit test holds them together).
+    /// The configuration in [`DEFAULT_CONFIG_JSON`]: [`ServerConfig::default`] (the
+    /// original's keys, everything in memory) with a `data_dir`,
+    /// [`DEFAULT_DATA_DIR`] in the working directory. A unit test holds them together.
     pub fn embedded_default() -> Self {
         // The embedded file is tested to parse; should it ever fail, the built-in
         // defaults are the same values.
-        Self::from_json(DEFAULT_CONFIG_JSON, Path::new("")).unwrap_or_default()
+        Self::from_json(DEFAULT_CONFIG_JSON, Path::new("")).unwrap_or_else(|_| Self {
+            data_dir: Some(PathBuf::from(DEFAULT_DATA_DIR)),
+            ..Self::default()
+        })
     }
 
     /// Whether devices connect over TLS: both pem files are set.
@@ -790,7 +827,10 @@ mod tests {
                 "delivery_domain": "push.example.com",
                 "shards": 4,
                 "statistics_auth_user": "stats",
-                "statistics_auth_password": "s3cret"
+                "statistics_auth_password": "s3cret",
+                "data_dir": "state",
+                "durability": "relaxed",
+                "fsync_interval": "50ms"
             }"#,
         );
         let expected = ServerConfig {
@@ -813,6 +853,8 @@ mod tests {
             shards: 4,
             statistics_auth_user: Some("stats".to_owned()),
             statistics_auth_password: Some("s3cret".to_owned()),
+            data_dir: Some(PathBuf::from("/etc/push/state")),
+            durability: crate::store::Durability::Relaxed(Duration::from_millis(50)),
         };
         assert_eq!(c, expected);
         assert!(c.tls_enabled());
@@ -1082,9 +1124,14 @@ mod tests {
     fn embedded_default_parses_and_equals_default() {
         let parsed = ServerConfig::from_json(DEFAULT_CONFIG_JSON, Path::new(""))
             .expect("default.json parses");
-        assert_eq!(parsed, ServerConfig::default());
-        assert_eq!(ServerConfig::embedded_default(), ServerConfig::default());
+        let durable_default = ServerConfig {
+            data_dir: Some(PathBuf::from(super::DEFAULT_DATA_DIR)),
+            ..ServerConfig::default()
+        };
+        assert_eq!(parsed, durable_default);
+        assert_eq!(ServerConfig::embedded_default(), durable_default);
         assert!(!parsed.tls_enabled());
+        assert_eq!(parsed.durability, crate::store::Durability::Sync);
     }
 
     #[test]
@@ -1093,6 +1140,8 @@ mod tests {
             serde_json::from_str(DEFAULT_CONFIG_JSON).expect("default.json is an object");
         for key in KNOWN_KEYS {
             let optional = key.ends_with("_pem_file") || key.starts_with("statistics_auth_");
+            // The relaxed mode's interval is only read with `durability: "relaxed"`.
+            let optional = optional || *key == "fsync_interval";
             assert_eq!(map.contains_key(*key), !optional, "{key}");
         }
     }

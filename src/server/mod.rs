@@ -29,7 +29,7 @@ use crate::broker::sharded::{
 use crate::config::ServerConfig;
 use crate::logging::target;
 use crate::session::SessionConfig;
-use crate::store::{InMemoryPendingStore, PendingStore};
+use crate::store::{DataDir, InMemoryPendingStore, PendingStore};
 use listener::{DeviceConfig, DeviceContext};
 use tally::Tally;
 
@@ -65,6 +65,9 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The data folder (`data_dir`) could not be opened or recovered.
+    #[error("cannot use the data folder")]
+    DataDir(#[from] crate::store::DataDirError),
     /// A shard did not answer while starting.
     #[error("a shard did not answer while starting")]
     Broker(#[from] BrokerError),
@@ -197,14 +200,19 @@ impl Server {
         builder = builder
             .config(config)
             .max_notifications_per_app(config.max_notifications_per_app)
-            .store({
-                let backlog = config.broadcast_backlog;
-                move |_| {
-                    Rc::new(InMemoryPendingStore::new().with_broadcast_backlog(backlog))
-                        as Rc<dyn PendingStore>
-                }
-            })
             .placement(ShardPlacement::Auto);
+        let backlog = config.broadcast_backlog;
+        builder = match &config.data_dir {
+            // Recovery reads the logs here, before any shard runs.
+            Some(dir) => {
+                let data = DataDir::open(dir, config.shard_count(), config.durability, backlog)?;
+                builder.store(move |id| data.store_for(id) as Rc<dyn PendingStore>)
+            }
+            None => builder.store(move |_| {
+                Rc::new(InMemoryPendingStore::new().with_broadcast_backlog(backlog))
+                    as Rc<dyn PendingStore>
+            }),
+        };
         let broker = builder.build();
         broker.start().map_err(ServerError::Shards)?;
         let n = broker.nr_shards();

@@ -607,6 +607,12 @@ where
                 Message::Ack => exchange.acked(sess, done)?,
                 _ => return Err(ErrAbort::expected_ack().into()),
             }
+            // Nothing more goes to the device until what its ACK dropped is durable.
+            if let Some(durable) = sess.durable() {
+                durable
+                    .await
+                    .map_err(|e| ErrAbort::caused_by("the store", e))?;
+            }
         }
         if !sess.exchange_scratch_area().advance() {
             break;

@@ -9,6 +9,7 @@ use ahash::AHashMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+use super::durable::record::{self, Record};
 use super::{
     Clock, DropPlan, InternalChannelId, Metadata, PendingStore, ScrubCriteria, StoreError,
     SystemClock, filter_out_obsolete, plan_drop_by_msg_id,
@@ -122,6 +123,158 @@ impl InMemoryPendingStore {
             channel.meta.drain(..over);
         }
         channel.top_level
+    }
+}
+
+/// One channel's state as recovery and snapshots move it between stores and threads.
+#[derive(Debug, Clone)]
+pub(crate) struct ChannelState {
+    pub(crate) chan: InternalChannelId,
+    pub(crate) top_level: i64,
+    pub(crate) notifications: Vec<Notification>,
+    pub(crate) meta: Vec<Metadata>,
+}
+
+impl InMemoryPendingStore {
+    /// Applies one log record, as recovery replays a shard's log.
+    ///
+    /// A broadcast record at or below the channel's level is one this store already has
+    /// (each shard logs its own replica) and is skipped.
+    pub(crate) fn replay(&self, record: Record) {
+        let mut channels = self.channels.borrow_mut();
+        match record {
+            Record::Broadcast {
+                chan,
+                level,
+                payload,
+                expiration,
+            } => {
+                let channel = channels.entry(chan).or_default();
+                if level <= channel.top_level {
+                    return;
+                }
+                channel.top_level = level;
+                channel.notifications.push(Notification::broadcast(payload));
+                channel.meta.push(Metadata::expiring(expiration));
+                if channel.notifications.len() > self.broadcast_backlog {
+                    let over = channel.notifications.len() - self.broadcast_backlog;
+                    channel.notifications.drain(..over);
+                    channel.meta.drain(..over);
+                }
+            }
+            Record::Unicast {
+                chan,
+                notification,
+                meta,
+            } => {
+                let channel = channels.entry(chan).or_default();
+                channel.notifications.push(notification);
+                channel.meta.push(meta);
+            }
+            Record::Drop { chan, msg_ids } => {
+                if let Some(channel) = channels.get_mut(&chan) {
+                    channel.remove_where(|n, _| msg_ids.contains(&n.msg_id));
+                }
+                forget_if_empty(&mut channels, &chan);
+            }
+            Record::Scrub {
+                chan,
+                app_id,
+                replace_tag,
+            } => {
+                if let Some(channel) = channels.get_mut(&chan) {
+                    channel.remove_where(|n, m| {
+                        n.app_id == app_id
+                            && (replace_tag.is_none() || m.replace_tag == replace_tag)
+                    });
+                }
+                forget_if_empty(&mut channels, &chan);
+            }
+        }
+    }
+
+    /// Takes every channel out, expired notifications left behind.
+    pub(crate) fn take_channels(&self) -> Vec<ChannelState> {
+        let now = self.clock.now();
+        let channels = std::mem::take(&mut *self.channels.borrow_mut());
+        channels
+            .into_iter()
+            .filter_map(|(chan, mut c)| {
+                c.remove_where(|_, m| m.is_expired(now));
+                (c.top_level != 0 || !c.notifications.is_empty()).then_some(ChannelState {
+                    chan,
+                    top_level: c.top_level,
+                    notifications: c.notifications,
+                    meta: c.meta,
+                })
+            })
+            .collect()
+    }
+
+    /// Puts `state` in as one channel's whole state.
+    pub(crate) fn put_channel(&self, state: ChannelState) {
+        self.channels.borrow_mut().insert(
+            state.chan,
+            Channel {
+                top_level: state.top_level,
+                notifications: state.notifications,
+                meta: state.meta,
+            },
+        );
+    }
+
+    /// The records that rebuild this store's live state, appended to `out` (a snapshot:
+    /// what compaction writes in place of a log). A broadcast channel's notifications get
+    /// consecutive levels ending at its top level.
+    pub(crate) fn snapshot_into(&self, out: &mut Vec<u8>) {
+        let now = self.clock.now();
+        let channels = self.channels.borrow();
+        for (chan, c) in channels.iter() {
+            let live = c
+                .notifications
+                .iter()
+                .zip(&c.meta)
+                .filter(|(_, m)| !m.is_expired(now));
+            if chan.is_unicast() {
+                for (n, m) in live {
+                    record::encode(
+                        &Record::Unicast {
+                            chan: chan.clone(),
+                            notification: n.clone(),
+                            meta: m.clone(),
+                        },
+                        out,
+                    );
+                }
+                continue;
+            }
+            let live: Vec<_> = live.collect();
+            let first = c.top_level - live.len() as i64 + 1;
+            if live.is_empty() && c.top_level > 0 {
+                // Nothing live, but the level must survive: one expired notification
+                // carries it.
+                record::encode(
+                    &Record::Broadcast {
+                        chan: chan.clone(),
+                        level: c.top_level,
+                        payload: crate::protocol::Payload::null(),
+                        expiration: SystemTime::UNIX_EPOCH,
+                    },
+                    out,
+                );
+            }
+            for (i, (n, m)) in live.into_iter().enumerate() {
+                record::encode(
+                    &Record::Broadcast {
+                        chan: chan.clone(),
+                        level: first + i as i64,
+                        payload: n.payload.clone(),
+                        expiration: m.expiration,
+                    },
+                    out,
+                );
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 mod channel_id;
 mod clock;
+pub mod durable;
 mod inmemory;
 mod notify;
 
@@ -19,6 +20,7 @@ use thiserror::Error;
 pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
 
+pub use durable::{DataDir, DataDirError, Durability, DurableStore, DurableWait};
 pub use inmemory::{DEFAULT_BROADCAST_BACKLOG, InMemoryPendingStore};
 pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 
@@ -140,7 +142,9 @@ pub struct ScrubCriteria<'a> {
 ///
 /// Methods take `&self`: a store serves one shard (sessions, broker and API handlers on
 /// the same thread), and an implementation keeps its state behind its own cell. No method
-/// is async and none may block; a backend fault is [`StoreError::Unavailable`].
+/// blocks: a mutation takes effect at once and is submitted for durability, which the
+/// caller awaits with [`durable`](Self::durable) before it answers (batch submission:
+/// many operations share one commit). A backend fault is [`StoreError::Unavailable`].
 pub trait PendingStore: std::fmt::Debug {
     /// The token for the (device, app) pair; the same pair always gets the same token.
     ///
@@ -239,6 +243,25 @@ pub trait PendingStore: std::fmt::Debug {
         chan: &InternalChannelId,
         targets: &[Notification],
     ) -> Result<(), StoreError>;
+
+    /// A wait until every operation this store accepted so far is durable: what the API
+    /// awaits before it answers a notify or a broadcast, and a session before it goes on
+    /// after an ACK. `None` when nothing needs waiting for (a store that keeps nothing
+    /// on disk, or a relaxed durability mode), so the in-memory path costs nothing.
+    ///
+    /// Operations submit their effect and return at once; a durable store commits them
+    /// in groups, and every wait taken before a commit resolves with it (an error is
+    /// [`StoreError::Unavailable`]: the operation may or may not have been kept).
+    fn durable(&self) -> Option<DurableWait> {
+        None
+    }
+
+    /// A wait until everything accepted so far is written and synced, whatever the
+    /// durability mode: a stopping shard's last flush. `None` when there is nothing to
+    /// write.
+    fn flush(&self) -> Option<DurableWait> {
+        None
+    }
 }
 
 /// The entries of `orig` to keep when the notifications with the message ids of `targets`

@@ -170,7 +170,7 @@ pub(crate) fn read_frame(input: &mut impl Read) -> io::Result<Option<FromWorker>
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
     match head[0] {
         TAG_RECEIPTS => {
-            if len % RECEIPT_LEN != 0 {
+            if !len.is_multiple_of(RECEIPT_LEN) {
                 return Err(bad("a receipt batch of a wrong length"));
             }
             let u32_at =

@@ -281,9 +281,11 @@ impl Shard {
             }
         };
         bump(&self.core.counters.broadcasts);
+        // The answer waits for the append to be durable (with a durable store).
+        let durable = self.store().durable();
         let peers = self.nr_shards() - 1;
         let applied = if deliver || peers == 0 {
-            let _ = reply.send(Ok(top_level));
+            answer_when_durable(durable, reply, top_level);
             None
         } else {
             let (applied_tx, applied_rx) = flume::bounded(peers);
@@ -294,7 +296,7 @@ impl Shard {
                         return;
                     }
                 }
-                let _ = reply.send(Ok(top_level));
+                answer_when_durable(durable, reply, top_level);
             })
             .detach();
             Some(applied_tx)
@@ -448,6 +450,12 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     }
     // Whatever this shard still had to send goes now.
     shard.core.outbox.flush();
+    // And whatever its store still had to write.
+    if let Some(flushed) = shard.store().flush()
+        && let Err(e) = flushed.await
+    {
+        warn!(target: target::BROKER, shard = %shard.id(), "the store's last flush failed: {e}");
+    }
     // The services hold the shard (a reference cycle through its core): dropped here, on
     // the shard's thread, whether or not their owner stopped them, so a stopped shard
     // frees its store and closes whatever its services hold (listeners among them).
@@ -455,6 +463,23 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     drop(services);
     debug!(target: target::BROKER, shard = %shard.id(), "shard stopped");
     rx
+}
+
+/// Sends `answer` once `durable` resolves (at once without a wait); a store that could
+/// not make it durable answers unavailable instead.
+fn answer_when_durable<T: 'static>(
+    durable: Option<crate::store::DurableWait>,
+    reply: flume::Sender<Result<T, BrokerError>>,
+    answer: T,
+) {
+    let Some(durable) = durable else {
+        let _ = reply.send(Ok(answer));
+        return;
+    };
+    glommio::spawn_local(async move {
+        let _ = reply.send(durable.await.map(|()| answer).map_err(BrokerError::from));
+    })
+    .detach();
 }
 
 fn mark(dirty: &mut Dirty, chan: InternalChannelId) {
@@ -483,7 +508,12 @@ fn handle_request(shard: &Shard, req: Request, dirty: &mut Dirty) -> bool {
         }
         Request::Notify { req, reply } => {
             // The asker may have given up waiting; the notify stands either way.
-            let _ = reply.send(shard.notify(&req));
+            match shard.notify(&req) {
+                Ok(verdict) => answer_when_durable(shard.store().durable(), reply, verdict),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
         }
         Request::Run(job) => run_job(shard, job),
         Request::Stop => return false,

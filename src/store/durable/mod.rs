@@ -1,0 +1,726 @@
+//! The durable store: each shard's state in memory, every change also appended to that
+//! shard's log under `data_dir`, and the log replayed on start.
+//!
+//! # Layout
+//!
+//! ```text
+//! data_dir/
+//!   LOCK                  held (flock) by the running server
+//!   MANIFEST              {"format":1,"shards":N,"generation":G}
+//!   gen-G/shard-0.log     shard 0's log of store operations
+//!   gen-G/shard-1.log     ...
+//! ```
+//!
+//! A log is a sequence of checksummed records ([`record`]): broadcast and unicast appends,
+//! drops by message id (ACKs) and scrubs (clear pending, replace tag). Expiry needs no
+//! record: a notification's expiry is in its append, and recovery leaves expired ones
+//! out. Tokens are derived from the (app, device) pair, so they survive by construction;
+//! message ids are in the records.
+//!
+//! # Recovery and shard count changes
+//!
+//! [`DataDir::open`] runs before the shards start (a plain thread may block): it reads
+//! every log of the current generation in parallel, drops a torn tail (the first record
+//! that is cut short or fails its checksum, and everything after it), and gives each
+//! shard its devices' unicast channels (by the same owner function the broker uses) and
+//! a copy of every broadcast channel (from the log with the highest level: each shard
+//! logged its own replica). With the same shard count each shard goes on appending to its
+//! own log. With a different count the state is written out as a new generation, one
+//! snapshot per new shard; the manifest is switched to it atomically (rename) and only
+//! then is the old generation removed, so a crash at any point leaves one complete
+//! generation.
+//!
+//! # Compaction
+//!
+//! When a shard's log grows past twice its last snapshot (and at least 64 MiB), its
+//! flusher writes a snapshot of the live state beside it, syncs it and renames it over
+//! the log. The snapshot is encoded on the shard in one step: a pause proportional to
+//! the shard's live state, once per doubling of its log.
+
+mod log;
+pub(crate) mod record;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+pub use self::log::DurableWait;
+use self::log::{Log, LogFile};
+use self::record::{Decoded, decode_next};
+use super::inmemory::ChannelState;
+use super::{
+    InMemoryPendingStore, InternalChannelId, Metadata, PendingStore, ScrubCriteria, StoreError,
+    StoreFault,
+};
+use crate::broker::sharded::{ShardId, owner_of_channel};
+use crate::logging::target;
+use crate::protocol::{Notification, Payload};
+
+/// When `/notify` and `/broadcast` answer, with a `data_dir`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the operation is on disk (written and `fdatasync`ed): group commit, many
+    /// requests per sync. The default.
+    Sync,
+    /// At once; the log is written and synced every interval, so a crash of the machine
+    /// (not only of the process) loses at most that much.
+    Relaxed(Duration),
+}
+
+/// The log size below which a shard never compacts.
+pub const DEFAULT_COMPACT_MIN: u64 = 64 << 20;
+
+const MANIFEST: &str = "MANIFEST";
+const LOCK: &str = "LOCK";
+const FORMAT: u32 = 1;
+
+/// Why a data folder cannot be used.
+#[derive(Debug, Error)]
+pub enum DataDirError {
+    /// A file operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// Another process holds the folder.
+    #[error("{} is in use by another process", path.display())]
+    Locked {
+        /// The data folder.
+        path: PathBuf,
+    },
+    /// The manifest is not one this build writes.
+    #[error("{}: {why}", path.display())]
+    Manifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DataDirError + 'a {
+    move |source| DataDirError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What recovery found, for the operator's log and for measurements.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Records replayed, over all logs.
+    pub records: u64,
+    /// Bytes of log read.
+    pub bytes: u64,
+    /// Logs whose tail was torn (and dropped).
+    pub torn: usize,
+    /// Unicast notifications pending after recovery.
+    pub pending: u64,
+    /// Whether the state was re-partitioned for a new shard count.
+    pub repartitioned: bool,
+    /// How long recovery took.
+    pub took: Duration,
+}
+
+/// One shard's share of a recovered data folder, until the shard takes it.
+struct ShardPart {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    channels: Vec<ChannelState>,
+}
+
+/// An open data folder: recovered, locked, and ready to give each shard its store.
+pub struct DataDir {
+    dir: PathBuf,
+    parts: Vec<Mutex<Option<ShardPart>>>,
+    durability: Durability,
+    broadcast_backlog: usize,
+    compact_min: u64,
+    report: RecoveryReport,
+    /// Held for as long as the folder is in use.
+    _lock: File,
+}
+
+impl std::fmt::Debug for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataDir")
+            .field("dir", &self.dir)
+            .field("shards", &self.parts.len())
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Manifest {
+    format: u32,
+    shards: usize,
+    generation: u64,
+}
+
+impl DataDir {
+    /// Opens (creating it if needed) the data folder `dir` for `nr_shards` shards:
+    /// locks it, recovers every shard's state from its logs, and re-partitions it if the
+    /// shard count changed. Blocking: call it before the shards start.
+    ///
+    /// # Errors
+    /// When the folder cannot be created, read or written, another process holds it, or
+    /// its manifest is not one this build writes.
+    pub fn open(
+        dir: &Path,
+        nr_shards: usize,
+        durability: Durability,
+        broadcast_backlog: usize,
+    ) -> Result<Arc<Self>, DataDirError> {
+        Self::open_with(
+            dir,
+            nr_shards,
+            durability,
+            broadcast_backlog,
+            DEFAULT_COMPACT_MIN,
+        )
+    }
+
+    /// [`open`](Self::open) with the log size below which shards never compact.
+    ///
+    /// # Errors
+    /// As [`open`](Self::open).
+    pub fn open_with(
+        dir: &Path,
+        nr_shards: usize,
+        durability: Durability,
+        broadcast_backlog: usize,
+        compact_min: u64,
+    ) -> Result<Arc<Self>, DataDirError> {
+        let started = Instant::now();
+        let nr_shards = nr_shards.max(1);
+        fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        let lock_path = dir.join(LOCK);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io("cannot open", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(DataDirError::Locked {
+                    path: dir.to_owned(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io("cannot lock", &lock_path)(e)),
+        }
+
+        let manifest_path = dir.join(MANIFEST);
+        let manifest = match fs::read(&manifest_path) {
+            Ok(bytes) => {
+                let m: Manifest =
+                    serde_json::from_slice(&bytes).map_err(|e| DataDirError::Manifest {
+                        path: manifest_path.clone(),
+                        why: e.to_string(),
+                    })?;
+                if m.format != FORMAT || m.shards == 0 {
+                    return Err(DataDirError::Manifest {
+                        path: manifest_path,
+                        why: format!(
+                            "format {} with {} shards is not readable",
+                            m.format, m.shards
+                        ),
+                    });
+                }
+                m
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let m = Manifest {
+                    format: FORMAT,
+                    shards: nr_shards,
+                    generation: 0,
+                };
+                let gen_dir = generation_dir(dir, 0);
+                fs::create_dir_all(&gen_dir).map_err(io("cannot create", &gen_dir))?;
+                write_manifest(dir, &m)?;
+                m
+            }
+            Err(e) => return Err(io("cannot read", &manifest_path)(e)),
+        };
+        remove_other_generations(dir, manifest.generation);
+
+        // Replay every log of the generation, each on its own thread.
+        let gen_dir = generation_dir(dir, manifest.generation);
+        let replayed: Vec<Result<Replayed, DataDirError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..manifest.shards)
+                .map(|i| {
+                    let path = gen_dir.join(shard_file(i));
+                    s.spawn(move || replay_log(&path, broadcast_backlog))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(DataDirError::Manifest {
+                            path: gen_dir.clone(),
+                            why: "replaying a log panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut report = RecoveryReport::default();
+        let mut logs = Vec::with_capacity(replayed.len());
+        for r in replayed {
+            let r = r?;
+            report.records += r.records;
+            report.bytes += r.valid_len;
+            if r.torn.is_some() {
+                report.torn += 1;
+            }
+            logs.push(r);
+        }
+
+        // Partition: unicast channels to their owner, broadcast channels (the most
+        // advanced replica) to everyone.
+        let mut buckets: Vec<Vec<ChannelState>> = (0..nr_shards).map(|_| Vec::new()).collect();
+        let mut broadcast: Vec<ChannelState> = Vec::new();
+        for log in &mut logs {
+            for c in std::mem::take(&mut log.channels) {
+                if c.chan.is_unicast() {
+                    report.pending += c.notifications.len() as u64;
+                    let ShardId(owner) = owner_of_channel(&c.chan, nr_shards);
+                    buckets[owner].push(c);
+                } else if let Some(have) = broadcast.iter_mut().find(|b| b.chan == c.chan) {
+                    if c.top_level > have.top_level {
+                        *have = c;
+                    }
+                } else {
+                    broadcast.push(c);
+                }
+            }
+        }
+        for b in &mut buckets {
+            b.extend(broadcast.iter().cloned());
+        }
+
+        let parts = if manifest.shards == nr_shards {
+            let mut parts = Vec::with_capacity(nr_shards);
+            for (i, (log, channels)) in logs.into_iter().zip(buckets).enumerate() {
+                let path = gen_dir.join(shard_file(i));
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .read(true)
+                    .open(&path)
+                    .map_err(io("cannot open", &path))?;
+                if let Some(why) = log.torn {
+                    warn!(
+                        target: target::BROKER,
+                        "{}: {why} at byte {}; the log is cut there (nothing after it was acknowledged as durable)",
+                        path.display(),
+                        log.valid_len
+                    );
+                    file.set_len(log.valid_len)
+                        .map_err(io("cannot truncate", &path))?;
+                    file.sync_all().map_err(io("cannot sync", &path))?;
+                }
+                parts.push(Mutex::new(Some(ShardPart {
+                    file,
+                    path,
+                    len: log.valid_len,
+                    channels,
+                })));
+            }
+            parts
+        } else {
+            report.repartitioned = true;
+            repartition(dir, &manifest, nr_shards, buckets, broadcast_backlog)?
+        };
+        report.took = started.elapsed();
+        info!(
+            target: target::BROKER,
+            "data in {}: {} records replayed ({} bytes) in {:.3} s, {} notifications pending{}{}",
+            dir.display(),
+            report.records,
+            report.bytes,
+            report.took.as_secs_f64(),
+            report.pending,
+            if report.torn > 0 { ", a torn tail dropped" } else { "" },
+            if report.repartitioned {
+                format!(", re-partitioned from {} to {nr_shards} shards", manifest.shards)
+            } else {
+                String::new()
+            },
+        );
+        Ok(Arc::new(Self {
+            dir: dir.to_owned(),
+            parts,
+            durability,
+            broadcast_backlog,
+            compact_min,
+            report,
+            _lock: lock,
+        }))
+    }
+
+    /// What recovery found.
+    pub fn report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Shard `id`'s store, on the shard's own thread (it spawns the shard's flusher).
+    /// Each shard's part is handed out once; a second call for the same shard gets a
+    /// store that refuses every change.
+    pub fn store_for(&self, id: ShardId) -> Rc<DurableStore> {
+        let mem =
+            Rc::new(InMemoryPendingStore::new().with_broadcast_backlog(self.broadcast_backlog));
+        let part = self
+            .parts
+            .get(id.0)
+            .and_then(|p| p.lock().ok().and_then(|mut p| p.take()));
+        let Some(part) = part else {
+            let log = Log::new(self.durability, 0, self.compact_min);
+            log.refuse(StoreFault::new(format!(
+                "{id} has no log in {} (the data folder was handed out already)",
+                self.dir.display()
+            )));
+            return Rc::new(DurableStore { mem, log });
+        };
+        for c in part.channels {
+            mem.put_channel(c);
+        }
+        let log = Log::new(self.durability, part.len, self.compact_min);
+        #[allow(unsafe_code)]
+        // SAFETY: `into_raw_fd` gives up ownership of an open descriptor of a regular
+        // file, and the glommio file takes it over exactly once.
+        let file = unsafe { glommio::io::BufferedFile::from_raw_fd(part.file.into_raw_fd()) };
+        let file = LogFile {
+            file,
+            path: part.path,
+        };
+        glommio::spawn_local(self::log::flusher(
+            Rc::clone(&log),
+            file,
+            Rc::downgrade(&mem),
+        ))
+        .detach();
+        Rc::new(DurableStore { mem, log })
+    }
+}
+
+fn generation_dir(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("gen-{generation}"))
+}
+
+fn shard_file(i: usize) -> String {
+    format!("shard-{i}.log")
+}
+
+/// Removes generation folders other than `keep` (left by a re-partition a crash
+/// interrupted, or by one that finished).
+fn remove_other_generations(dir: &Path, keep: u64) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(generation) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("gen-"))
+            .and_then(|g| g.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if generation != keep
+            && let Err(e) = fs::remove_dir_all(entry.path())
+        {
+            warn!(target: target::BROKER, "cannot remove {}: {e}", entry.path().display());
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot sync", dir))
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), DataDirError> {
+    let tmp = dir.join("MANIFEST.new");
+    let bytes = serde_json::to_vec(m).map_err(|e| DataDirError::Manifest {
+        path: tmp.clone(),
+        why: e.to_string(),
+    })?;
+    let mut f = File::create(&tmp).map_err(io("cannot create", &tmp))?;
+    f.write_all(&bytes).map_err(io("cannot write", &tmp))?;
+    f.sync_all().map_err(io("cannot sync", &tmp))?;
+    let path = dir.join(MANIFEST);
+    fs::rename(&tmp, &path).map_err(io("cannot rename", &tmp))?;
+    sync_dir(dir)
+}
+
+/// One log replayed.
+struct Replayed {
+    channels: Vec<ChannelState>,
+    records: u64,
+    valid_len: u64,
+    torn: Option<&'static str>,
+}
+
+fn replay_log(path: &Path, broadcast_backlog: usize) -> Result<Replayed, DataDirError> {
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes).map_err(io("cannot read", path))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot open", path)(e)),
+    }
+    let store = InMemoryPendingStore::new().with_broadcast_backlog(broadcast_backlog);
+    let mut at = 0;
+    let mut records = 0;
+    let torn = loop {
+        match decode_next(&bytes[at..]) {
+            Decoded::Record(record, used) => {
+                store.replay(record);
+                records += 1;
+                at += used;
+            }
+            Decoded::End => break None,
+            Decoded::Torn(why) => break Some(why),
+        }
+    };
+    Ok(Replayed {
+        channels: store.take_channels(),
+        records,
+        valid_len: at as u64,
+        torn,
+    })
+}
+
+/// Writes `buckets` as a new generation of `nr_shards` logs, switches the manifest to
+/// it, and removes the old one.
+fn repartition(
+    dir: &Path,
+    old: &Manifest,
+    nr_shards: usize,
+    buckets: Vec<Vec<ChannelState>>,
+    broadcast_backlog: usize,
+) -> Result<Vec<Mutex<Option<ShardPart>>>, DataDirError> {
+    let generation = old.generation + 1;
+    let gen_dir = generation_dir(dir, generation);
+    if gen_dir.exists() {
+        fs::remove_dir_all(&gen_dir).map_err(io("cannot remove", &gen_dir))?;
+    }
+    fs::create_dir_all(&gen_dir).map_err(io("cannot create", &gen_dir))?;
+    let mut parts = Vec::with_capacity(nr_shards);
+    for (i, channels) in buckets.into_iter().enumerate() {
+        let path = gen_dir.join(shard_file(i));
+        let store = InMemoryPendingStore::new().with_broadcast_backlog(broadcast_backlog);
+        for c in channels {
+            store.put_channel(c);
+        }
+        let mut snapshot = Vec::new();
+        store.snapshot_into(&mut snapshot);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .read(true)
+            .open(&path)
+            .map_err(io("cannot create", &path))?;
+        file.write_all(&snapshot)
+            .map_err(io("cannot write", &path))?;
+        file.sync_all().map_err(io("cannot sync", &path))?;
+        parts.push(Mutex::new(Some(ShardPart {
+            file,
+            path,
+            len: snapshot.len() as u64,
+            channels: store.take_channels(),
+        })));
+    }
+    sync_dir(&gen_dir)?;
+    write_manifest(
+        dir,
+        &Manifest {
+            format: FORMAT,
+            shards: nr_shards,
+            generation,
+        },
+    )?;
+    remove_other_generations(dir, generation);
+    Ok(parts)
+}
+
+/// A shard's store with a `data_dir`: the in-memory store's state and rules, every change
+/// also submitted to the shard's log. See the [module](self).
+pub struct DurableStore {
+    mem: Rc<InMemoryPendingStore>,
+    log: Rc<Log>,
+}
+
+impl std::fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableStore")
+            .field("mem", &self.mem)
+            .field("log", &self.log)
+            .finish()
+    }
+}
+
+impl DurableStore {
+    /// Snapshots this shard's log has been compacted into so far.
+    pub fn compactions(&self) -> u64 {
+        self.log.compactions()
+    }
+}
+
+impl PendingStore for DurableStore {
+    fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
+        self.mem.register(device_id, app_id)
+    }
+
+    fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
+        self.mem.unregister(device_id, app_id)
+    }
+
+    fn get_internal_channel_id_from_token(
+        &self,
+        token: &str,
+        app_id: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<InternalChannelId, StoreError> {
+        self.mem
+            .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
+    }
+
+    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
+        self.mem.get_internal_channel_id(name)
+    }
+
+    fn append_to_channel(
+        &self,
+        chan: &InternalChannelId,
+        payload: Payload,
+        expiration: SystemTime,
+    ) -> Result<i64, StoreError> {
+        self.log.check()?;
+        let level = self
+            .mem
+            .append_to_channel(chan, payload.clone(), expiration)?;
+        self.log.submit(|out| {
+            record::encode(
+                &record::Record::Broadcast {
+                    chan: chan.clone(),
+                    level,
+                    payload,
+                    expiration,
+                },
+                out,
+            );
+        });
+        Ok(level)
+    }
+
+    fn append_to_unicast_channel(
+        &self,
+        chan: &InternalChannelId,
+        notification: Notification,
+        meta: Metadata,
+    ) -> Result<(), StoreError> {
+        self.log.check()?;
+        self.log.submit(|out| {
+            record::encode(
+                &record::Record::Unicast {
+                    chan: chan.clone(),
+                    notification: notification.clone(),
+                    meta: meta.clone(),
+                },
+                out,
+            );
+        });
+        self.mem.append_to_unicast_channel(chan, notification, meta)
+    }
+
+    fn get_channel_snapshot(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>), StoreError> {
+        self.mem.get_channel_snapshot(chan)
+    }
+
+    fn get_channel_unfiltered(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
+        self.mem.get_channel_unfiltered(chan)
+    }
+
+    fn scrub(
+        &self,
+        chan: &InternalChannelId,
+        criteria: ScrubCriteria<'_>,
+    ) -> Result<(), StoreError> {
+        // Removing only expired notifications needs no record: recovery leaves them out.
+        if let Some(app_id) = criteria.app_id {
+            self.log.check()?;
+            self.log.submit(|out| {
+                record::encode(
+                    &record::Record::Scrub {
+                        chan: chan.clone(),
+                        app_id: Arc::from(app_id),
+                        replace_tag: criteria.replace_tag.map(Arc::from),
+                    },
+                    out,
+                );
+            });
+        }
+        self.mem.scrub(chan, criteria)
+    }
+
+    fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), StoreError> {
+        self.log.check()?;
+        self.log.submit(|out| {
+            record::encode(
+                &record::Record::Drop {
+                    chan: chan.clone(),
+                    msg_ids: targets.iter().map(|n| Arc::clone(&n.msg_id)).collect(),
+                },
+                out,
+            );
+        });
+        self.mem.drop_by_msg_id(chan, targets)
+    }
+
+    fn durable(&self) -> Option<DurableWait> {
+        self.log.wait()
+    }
+
+    fn flush(&self) -> Option<DurableWait> {
+        Some(self.log.wait_all())
+    }
+}
