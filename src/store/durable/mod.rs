@@ -724,3 +724,291 @@ impl PendingStore for DurableStore {
         Some(self.log.wait_all())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::broker::sharded::owner_of_device;
+    use crate::broker::testing::run_local;
+
+    fn later() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(3600)
+    }
+
+    fn payload(i: usize) -> Payload {
+        Payload::from_json(&format!(r#"{{"n":{i}}}"#)).unwrap()
+    }
+
+    fn dev(i: usize) -> InternalChannelId {
+        InternalChannelId::unicast(&format!("dev-{i}"), &format!("dev-{i}"))
+    }
+
+    fn temp(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-{what}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// Opens `dir` for `shards` shards and runs `f` with each shard's store in turn (all
+    /// on one executor), flushing each before it returns.
+    fn with_stores<T>(
+        dir: &Path,
+        shards: usize,
+        compact_min: u64,
+        f: impl FnOnce(&[Rc<DurableStore>]) -> T,
+    ) -> (T, RecoveryReport) {
+        let data = DataDir::open_with(dir, shards, Durability::Sync, 1000, compact_min).unwrap();
+        let report = data.report().clone();
+        let out = run_local(|| async move {
+            let stores: Vec<_> = (0..shards).map(|i| data.store_for(ShardId(i))).collect();
+            let out = f(&stores);
+            for s in &stores {
+                s.flush().unwrap().await.unwrap();
+            }
+            out
+        });
+        (out, report)
+    }
+
+    /// What a store holds: per channel, its level and message ids (payloads for
+    /// broadcasts).
+    fn contents(s: &dyn PendingStore, chans: &[InternalChannelId]) -> Vec<(i64, Vec<String>)> {
+        chans
+            .iter()
+            .map(|c| {
+                let (level, ns) = s.get_channel_snapshot(c).unwrap();
+                let ids = ns
+                    .iter()
+                    .map(|n| {
+                        if c.is_unicast() {
+                            n.msg_id.to_string()
+                        } else {
+                            n.payload.get().to_owned()
+                        }
+                    })
+                    .collect();
+                (level, ids)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pending_levels_and_message_ids_survive_a_restart_and_acked_ones_do_not_come_back() {
+        let dir = temp("restart");
+        let chans: Vec<_> = (0..5).map(dev).chain([InternalChannelId::System]).collect();
+        let (before, _) = with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            let s = &*stores[0];
+            for i in 0..20 {
+                let n = Notification::unicast("app", &format!("m-{i}"), payload(i));
+                s.append_to_unicast_channel(&dev(i % 5), n, Metadata::expiring(later()))
+                    .unwrap();
+            }
+            for i in 0..3 {
+                s.append_to_channel(&InternalChannelId::System, payload(100 + i), later())
+                    .unwrap();
+            }
+            // An ACK of dev-0's first two, a clear-pending of dev-1's app.
+            let (_, ns) = s.get_channel_snapshot(&dev(0)).unwrap();
+            s.drop_by_msg_id(&dev(0), &ns[..2]).unwrap();
+            s.scrub(
+                &dev(1),
+                ScrubCriteria {
+                    app_id: Some("app"),
+                    replace_tag: None,
+                },
+            )
+            .unwrap();
+            contents(s, &chans)
+        });
+        assert_eq!(before[0].1, ["m-10", "m-15"], "dev-0 after its ACK");
+        assert!(before[1].1.is_empty(), "dev-1 after clear pending");
+        assert_eq!(before[5].0, 3);
+
+        let (after, report) = with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            contents(&*stores[0], &chans)
+        });
+        assert_eq!(after, before);
+        assert_eq!(report.torn, 0);
+        assert_eq!(report.pending, 2 + 4 + 4 + 4);
+        // The level goes on counting from where it was.
+        let (level, _) = with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            stores[0]
+                .append_to_channel(&InternalChannelId::System, payload(7), later())
+                .unwrap()
+        });
+        assert_eq!(level, 4);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_everything_before_it_is_kept() {
+        let dir = temp("torn");
+        with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            for i in 0..10 {
+                let n = Notification::unicast("app", &format!("m-{i}"), payload(i));
+                stores[0]
+                    .append_to_unicast_channel(&dev(0), n, Metadata::expiring(later()))
+                    .unwrap();
+            }
+        });
+        let log = dir.join("gen-0").join("shard-0.log");
+        let len = fs::metadata(&log).unwrap().len();
+        // The last record cut in half, then garbage after it.
+        let f = OpenOptions::new().write(true).open(&log).unwrap();
+        f.set_len(len - 10).unwrap();
+        drop(f);
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(b"\x05\0\0\0garbage").unwrap();
+        drop(f);
+
+        let (ids, report) = with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            let n = Notification::unicast("app", "m-after", payload(99));
+            stores[0]
+                .append_to_unicast_channel(&dev(0), n, Metadata::expiring(later()))
+                .unwrap();
+            contents(&*stores[0], &[dev(0)])
+        });
+        assert_eq!(report.torn, 1);
+        let mut expected: Vec<String> = (0..9).map(|i| format!("m-{i}")).collect();
+        expected.push("m-after".into());
+        assert_eq!(ids[0].1, expected);
+        // The cut log plus the new record reads back whole.
+        let (again, report) = with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            contents(&*stores[0], &[dev(0)])
+        });
+        assert_eq!(report.torn, 0);
+        assert_eq!(again, ids);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_new_shard_count_gives_every_device_its_data_on_its_new_owner() {
+        let dir = temp("reshard");
+        let devices = 40;
+        with_stores(&dir, 1, DEFAULT_COMPACT_MIN, |stores| {
+            for i in 0..devices {
+                let n = Notification::unicast("app", &format!("m-{i}"), payload(i));
+                stores[0]
+                    .append_to_unicast_channel(&dev(i), n, Metadata::expiring(later()))
+                    .unwrap();
+            }
+            stores[0]
+                .append_to_channel(&InternalChannelId::System, payload(1), later())
+                .unwrap();
+        });
+        for shards in [2, 3, 1] {
+            let (held, report) = with_stores(&dir, shards, DEFAULT_COMPACT_MIN, |stores| {
+                (0..devices)
+                    .map(|i| {
+                        let owner = owner_of_device(&format!("dev-{i}"), shards).0;
+                        let mine = contents(&*stores[owner], &[dev(i)]);
+                        let elsewhere = (0..shards)
+                            .filter(|&s| s != owner)
+                            .any(|s| !contents(&*stores[s], &[dev(i)])[0].1.is_empty());
+                        let levels: Vec<i64> = stores
+                            .iter()
+                            .map(|s| contents(&**s, &[InternalChannelId::System])[0].0)
+                            .collect();
+                        (mine[0].1.clone(), elsewhere, levels)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            assert!(report.repartitioned, "{shards} shards");
+            for (i, (mine, elsewhere, levels)) in held.into_iter().enumerate() {
+                assert_eq!(mine, [format!("m-{i}")], "dev-{i} on {shards} shards");
+                assert!(!elsewhere, "dev-{i} on a shard that does not own it");
+                assert!(levels.iter().all(|&l| l == 1), "{levels:?}");
+            }
+            let gens: Vec<_> = fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("gen-"))
+                .collect();
+            assert_eq!(gens.len(), 1, "the old generation is removed");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_log_past_its_threshold_is_compacted_to_what_is_live() {
+        let dir = temp("compact");
+        with_stores(&dir, 1, 4096, |stores| {
+            let s = &*stores[0];
+            // Append and ACK over and over: the log grows, the live state does not.
+            for i in 0..2000 {
+                let n = Notification::unicast("app", &format!("m-{i}"), payload(i));
+                s.append_to_unicast_channel(&dev(0), n.clone(), Metadata::expiring(later()))
+                    .unwrap();
+                if i % 10 != 0 {
+                    s.drop_by_msg_id(&dev(0), &[n]).unwrap();
+                }
+            }
+        });
+        let len = fs::metadata(dir.join("gen-0").join("shard-0.log"))
+            .unwrap()
+            .len();
+        let (ids, _) = with_stores(&dir, 1, 4096, |stores| contents(&*stores[0], &[dev(0)]));
+        let expected: Vec<String> = (0..2000).step_by(10).map(|i| format!("m-{i}")).collect();
+        assert_eq!(ids[0].1, expected);
+        assert!(
+            len < 200 * 80,
+            "the log holds only the live state: {len} bytes"
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_folder_is_refused() {
+        let dir = temp("lock");
+        let first = DataDir::open(&dir, 1, Durability::Sync, 1000).unwrap();
+        let second = DataDir::open(&dir, 1, Durability::Sync, 1000);
+        assert!(
+            matches!(second, Err(DataDirError::Locked { .. })),
+            "{second:?}"
+        );
+        drop(first);
+        assert!(DataDir::open(&dir, 1, Durability::Sync, 1000).is_ok());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_sync_store_answers_after_the_commit_and_a_relaxed_one_at_once() {
+        let dir = temp("modes");
+        let data = DataDir::open(&dir, 1, Durability::Sync, 1000).unwrap();
+        let sync = Arc::clone(&data);
+        run_local(|| async move {
+            let s = sync.store_for(ShardId(0));
+            assert!(
+                s.durable().is_none(),
+                "nothing submitted, nothing to wait for"
+            );
+            s.append_to_channel(&InternalChannelId::System, payload(1), later())
+                .unwrap();
+            let wait = s
+                .durable()
+                .expect("a submitted change waits for its commit");
+            wait.await.unwrap();
+            assert!(s.durable().is_none(), "committed");
+        });
+        drop(data);
+        let relaxed =
+            DataDir::open(&dir, 1, Durability::Relaxed(Duration::from_millis(5)), 1000).unwrap();
+        run_local(|| async move {
+            let s = relaxed.store_for(ShardId(0));
+            s.append_to_channel(&InternalChannelId::System, payload(2), later())
+                .unwrap();
+            assert!(s.durable().is_none(), "relaxed answers at once");
+            s.flush().unwrap().await.unwrap();
+        });
+        let data = DataDir::open(&dir, 1, Durability::Sync, 1000).unwrap();
+        assert_eq!(data.report().records, 2);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
