@@ -66,10 +66,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                             .map_err(|e| e.to_string())?;
                         k += 1;
                         // Commit in groups, as concurrent requests would.
-                        if k % 4096 == 0 {
-                            if let Some(wait) = store.durable() {
-                                wait.await.map_err(|e| e.to_string())?;
-                            }
+                        if k % 4096 == 0
+                            && let Some(wait) = store.durable()
+                        {
+                            wait.await.map_err(|e| e.to_string())?;
                         }
                     }
                     if let Some(wait) = store.flush() {
@@ -96,7 +96,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let started = Instant::now();
         let data = DataDir::open(&dir, shards, Durability::Sync, 1000)?;
         times.push(started.elapsed());
-        assert_eq!(data.report().pending, written as u64, "every pending recovered");
+        assert_eq!(
+            data.report().pending,
+            written as u64,
+            "every pending recovered"
+        );
     }
     times.sort();
     let median = times[times.len() / 2];
