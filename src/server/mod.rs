@@ -202,10 +202,12 @@ impl Server {
             .max_notifications_per_app(config.max_notifications_per_app)
             .placement(ShardPlacement::Auto);
         let backlog = config.broadcast_backlog;
+        let mut recovered = None;
         builder = match &config.data_dir {
             // Recovery reads the logs here, before any shard runs.
             Some(dir) => {
                 let data = DataDir::open(dir, config.shard_count(), config.durability, backlog)?;
+                recovered = Some((dir.clone(), data.report().clone()));
                 builder.store(move |id| data.store_for(id) as Rc<dyn PendingStore>)
             }
             None => builder.store(move |_| {
@@ -272,6 +274,13 @@ impl Server {
         // Every shard is bound and can take migrated connections: log, then accept.
         info!(target: target::SERVER, "listening for http on {http_addr}");
         info!(target: target::SERVER, "listening for devices on {device_addr}");
+        // After the listening lines, which tools expect first.
+        if let Some((dir, report)) = recovered {
+            for w in &report.warnings {
+                warn!(target: target::SERVER, "{w}");
+            }
+            info!(target: target::SERVER, "data in {}: {report}", dir.display());
+        }
         for i in 0..n {
             if let Err(e) = block_on(shards.invoke_on(ShardId(i), |s| s.begin_serving())) {
                 broker.stop_blocking();

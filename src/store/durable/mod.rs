@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::warn;
 
 pub use self::log::DurableWait;
 use self::log::{Log, LogFile};
@@ -133,6 +133,36 @@ pub struct RecoveryReport {
     pub repartitioned: bool,
     /// How long recovery took.
     pub took: Duration,
+    /// Shards the folder was written by.
+    pub shards_before: usize,
+    /// Shards it is open for.
+    pub shards: usize,
+    /// What the operator should know (a torn tail, where it was cut).
+    pub warnings: Vec<String>,
+}
+
+impl std::fmt::Display for RecoveryReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records replayed ({} bytes) in {:.3} s, {} notifications pending",
+            self.records,
+            self.bytes,
+            self.took.as_secs_f64(),
+            self.pending
+        )?;
+        if self.torn > 0 {
+            write!(f, ", a torn tail dropped in {} log(s)", self.torn)?;
+        }
+        if self.repartitioned {
+            write!(
+                f,
+                ", re-partitioned from {} to {} shards",
+                self.shards_before, self.shards
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// One shard's share of a recovered data folder, until the shard takes it.
@@ -283,12 +313,17 @@ impl DataDir {
         });
         let mut report = RecoveryReport::default();
         let mut logs = Vec::with_capacity(replayed.len());
-        for r in replayed {
+        for (i, r) in replayed.into_iter().enumerate() {
             let r = r?;
             report.records += r.records;
             report.bytes += r.valid_len;
-            if r.torn.is_some() {
+            if let Some(why) = r.torn {
                 report.torn += 1;
+                report.warnings.push(format!(
+                    "{}: {why} at byte {}; the log is cut there",
+                    gen_dir.join(shard_file(i)).display(),
+                    r.valid_len
+                ));
             }
             logs.push(r);
         }
@@ -327,13 +362,7 @@ impl DataDir {
                     .read(true)
                     .open(&path)
                     .map_err(io("cannot open", &path))?;
-                if let Some(why) = log.torn {
-                    warn!(
-                        target: target::BROKER,
-                        "{}: {why} at byte {}; the log is cut there (nothing after it was acknowledged as durable)",
-                        path.display(),
-                        log.valid_len
-                    );
+                if log.torn.is_some() {
                     file.set_len(log.valid_len)
                         .map_err(io("cannot truncate", &path))?;
                     file.sync_all().map_err(io("cannot sync", &path))?;
@@ -351,21 +380,8 @@ impl DataDir {
             repartition(dir, &manifest, nr_shards, buckets, broadcast_backlog)?
         };
         report.took = started.elapsed();
-        info!(
-            target: target::BROKER,
-            "data in {}: {} records replayed ({} bytes) in {:.3} s, {} notifications pending{}{}",
-            dir.display(),
-            report.records,
-            report.bytes,
-            report.took.as_secs_f64(),
-            report.pending,
-            if report.torn > 0 { ", a torn tail dropped" } else { "" },
-            if report.repartitioned {
-                format!(", re-partitioned from {} to {nr_shards} shards", manifest.shards)
-            } else {
-                String::new()
-            },
-        );
+        report.shards_before = manifest.shards;
+        report.shards = nr_shards;
         Ok(Arc::new(Self {
             dir: dir.to_owned(),
             parts,
