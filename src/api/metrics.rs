@@ -246,7 +246,7 @@ type PerShard = (
 );
 
 /// The per-shard families with one sample per shard.
-const PER_SHARD: [PerShard; 11] = [
+const PER_SHARD: [PerShard; 15] = [
     (
         "pushbroker_sessions",
         "gauge",
@@ -312,6 +312,30 @@ const PER_SHARD: [PerShard; 11] = [
         "counter",
         "Failed accepts on the HTTP listener (e.g. out of descriptors).",
         |m| m.connections.http_accept_errors,
+    ),
+    (
+        "pushbroker_store_commits_total",
+        "counter",
+        "Group commits of the shard's log (a write and an fdatasync each); 0 without data_dir.",
+        |m| m.broker.store.commits,
+    ),
+    (
+        "pushbroker_store_records_total",
+        "counter",
+        "Store operations the shard's log committed.",
+        |m| m.broker.store.records,
+    ),
+    (
+        "pushbroker_store_log_bytes",
+        "gauge",
+        "Bytes in the shard's log file.",
+        |m| m.broker.store.log_bytes,
+    ),
+    (
+        "pushbroker_store_unavailable",
+        "gauge",
+        "1 while the shard's log cannot write (changes are refused with 503), else 0.",
+        |m| u64::from(m.broker.store.unavailable),
     ),
 ];
 
@@ -419,6 +443,13 @@ mod tests {
                 },
                 broadcasts: 6,
                 unicasts: 7,
+                store: crate::store::StoreStats {
+                    commits: 16,
+                    records: 17,
+                    log_bytes: 18,
+                    compactions: 0,
+                    unavailable: true,
+                },
             },
             api: ApiCounts {
                 requests: 11,
@@ -460,6 +491,11 @@ mod tests {
             "pushbroker_rejected_http_connections_total{shard=\"2\"} 13",
             "pushbroker_device_accept_errors_total{shard=\"0\"} 14",
             "pushbroker_http_accept_errors_total{shard=\"2\"} 15",
+            "pushbroker_store_commits_total{shard=\"0\"} 16",
+            "pushbroker_store_records_total{shard=\"2\"} 17",
+            "pushbroker_store_log_bytes{shard=\"0\"} 18",
+            "pushbroker_store_unavailable{shard=\"2\"} 1",
+            "# TYPE pushbroker_store_log_bytes gauge",
             "pushbroker_api_errors_total{label=\"invalid-request\"} 5",
             "pushbroker_api_errors_total{label=\"unknown-token\"} 1",
             "# TYPE pushbroker_api_errors_total counter",

@@ -20,7 +20,7 @@ use thiserror::Error;
 pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
 
-pub use durable::{DataDir, DataDirError, Durability, DurableStore, DurableWait};
+pub use durable::{DataDir, DataDirError, Durability, DurableStore, DurableWait, RecoveryReport};
 pub use inmemory::{DEFAULT_BROADCAST_BACKLOG, InMemoryPendingStore};
 pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 
@@ -262,6 +262,26 @@ pub trait PendingStore: std::fmt::Debug {
     fn flush(&self) -> Option<DurableWait> {
         None
     }
+
+    /// What the store's log has done, for `/metrics` (zeros for a store without one).
+    fn stats(&self) -> StoreStats {
+        StoreStats::default()
+    }
+}
+
+/// What a store's log has done since the shard started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Group commits (writes followed by a sync).
+    pub commits: u64,
+    /// Records committed.
+    pub records: u64,
+    /// Bytes in the log file now.
+    pub log_bytes: u64,
+    /// Snapshots the log was compacted into.
+    pub compactions: u64,
+    /// Whether the log cannot write now (changes are refused until it can).
+    pub unavailable: bool,
 }
 
 /// The entries of `orig` to keep when the notifications with the message ids of `targets`

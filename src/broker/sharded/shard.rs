@@ -38,6 +38,8 @@ pub struct ShardMetrics {
     pub broadcasts: u64,
     /// Notifies applied here (this shard's devices).
     pub unicasts: u64,
+    /// What the shard's store's log has done.
+    pub store: crate::store::StoreStats,
 }
 
 /// Counters a shard keeps beside its broker's delivery stats.
@@ -192,6 +194,7 @@ impl Shard {
             delivery: self.stats(),
             broadcasts: c.broadcasts.get(),
             unicasts: c.unicasts.get(),
+            store: self.store().stats(),
         }
     }
 

@@ -52,6 +52,8 @@ pub(crate) struct Log {
     file_len: Cell<u64>,
     /// Snapshots written so far (compactions).
     compactions: Cell<u64>,
+    /// Group commits so far.
+    commits: Cell<u64>,
 }
 
 impl std::fmt::Debug for Log {
@@ -78,6 +80,7 @@ impl Log {
             compact_min,
             file_len: Cell::new(file_len),
             compactions: Cell::new(0),
+            commits: Cell::new(0),
         })
     }
 
@@ -144,8 +147,14 @@ impl Log {
     }
 
     /// Snapshots written so far.
-    pub(crate) fn compactions(&self) -> u64 {
-        self.compactions.get()
+    pub(crate) fn stats(&self) -> crate::store::StoreStats {
+        crate::store::StoreStats {
+            commits: self.commits.get(),
+            records: self.durable.get(),
+            log_bytes: self.file_len.get(),
+            compactions: self.compactions.get(),
+            unavailable: self.failed.borrow().is_some(),
+        }
     }
 
     fn wake_waiters(&self) {
@@ -162,6 +171,7 @@ impl Log {
 
     fn succeed(&self, upto: u64) {
         *self.failed.borrow_mut() = None;
+        self.commits.set(self.commits.get() + 1);
         self.durable.set(self.durable.get().max(upto));
         self.wake_waiters();
     }

@@ -606,7 +606,7 @@ impl std::fmt::Debug for DurableStore {
 impl DurableStore {
     /// Snapshots this shard's log has been compacted into so far.
     pub fn compactions(&self) -> u64 {
-        self.log.compactions()
+        self.log.stats().compactions
     }
 }
 
@@ -738,6 +738,10 @@ impl PendingStore for DurableStore {
 
     fn flush(&self) -> Option<DurableWait> {
         Some(self.log.wait_all())
+    }
+
+    fn stats(&self) -> super::StoreStats {
+        self.log.stats()
     }
 }
 
@@ -1012,6 +1016,9 @@ mod tests {
                 .expect("a submitted change waits for its commit");
             wait.await.unwrap();
             assert!(s.durable().is_none(), "committed");
+            let stats = s.stats();
+            assert_eq!((stats.records, stats.commits), (1, 1), "{stats:?}");
+            assert!(stats.log_bytes > 0 && !stats.unavailable, "{stats:?}");
         });
         drop(data);
         let relaxed =
