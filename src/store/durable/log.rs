@@ -130,9 +130,6 @@ impl Log {
             if log.durable.get() >= upto {
                 return Poll::Ready(Ok(()));
             }
-            if let Some(w) = log.flusher.borrow_mut().take() {
-                w.wake();
-            }
             if let Some(fault) = &*log.failed.borrow() {
                 return Poll::Ready(Err(StoreError::Unavailable(fault.clone())));
             }
@@ -176,12 +173,16 @@ impl Log {
         self.wake_waiters();
     }
 
-    /// Waits until there is a batch to write, or (relaxed mode) the interval is over.
+    /// Waits until there is a batch to write; in the relaxed mode, then the interval
+    /// too, so that records arriving meanwhile share the sync (an idle log never wakes).
     async fn next_batch(&self) {
+        self.batch_submitted().await;
         if let Durability::Relaxed(every) = self.mode {
             glommio::timer::sleep(every).await;
-            return;
         }
+    }
+
+    async fn batch_submitted(&self) {
         poll_fn(|cx| {
             if self.batch.borrow().is_empty() {
                 *self.flusher.borrow_mut() = Some(cx.waker().clone());
@@ -200,8 +201,8 @@ pub(crate) struct LogFile {
     pub(crate) path: PathBuf,
 }
 
-/// The flusher: writes and syncs the log's batches until the log is dropped by its store
-/// (then what was submitted before is written first).
+/// The flusher: writes and syncs the log's batches for as long as the shard runs (a
+/// stopping shard awaits [`Log::wait_all`] first, so nothing submitted is left behind).
 pub(crate) async fn flusher(log: Rc<Log>, mut file: LogFile, state: Weak<InMemoryPendingStore>) {
     loop {
         log.next_batch().await;
@@ -301,20 +302,28 @@ async fn compact(
     let written = async {
         write_all(&tmp, &snapshot, 0).await?;
         tmp.fdatasync().await.map_err(std::io::Error::from)?;
-        tmp.rename(&file.path).await.map_err(std::io::Error::from)?;
-        if let Some(dir) = file.path.parent() {
-            let dir = glommio::io::Directory::open(dir)
-                .await
-                .map_err(std::io::Error::from)?;
-            dir.sync().await.map_err(std::io::Error::from)?;
-            let _ = dir.close().await;
-        }
-        Ok::<(), std::io::Error>(())
+        tmp.rename(&file.path).await.map_err(std::io::Error::from)
     }
     .await;
     if let Err(e) = written {
+        // Not renamed: the log is untouched, and the snapshot goes.
         let _ = tmp.remove().await;
         return Err(e);
+    }
+    // Renamed: the snapshot is the log now. Syncing the folder makes the rename itself
+    // survive a machine crash; should it fail, the old log (which the rename replaced
+    // only in the folder's unsynced state) still holds every record.
+    if let Some(dir) = file.path.parent() {
+        let synced = async {
+            let dir = glommio::io::Directory::open(dir).await?;
+            let synced = dir.sync().await;
+            let _ = dir.close().await;
+            synced
+        }
+        .await;
+        if let Err(e) = synced {
+            warn!(target: target::BROKER, "cannot sync the folder of {}: {e}", file.path.display());
+        }
     }
     let old = std::mem::replace(&mut file.file, tmp);
     let _ = old.close().await;
