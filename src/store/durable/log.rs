@@ -310,19 +310,30 @@ async fn compact(
         let _ = tmp.remove().await;
         return Err(e);
     }
-    // Renamed: the snapshot is the log now. Syncing the folder makes the rename itself
-    // survive a machine crash; should it fail, the old log (which the rename replaced
-    // only in the folder's unsynced state) still holds every record.
+    // Renamed: the snapshot is the log now, and holds records no other file has. The
+    // rename survives a machine crash only once the folder is synced: until then the
+    // log counts as failing (changes refused), and the sync is retried.
     if let Some(dir) = file.path.parent() {
-        let synced = async {
-            let dir = glommio::io::Directory::open(dir).await?;
-            let synced = dir.sync().await;
-            let _ = dir.close().await;
-            synced
-        }
-        .await;
-        if let Err(e) = synced {
-            warn!(target: target::BROKER, "cannot sync the folder of {}: {e}", file.path.display());
+        let mut warned = false;
+        loop {
+            let synced = async {
+                let dir = glommio::io::Directory::open(dir).await?;
+                let synced = dir.sync().await;
+                let _ = dir.close().await;
+                synced
+            }
+            .await;
+            match synced {
+                Ok(()) => break,
+                Err(e) => {
+                    log.fail(StoreFault::new(format!("syncing the log's folder: {e}")));
+                    if !warned {
+                        warn!(target: target::BROKER, "cannot sync the folder of {}: {e}; retrying", file.path.display());
+                        warned = true;
+                    }
+                    glommio::timer::sleep(RETRY_AFTER).await;
+                }
+            }
         }
     }
     let old = std::mem::replace(&mut file.file, tmp);
