@@ -20,6 +20,8 @@ use crate::procfs::now_ns;
 use crate::wire::Markers;
 use crate::worker::{Answers, Buffer, Out, answer};
 
+mod uring;
+
 /// How long a poll waits before looking at the thread's commands.
 const COMMAND_CHECK: Duration = Duration::from_millis(50);
 
@@ -41,9 +43,28 @@ struct Conn {
     open: bool,
 }
 
-/// Serves `handed` until the process ends, answering the thread's commands between polls.
-/// Receipts go out in one batch per poll.
+/// Serves `handed` until the process ends, answering the thread's commands: on an
+/// io_uring ring ([`uring`]) where one can be set up, else from a `mio` poll. Setting
+/// `PUSHLOAD_STEADY=mio` picks the poll.
 pub(crate) fn run(
+    markers: &Markers,
+    out: &flume::Sender<Out>,
+    commands: &flume::Receiver<Command>,
+    handed: Vec<Handed>,
+    receipts: Vec<Receipt>,
+) -> Result<()> {
+    if std::env::var_os("PUSHLOAD_STEADY").is_none_or(|v| v != "mio") {
+        // A kernel without io_uring (or with it disabled) serves from the poll.
+        if let Ok(ring) = uring::Ring::new(handed.len()) {
+            return uring::run(ring, markers, out, commands, handed, receipts);
+        }
+    }
+    run_poll(markers, out, commands, handed, receipts)
+}
+
+/// Serves `handed` from one edge-triggered poll until the process ends, answering the
+/// thread's commands between polls. Receipts go out in one batch per poll.
+fn run_poll(
     markers: &Markers,
     out: &flume::Sender<Out>,
     commands: &flume::Receiver<Command>,
