@@ -128,9 +128,15 @@ fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 /// Runs pushload with `args` and `--json FILE`, waits for it (killing it after
 /// [`RUN_LIMIT`]) and reads the result.
 fn pushload(args: &[&str]) -> Run {
+    pushload_with(args, &[])
+}
+
+/// [`pushload`] with environment variables `env` set.
+fn pushload_with(args: &[&str], env: &[(&str, &str)]) -> Run {
     let json_path = temp_dir("pushload").join("result.json");
     let mut child = Command::new(PUSHLOAD)
         .args(args)
+        .envs(env.iter().copied())
         .arg("--json")
         .arg(&json_path)
         .env_remove("RUST_LOG")
@@ -287,6 +293,30 @@ fn broadcast_over_tls_reaches_every_session_once_per_broadcast() {
 #[test]
 fn unicast_over_tls_delivers_each_notify_once() {
     assert_unicast_delivers_each_notify(&["--tls"], true);
+}
+
+#[test]
+fn the_poll_loop_serves_broadcasts_as_the_ring_does() {
+    // The steady loop's fallback where io_uring cannot be had.
+    let deadline = PHASE_DEADLINE_S.to_string();
+    let run = pushload_with(
+        &[
+            "--server",
+            PUSHBROKER,
+            "--timeout-secs",
+            &deadline,
+            "--scenario",
+            "broadcast",
+            "--sessions",
+            "40",
+            "--broadcasts",
+            "3",
+        ],
+        &[("PUSHLOAD_STEADY", "mio")],
+    );
+    run.assert_ok();
+    assert_eq!(run.count("deliveries"), 120, "{run}");
+    assert_eq!(run.count("duplicates"), 0, "{run}");
 }
 
 #[test]

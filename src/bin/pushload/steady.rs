@@ -5,8 +5,27 @@
 //! stays on the thread's tokio executor. Once connected, a device only reads frames and
 //! writes fixed answers, and a task per device costs more than the work itself: a wake-up,
 //! a run-queue push and a readiness poll per frame, about a tenth of the thread's CPU in a
-//! broadcast. Here the sockets leave the executor for one edge-triggered `mio` poll,
-//! and each readiness event is served in place: read, answer, record.
+//! broadcast. Here the sockets leave the executor, and each frame is served in place:
+//! read, answer, record.
+//!
+//! The sockets are served from an io_uring ring ([`uring`]) where the kernel has one
+//! (6.1 or later, io_uring not disabled), else from one edge-triggered `mio` poll
+//! ([`run_poll`]; `PUSHLOAD_STEADY=mio` picks it). With the poll, a worker's profile
+//! still had about a tenth of its CPU in the readiness machinery and the system calls
+//! around the socket work (epoll bookkeeping, syscall entry, fd lookups, libc's
+//! `recv`/`send` wrappers); on the ring the kernel reads into buffers the loop hands it
+//! and the answers go in with the one call per turn that also waits.
+//!
+//! pushload / floor server CPU per broadcast delivery, the poll (9b68c5d) and the ring
+//! alternated, medians of 3, two runs (machine: 2 cores, shared):
+//!
+//! | sessions, workers | poll | ring |
+//! |---|---|---|
+//! | 19,000, 2 | 1.12× / 1.20× | 0.97× / 1.04× |
+//! | 5,000, 1 | 0.99× / 1.03× | 0.75× / 0.92× |
+//!
+//! (`pushload --server FLOOR --scenario broadcast --sessions 19000 --workers 2
+//! --broadcasts 20`, and `--sessions 5000 --workers 1`; `perf/README.md` has the runs.)
 
 use std::io::{ErrorKind, Read, Write};
 use std::time::Duration;
@@ -19,6 +38,8 @@ use crate::link::{Command, Event, Receipt};
 use crate::procfs::now_ns;
 use crate::wire::Markers;
 use crate::worker::{Answers, Buffer, Out, answer};
+
+mod uring;
 
 /// How long a poll waits before looking at the thread's commands.
 const COMMAND_CHECK: Duration = Duration::from_millis(50);
@@ -41,9 +62,28 @@ struct Conn {
     open: bool,
 }
 
-/// Serves `handed` until the process ends, answering the thread's commands between polls.
-/// Receipts go out in one batch per poll.
+/// Serves `handed` until the process ends, answering the thread's commands: on an
+/// io_uring ring ([`uring`]) where one can be set up, else from a `mio` poll. Setting
+/// `PUSHLOAD_STEADY=mio` picks the poll.
 pub(crate) fn run(
+    markers: &Markers,
+    out: &flume::Sender<Out>,
+    commands: &flume::Receiver<Command>,
+    handed: Vec<Handed>,
+    receipts: Vec<Receipt>,
+) -> Result<()> {
+    if std::env::var_os("PUSHLOAD_STEADY").is_none_or(|v| v != "mio") {
+        // A kernel without io_uring (or with it disabled) serves from the poll.
+        if let Ok(ring) = uring::Ring::new(handed.len()) {
+            return uring::run(ring, markers, out, commands, handed, receipts);
+        }
+    }
+    run_poll(markers, out, commands, handed, receipts)
+}
+
+/// Serves `handed` from one edge-triggered poll until the process ends, answering the
+/// thread's commands between polls. Receipts go out in one batch per poll.
+fn run_poll(
     markers: &Markers,
     out: &flume::Sender<Out>,
     commands: &flume::Receiver<Command>,

@@ -539,15 +539,16 @@ impl Buffer {
 
     /// The next complete frame, if one is buffered.
     pub(crate) fn frame(&self) -> Option<Frame> {
-        let have = &self.data[self.start..self.end];
-        if have.len() < 2 {
-            return None;
-        }
-        let len = usize::from(u16::from_be_bytes([have[0], have[1]]));
-        (have.len() >= 2 + len).then_some(Frame {
+        let len = frame_len(&self.data[self.start..self.end])?;
+        Some(Frame {
             body: self.start + 2,
-            end: self.start + 2 + len,
+            end: self.start + len,
         })
+    }
+
+    /// Whether nothing is buffered (no part of a frame waits for the rest).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
     }
 
     /// The body of frame `f`.
@@ -589,6 +590,14 @@ impl Buffer {
     pub(crate) fn filled(&mut self, n: usize) {
         self.end += n;
     }
+}
+
+/// The length, header included, of the complete frame at the start of `data`, if
+/// `data` holds one.
+pub(crate) fn frame_len(data: &[u8]) -> Option<usize> {
+    let header = data.get(..2)?;
+    let len = 2 + usize::from(u16::from_be_bytes([header[0], header[1]]));
+    (data.len() >= len).then_some(len)
 }
 
 /// The answers a read's frames need, written at once.
