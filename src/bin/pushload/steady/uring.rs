@@ -415,10 +415,11 @@ pub(crate) fn run(
         cq.sync();
         pool.publish();
         for i in rearm.drain(..) {
-            if let Some(c) = conns.get_mut(i) {
-                if c.open && !c.reading {
-                    q.recv(i, c).context("arming a receive")?;
-                }
+            if let Some(c) = conns.get_mut(i)
+                && c.open
+                && !c.reading
+            {
+                q.recv(i, c).context("arming a receive")?;
             }
         }
     }
