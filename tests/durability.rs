@@ -262,7 +262,21 @@ struct Ledger {
 /// Devices 0..ONLINE are connected during the runs under load, the rest only at the end.
 const ONLINE: usize = 20;
 const OFFLINE: usize = 10;
-const POSTERS: usize = 4;
+/// Online devices 0..HOT get half of all notifies: they always have one pending when
+/// their ACK is read, so the next NOTIFICATIONS follows the ACK at once and a kill
+/// often falls between an ACK and the sync of its drop.
+const HOT: usize = 3;
+const POSTERS: usize = 6;
+
+/// The device notify `n` is for: a quarter offline, half hot, a quarter online.
+fn target(n: u64) -> usize {
+    let spread = (n / 4) as usize;
+    match n % 4 {
+        0 => ONLINE + spread % OFFLINE,
+        1 | 2 => spread % HOT,
+        _ => spread % ONLINE,
+    }
+}
 
 fn load_device_id(i: usize) -> String {
     format!("load-{i}")
@@ -302,7 +316,7 @@ fn run_under_load(data_dir: &Path, run: usize, kill_after: Duration, ledger: &mu
                 while !stop.load(Ordering::Relaxed) && k < 100_000 {
                     let n = base + (k * POSTERS + t) as u64;
                     k += 1;
-                    let device = (n as usize) % (ONLINE + OFFLINE);
+                    let device = target(n);
                     let body = notify_body(&load_device_id(device), &json!({"n": n}));
                     match try_post(http, "/notify", &body) {
                         Some(resp) => {
@@ -369,7 +383,7 @@ fn sigkill_under_load_loses_no_accepted_notify_and_undoes_no_confirmed_ack() {
         frames: (0..ONLINE + OFFLINE).map(|_| Vec::new()).collect(),
         ..Ledger::default()
     };
-    const KILLS: usize = 3;
+    const KILLS: usize = 5;
     for run in 0..KILLS {
         let kill_after = Duration::from_millis(100 + rng.below(500));
         run_under_load(&data_dir, run, kill_after, &mut ledger);
