@@ -816,23 +816,33 @@ fn a_last_record_cut_in_half_is_dropped_and_every_record_before_it_survives() {
 // Full disk
 // ---------------------------------------------------------------------------------------
 
-#[test]
-fn a_full_disk_answers_503_without_hanging_and_loses_nothing_accepted() {
-    let data_dir = temp_dir("durable-full");
-    let cfg = config(&data_dir, 1, json!({}));
-    // 8 KiB per file: a few dozen notifies.
-    let mut server = ServerProcess::start_with_file_size_limit(&cfg, 16);
-    let mut accepted: Vec<Vec<Value>> = vec![Vec::new(); 4];
+/// The devices the full-disk tests notify.
+const FULL_DEVICES: usize = 4;
+
+fn full_device_id(i: usize) -> String {
+    format!("full-{i}")
+}
+
+/// A notify of the full-disk tests for device `k % FULL_DEVICES`, padded so that a few
+/// dozen fill the limit; its answer (`None`: no answer within [`PATIENCE`]).
+fn full_notify(addr: SocketAddr, k: usize) -> (usize, Value, Option<HttpAnswer>) {
+    let i = k % FULL_DEVICES;
+    let data = json!({"full": k, "padding": "x".repeat(64)});
+    let resp = try_post(addr, "/notify", &notify_body(&full_device_id(i), &data));
+    (i, data, resp)
+}
+
+/// Starts a one-shard server on `cfg` whose files may not grow past 8 KiB, notifies
+/// until a notify is refused with 503 (adding the accepted ones to `accepted`), and
+/// checks that the server stays up and goes on refusing at once rather than hanging.
+/// Returns the server and the `k` of the first refused notify.
+fn fill_the_disk(cfg: &Value, accepted: &mut [Vec<Value>]) -> (ServerProcess, usize) {
+    // 16 blocks of 512 bytes (POSIX `ulimit -f`): a few dozen notifies.
+    let mut server = ServerProcess::start_with_file_size_limit(cfg, 16);
     let mut refused_at = None;
     for k in 0..10_000 {
-        let i = k % accepted.len();
-        let data = json!({"full": k, "padding": "x".repeat(64)});
-        let resp = try_post(
-            server.http_addr,
-            "/notify",
-            &notify_body(&format!("full-{i}"), &data),
-        )
-        .unwrap_or_else(|| panic!("notify {k} is answered"));
+        let (i, data, resp) = full_notify(server.http_addr, k);
+        let resp = resp.unwrap_or_else(|| panic!("notify {k} is answered"));
         match resp.status {
             200 => accepted[i].push(data),
             503 => {
@@ -852,32 +862,117 @@ fn a_full_disk_answers_503_without_hanging_and_loses_nothing_accepted() {
         let resp = try_post(
             server.http_addr,
             "/notify",
-            &notify_body("full-0", &json!({"refused": k})),
+            &notify_body(&full_device_id(0), &json!({"refused": k})),
         )
         .expect("a notify on a full disk is answered");
         assert_eq!(resp.status, 503, "{}", resp.body);
         thread::sleep(Duration::from_millis(50));
     }
     assert!(server.running(), "the server survives a full disk");
-    server.kill();
+    (server, refused_at)
+}
 
-    let server = ServerProcess::start(&cfg);
+/// Connects every full-disk test device on `server` and asserts it gets exactly its
+/// `accepted` notifications, in order. Refused ones may be there too: the first one,
+/// `refused_at`, was refused because its write failed, and that write may land later.
+fn assert_full_devices_get(server: &ServerProcess, accepted: &[Vec<Value>], refused_at: usize) {
     for (i, want) in accepted.iter().enumerate() {
-        let id = format!("full-{i}");
         if want.is_empty() {
             continue;
         }
-        let got = take_pending(server.device_addr, server.http_addr, &id, true);
-        let got: Vec<Value> = got
+        let id = full_device_id(i);
+        let got: Vec<Value> = take_pending(server.device_addr, server.http_addr, &id, true)
             .into_iter()
-            .filter(|p| p.get("refused").is_none())
+            .filter(|p| p.get("refused").is_none() && p["full"] != json!(refused_at))
             .collect();
-        // Accepted ones in order; the refused one may or may not be there.
-        let got_accepted: Vec<Value> = got
-            .iter()
-            .filter(|p| p["full"].as_u64() != Some(refused_at as u64))
-            .cloned()
-            .collect();
-        assert_eq!(&got_accepted, want, "{id}");
+        assert_eq!(&got, want, "{id}");
     }
+}
+
+#[test]
+fn a_full_disk_answers_503_without_hanging_and_loses_nothing_accepted() {
+    let data_dir = temp_dir("durable-full");
+    let cfg = config(&data_dir, 1, json!({}));
+    let mut accepted = vec![Vec::new(); FULL_DEVICES];
+    let (server, refused_at) = fill_the_disk(&cfg, &mut accepted);
+    server.kill();
+
+    let server = ServerProcess::start(&cfg);
+    assert_full_devices_get(&server, &accepted, refused_at);
+}
+
+#[test]
+fn after_a_full_disk_the_log_is_written_again_once_there_is_room() {
+    let data_dir = temp_dir("durable-room");
+    let cfg = config(&data_dir, 1, json!({}));
+    let mut accepted = vec![Vec::new(); FULL_DEVICES];
+    let (mut server, refused_at) = fill_the_disk(&cfg, &mut accepted);
+    // Room again: the failed write is retried from where it started, and succeeds.
+    let raised = std::process::Command::new("prlimit")
+        .args(["--pid", &server.pid().to_string(), "--fsize=unlimited"])
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(raised.success(), "prlimit raised the file-size limit");
+    server
+        .wait_log(|l| l.contains(" INFO ") && l.contains("is written again"))
+        .expect("an INFO that the log is written again");
+    for k in refused_at + 1..refused_at + 1 + 2 * FULL_DEVICES {
+        let (i, data, resp) = full_notify(server.http_addr, k);
+        let resp = resp.unwrap_or_else(|| panic!("notify {k} is answered"));
+        assert_eq!(
+            resp.status, 200,
+            "notify {k} once there is room: {}",
+            resp.body
+        );
+        accepted[i].push(data);
+    }
+    server.kill();
+
+    // The retry overwrote what the failed write had left: the log has no torn tail.
+    let mut server = ServerProcess::start(&cfg);
+    let line = recovery_line(&mut server);
+    assert!(!line.contains("torn"), "{line}");
+    assert_full_devices_get(&server, &accepted, refused_at);
+}
+
+// ---------------------------------------------------------------------------------------
+// Replace tags and clear_pending
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn replace_tags_and_clear_pending_survive_sigkill() {
+    let data_dir = temp_dir("durable-scrub");
+    let cfg = config(&data_dir, 2, json!({}));
+    let server = ServerProcess::start(&cfg);
+    let http = server.http_addr;
+    let post = |device: &str, data: Value, extra: Value| {
+        let mut body = notify_body(device, &data);
+        if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        let resp = post_json(http, "/notify", &body);
+        assert_eq!(resp.status, 200, "{device} {data}: {}", resp.body);
+    };
+    // Tagged: only the newest of the tag is left, untagged ones stay.
+    post("scrub-a", json!("first"), json!({"replace_tag": "weather"}));
+    post("scrub-a", json!("untagged"), json!({}));
+    post(
+        "scrub-a",
+        json!("second"),
+        json!({"replace_tag": "weather"}),
+    );
+    // Cleared: only what came after the clear is left.
+    post("scrub-b", json!("old"), json!({}));
+    post("scrub-b", json!("new"), json!({"clear_pending": true}));
+    server.kill();
+
+    let server = ServerProcess::start(&cfg);
+    assert_eq!(
+        take_pending(server.device_addr, server.http_addr, "scrub-a", true),
+        [json!("untagged"), json!("second")]
+    );
+    assert_eq!(
+        take_pending(server.device_addr, server.http_addr, "scrub-b", true),
+        [json!("new")]
+    );
 }

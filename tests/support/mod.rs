@@ -434,7 +434,8 @@ impl ServerProcess {
     /// Like [`ServerProcess::start`], with the process's file-size limit lowered to
     /// `blocks` of 512 bytes (`ulimit -f` of a POSIX `sh`, then `exec`: the pid stays the
     /// server's) and SIGXFSZ ignored: a write past the limit fails with `EFBIG` instead of
-    /// killing the process, as a full disk fails a write.
+    /// killing the process, as a full disk fails a write. Only the soft limit is lowered,
+    /// so that `prlimit` can raise it again without privileges (room on the disk again).
     pub fn start_with_file_size_limit(config: &Value, blocks: u32) -> Self {
         let dir = temp_dir("server");
         let path = dir.join("config.json");
@@ -443,7 +444,7 @@ impl ServerProcess {
         command
             .arg("-c")
             .arg(format!(
-                r#"trap '' XFSZ; ulimit -f {blocks} && exec "$0" "$1""#
+                r#"trap '' XFSZ; ulimit -S -f {blocks} && exec "$0" "$1""#
             ))
             .arg(env!("CARGO_BIN_EXE_pushbroker"))
             .arg(&path);
