@@ -151,6 +151,16 @@ impl Device {
         self.io.flush().expect("flush");
     }
 
+    /// Writes one frame holding `msg`; an error instead of a panic when the connection is
+    /// gone (a server killed under load).
+    pub fn try_send(&mut self, msg: &Value) -> io::Result<()> {
+        let body = serde_json::to_vec(msg).map_err(io::Error::other)?;
+        let mut frame = (body.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.io.write_all(&frame)?;
+        self.io.flush()
+    }
+
     /// Writes one frame holding `msg`.
     pub fn send(&mut self, msg: &Value) {
         let body = serde_json::to_vec(msg).expect("json");
@@ -421,6 +431,26 @@ impl ServerProcess {
         Self::spawn(command)
     }
 
+    /// Like [`ServerProcess::start`], with the process's file-size limit lowered to
+    /// `blocks` of 512 bytes (`ulimit -f` of a POSIX `sh`, then `exec`: the pid stays the
+    /// server's) and SIGXFSZ ignored: a write past the limit fails with `EFBIG` instead of
+    /// killing the process, as a full disk fails a write. Only the soft limit is lowered,
+    /// so that `prlimit` can raise it again without privileges (room on the disk again).
+    pub fn start_with_file_size_limit(config: &Value, blocks: u32) -> Self {
+        let dir = temp_dir("server");
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                r#"trap '' XFSZ; ulimit -S -f {blocks} && exec "$0" "$1""#
+            ))
+            .arg(env!("CARGO_BIN_EXE_pushbroker"))
+            .arg(&path);
+        Self::spawn(command)
+    }
+
     fn spawn(command: Command) -> Self {
         Self::spawn_filtered(command, None)
     }
@@ -485,6 +515,19 @@ impl ServerProcess {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the process is still running (it has not exited).
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGKILL (a crash: nothing of the server runs after it) and waits for the
+    /// process to be gone, so that its data folder's lock is released.
+    pub fn kill(mut self) {
+        // `Child::kill` is SIGKILL, sent at once (no `kill` process to start first).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the exit status, up to [`PATIENCE`].

@@ -25,7 +25,9 @@
 //! shard its devices' unicast channels (by the same owner function the broker uses) and
 //! a copy of every broadcast channel (from the log with the highest level: each shard
 //! logged its own replica). With the same shard count each shard goes on appending to its
-//! own log. With a different count the state is written out as a new generation, one
+//! own log, once the broadcast channels its replica had not logged yet are appended to
+//! it (so that every log holds the replicas the shards go on from). With a different
+//! count the state is written out as a new generation, one
 //! snapshot per new shard; the manifest is switched to it atomically (rename) and only
 //! then is the old generation removed, so a crash at any point leaves one complete
 //! generation.
@@ -43,6 +45,7 @@ pub(crate) mod record;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -332,13 +335,19 @@ impl DataDir {
         // advanced replica) to everyone.
         let mut buckets: Vec<Vec<ChannelState>> = (0..nr_shards).map(|_| Vec::new()).collect();
         let mut broadcast: Vec<ChannelState> = Vec::new();
+        // Each log's own replica of each broadcast channel, by its top level.
+        let mut replica_tops: Vec<Vec<(InternalChannelId, i64)>> = Vec::with_capacity(logs.len());
         for log in &mut logs {
+            let mut tops = Vec::new();
             for c in std::mem::take(&mut log.channels) {
                 if c.chan.is_unicast() {
                     report.pending += c.notifications.len() as u64;
                     let ShardId(owner) = owner_of_channel(&c.chan, nr_shards);
                     buckets[owner].push(c);
-                } else if let Some(have) = broadcast.iter_mut().find(|b| b.chan == c.chan) {
+                    continue;
+                }
+                tops.push((c.chan.clone(), c.top_level));
+                if let Some(have) = broadcast.iter_mut().find(|b| b.chan == c.chan) {
                     if c.top_level > have.top_level {
                         *have = c;
                     }
@@ -346,6 +355,7 @@ impl DataDir {
                     broadcast.push(c);
                 }
             }
+            replica_tops.push(tops);
         }
         for b in &mut buckets {
             b.extend(broadcast.iter().cloned());
@@ -353,7 +363,9 @@ impl DataDir {
 
         let parts = if manifest.shards == nr_shards {
             let mut parts = Vec::with_capacity(nr_shards);
-            for (i, (log, channels)) in logs.into_iter().zip(buckets).enumerate() {
+            for (i, ((log, channels), tops)) in
+                logs.into_iter().zip(buckets).zip(replica_tops).enumerate()
+            {
                 let path = gen_dir.join(shard_file(i));
                 let file = OpenOptions::new()
                     .create(true)
@@ -367,10 +379,23 @@ impl DataDir {
                         .map_err(io("cannot truncate", &path))?;
                     file.sync_all().map_err(io("cannot sync", &path))?;
                 }
+                // This shard goes on appending its replica of each broadcast channel to
+                // its own log, from the recovered (most advanced) replica. Its log must
+                // hold that replica first: were it left behind, a later recovery could
+                // find it at the same top level as the others (the same broadcasts
+                // appended since) and pick it, losing what it had missed.
+                let catch_up = broadcast_catch_up(&broadcast, &tops, broadcast_backlog);
+                let mut len = log.valid_len;
+                if !catch_up.is_empty() {
+                    file.write_all_at(&catch_up, len)
+                        .map_err(io("cannot write", &path))?;
+                    file.sync_data().map_err(io("cannot sync", &path))?;
+                    len += catch_up.len() as u64;
+                }
                 parts.push(Mutex::new(Some(ShardPart {
                     file,
                     path,
-                    len: log.valid_len,
+                    len,
                     channels,
                 })));
             }
@@ -441,6 +466,37 @@ impl DataDir {
         .detach();
         Rc::new(DurableStore { mem, log })
     }
+}
+
+/// The records that bring a log whose broadcast replicas are at `tops` up to the
+/// recovered `broadcast` channels: each channel it is behind on, as a snapshot (replay
+/// skips the levels the log has already).
+fn broadcast_catch_up(
+    broadcast: &[ChannelState],
+    tops: &[(InternalChannelId, i64)],
+    broadcast_backlog: usize,
+) -> Vec<u8> {
+    let behind: Vec<ChannelState> = broadcast
+        .iter()
+        .filter(|b| {
+            let own = tops
+                .iter()
+                .find(|(chan, _)| *chan == b.chan)
+                .map_or(0, |&(_, top)| top);
+            b.top_level > own
+        })
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    if behind.is_empty() {
+        return out;
+    }
+    let store = InMemoryPendingStore::new().with_broadcast_backlog(broadcast_backlog);
+    for c in behind {
+        store.put_channel(c);
+    }
+    store.snapshot_into(&mut out);
+    out
 }
 
 fn generation_dir(dir: &Path, generation: u64) -> PathBuf {
@@ -1032,6 +1088,101 @@ mod tests {
         });
         let data = DataDir::open(&dir, 1, Durability::Sync, 1000).unwrap();
         assert_eq!(data.report().records, 2);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::store::Metadata;
+
+    /// Broadcast records of the system channel at `levels`, payload `[level]` each.
+    fn system_records(levels: std::ops::RangeInclusive<i64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for level in levels {
+            record::encode(
+                &record::Record::Broadcast {
+                    chan: InternalChannelId::System,
+                    level,
+                    payload: Payload::from_json(&format!("[{level}]")).unwrap(),
+                    expiration: SystemTime::now() + Duration::from_secs(3600),
+                },
+                &mut out,
+            );
+        }
+        out
+    }
+
+    /// The system channel as `path` replays: its top level and payloads.
+    fn system_replica(path: &Path) -> (i64, Vec<String>) {
+        let replayed = replay_log(path, 100).unwrap();
+        assert!(replayed.torn.is_none());
+        let c = replayed
+            .channels
+            .into_iter()
+            .find(|c| c.chan == InternalChannelId::System)
+            .unwrap();
+        let payloads = c
+            .notifications
+            .iter()
+            .map(|n| n.payload.get().to_owned())
+            .collect();
+        (c.top_level, payloads)
+    }
+
+    #[test]
+    fn recovery_catches_a_lagging_broadcast_replica_up_in_its_own_log() {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-unit-{}-catch-up",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let gen_dir = generation_dir(&dir, 0);
+        fs::create_dir_all(&gen_dir).unwrap();
+        write_manifest(
+            &dir,
+            &Manifest {
+                format: FORMAT,
+                shards: 2,
+                generation: 0,
+            },
+        )
+        .unwrap();
+        // The sequencer logged levels 1 to 5; the other shard's replica had logged only
+        // up to 3 when the process was killed. A unicast record keeps its place.
+        let mut lagging = system_records(1..=3);
+        record::encode(
+            &record::Record::Unicast {
+                chan: InternalChannelId::unicast("d", "d"),
+                notification: Notification::unicast("app", "m-1", Payload::from_json("1").unwrap()),
+                meta: Metadata::expiring(SystemTime::now() + Duration::from_secs(3600)),
+            },
+            &mut lagging,
+        );
+        fs::write(gen_dir.join(shard_file(0)), &lagging).unwrap();
+        fs::write(gen_dir.join(shard_file(1)), system_records(1..=5)).unwrap();
+
+        let opened = DataDir::open(&dir, 2, Durability::Sync, 100).unwrap();
+        assert_eq!(opened.report().pending, 1);
+        drop(opened);
+
+        let want: Vec<String> = (1..=5).map(|l| format!("[{l}]")).collect();
+        for i in 0..2 {
+            assert_eq!(
+                system_replica(&gen_dir.join(shard_file(i))),
+                (5, want.clone()),
+                "shard {i}'s log after recovery"
+            );
+        }
+        // Caught up once: a second recovery has nothing to add.
+        let len = fs::metadata(gen_dir.join(shard_file(0))).unwrap().len();
+        drop(DataDir::open(&dir, 2, Durability::Sync, 100).unwrap());
+        assert_eq!(
+            fs::metadata(gen_dir.join(shard_file(0))).unwrap().len(),
+            len
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }
