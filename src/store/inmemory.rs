@@ -162,6 +162,24 @@ impl InMemoryPendingStore {
                     channel.meta.drain(..over);
                 }
             }
+            Record::BroadcastState {
+                chan,
+                top_level,
+                notifications,
+            } => {
+                let channel = channels.entry(chan).or_default();
+                if top_level < channel.top_level {
+                    return;
+                }
+                channel.top_level = top_level;
+                channel.notifications.clear();
+                channel.meta.clear();
+                let keep = notifications.len().saturating_sub(self.broadcast_backlog);
+                for (payload, expiration) in notifications.into_iter().skip(keep) {
+                    channel.notifications.push(Notification::broadcast(payload));
+                    channel.meta.push(Metadata::expiring(expiration));
+                }
+            }
             Record::Unicast {
                 chan,
                 notification,
@@ -224,8 +242,8 @@ impl InMemoryPendingStore {
     }
 
     /// The records that rebuild this store's live state, appended to `out` (a snapshot:
-    /// what compaction writes in place of a log). A broadcast channel's notifications get
-    /// consecutive levels ending at its top level.
+    /// what compaction writes in place of a log): each unicast notification, and each
+    /// broadcast channel's whole state in one record.
     pub(crate) fn snapshot_into(&self, out: &mut Vec<u8>) {
         let now = self.clock.now();
         let channels = self.channels.borrow();
@@ -248,32 +266,19 @@ impl InMemoryPendingStore {
                 }
                 continue;
             }
-            let live: Vec<_> = live.collect();
-            let first = c.top_level - live.len() as i64 + 1;
-            if live.is_empty() && c.top_level > 0 {
-                // Nothing live, but the level must survive: one expired notification
-                // carries it.
-                record::encode(
-                    &Record::Broadcast {
-                        chan: chan.clone(),
-                        level: c.top_level,
-                        payload: crate::protocol::Payload::null(),
-                        expiration: SystemTime::UNIX_EPOCH,
-                    },
-                    out,
-                );
-            }
-            for (i, (n, m)) in live.into_iter().enumerate() {
-                record::encode(
-                    &Record::Broadcast {
-                        chan: chan.clone(),
-                        level: first + i as i64,
-                        payload: n.payload.clone(),
-                        expiration: m.expiration,
-                    },
-                    out,
-                );
-            }
+            // A broadcast channel as one record: its level, and its live notifications
+            // in order (their own levels are not kept: a device gets the newest ones
+            // its level is behind by).
+            record::encode(
+                &Record::BroadcastState {
+                    chan: chan.clone(),
+                    top_level: c.top_level,
+                    notifications: live
+                        .map(|(n, m)| (n.payload.clone(), m.expiration))
+                        .collect(),
+                },
+                out,
+            );
         }
     }
 }

@@ -469,8 +469,8 @@ impl DataDir {
 }
 
 /// The records that bring a log whose broadcast replicas are at `tops` up to the
-/// recovered `broadcast` channels: each channel it is behind on, as a snapshot (replay
-/// skips the levels the log has already).
+/// recovered `broadcast` channels: each channel it is behind on, as one state record
+/// that replay puts in place of the log's older replica.
 fn broadcast_catch_up(
     broadcast: &[ChannelState],
     tops: &[(InternalChannelId, i64)],
@@ -1094,7 +1094,7 @@ mod tests {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+mod replica_tests {
     use super::*;
     use crate::store::Metadata;
 
@@ -1130,6 +1130,60 @@ mod tests {
             .map(|n| n.payload.get().to_owned())
             .collect();
         (c.top_level, payloads)
+    }
+
+    #[test]
+    fn catching_up_a_replica_with_expired_gaps_repeats_no_broadcast() {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-unit-{}-catch-up-gaps",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let gen_dir = generation_dir(&dir, 0);
+        fs::create_dir_all(&gen_dir).unwrap();
+        write_manifest(
+            &dir,
+            &Manifest {
+                format: FORMAT,
+                shards: 2,
+                generation: 0,
+            },
+        )
+        .unwrap();
+        // Levels 2 and 3 expired: the recovered replica holds levels 1, 4 and 5, whose
+        // own levels are not consecutive.
+        let records = |levels: std::ops::RangeInclusive<i64>| {
+            let mut out = Vec::new();
+            for level in levels {
+                let expiration = if (2..=3).contains(&level) {
+                    SystemTime::now() - Duration::from_secs(60)
+                } else {
+                    SystemTime::now() + Duration::from_secs(3600)
+                };
+                record::encode(
+                    &record::Record::Broadcast {
+                        chan: InternalChannelId::System,
+                        level,
+                        payload: Payload::from_json(&format!("[{level}]")).unwrap(),
+                        expiration,
+                    },
+                    &mut out,
+                );
+            }
+            out
+        };
+        fs::write(gen_dir.join(shard_file(0)), records(1..=2)).unwrap();
+        fs::write(gen_dir.join(shard_file(1)), records(1..=5)).unwrap();
+        drop(DataDir::open(&dir, 2, Durability::Sync, 100).unwrap());
+        let want: Vec<String> = ["[1]", "[4]", "[5]"].map(String::from).to_vec();
+        for i in 0..2 {
+            assert_eq!(
+                system_replica(&gen_dir.join(shard_file(i))),
+                (5, want.clone()),
+                "shard {i}'s log after recovery"
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]

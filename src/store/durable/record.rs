@@ -22,6 +22,7 @@ const OP_BROADCAST: u8 = 1;
 const OP_UNICAST: u8 = 2;
 const OP_DROP: u8 = 3;
 const OP_SCRUB: u8 = 4;
+const OP_BROADCAST_STATE: u8 = 5;
 
 const CHAN_SYSTEM: u8 = 0;
 const CHAN_BROADCAST: u8 = 1;
@@ -47,6 +48,14 @@ pub(crate) enum Record {
     Drop {
         chan: InternalChannelId,
         msg_ids: Vec<Arc<str>>,
+    },
+    /// A broadcast channel's whole state: its top level and its live notifications,
+    /// oldest first (what a snapshot keeps, and what a log behind the recovered replica
+    /// is brought up to). Replay puts it in place of an older state.
+    BroadcastState {
+        chan: InternalChannelId,
+        top_level: i64,
+        notifications: Vec<(Payload, SystemTime)>,
     },
     /// An app's notifications removed (clear pending), or only those with a replace tag.
     Scrub {
@@ -92,6 +101,20 @@ pub(crate) fn encode(record: &Record, out: &mut Vec<u8>) {
             put_len(out, msg_ids.len());
             for id in msg_ids {
                 put_str(out, id);
+            }
+        }
+        Record::BroadcastState {
+            chan,
+            top_level,
+            notifications,
+        } => {
+            out.push(OP_BROADCAST_STATE);
+            put_chan(out, chan);
+            out.extend_from_slice(&top_level.to_le_bytes());
+            put_len(out, notifications.len());
+            for (payload, expiration) in notifications {
+                put_str(out, payload.get());
+                put_time(out, *expiration);
             }
         }
         Record::Scrub {
@@ -191,6 +214,25 @@ fn parse_body(body: &[u8]) -> Option<Record> {
                 msg_ids.push(r.arc_str()?);
             }
             Record::Drop { chan, msg_ids }
+        }
+        OP_BROADCAST_STATE => {
+            let chan = r.chan()?;
+            let top_level = r.i64()?;
+            let n = r.u32()? as usize;
+            // Each entry takes at least its 4-byte length and 12-byte instant.
+            if n > r.0.len() / 16 {
+                return None;
+            }
+            let mut notifications = Vec::with_capacity(n);
+            for _ in 0..n {
+                let payload = r.payload()?;
+                notifications.push((payload, r.time()?));
+            }
+            Record::BroadcastState {
+                chan,
+                top_level,
+                notifications,
+            }
         }
         OP_SCRUB => Record::Scrub {
             chan: r.chan()?,
@@ -342,6 +384,14 @@ mod tests {
             Record::Drop {
                 chan: InternalChannelId::unicast("u", "d"),
                 msg_ids: vec![Arc::from("m-1"), Arc::from("m-2")],
+            },
+            Record::BroadcastState {
+                chan: InternalChannelId::System,
+                top_level: 9,
+                notifications: vec![
+                    (Payload::from_json("[1]").unwrap(), t(1_900_000_002, 5)),
+                    (Payload::from_json("{}").unwrap(), t(1_900_000_003, 0)),
+                ],
             },
             Record::Scrub {
                 chan: InternalChannelId::Broadcast(Arc::from("0123456789abcdef0123456789abcdef")),
