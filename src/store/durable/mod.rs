@@ -11,8 +11,9 @@
 //!   gen-G/shard-1.log     ...
 //! ```
 //!
-//! A log is a sequence of checksummed records ([`record`]): broadcast and unicast appends,
-//! drops by message id (ACKs) and scrubs (clear pending, replace tag). Expiry needs no
+//! A log is a sequence of checksummed records (`record.rs`): broadcast and unicast appends,
+//! drops by message id (ACKs), scrubs (clear pending, replace tag), and a broadcast
+//! channel's whole state (what snapshots keep of it). Expiry needs no
 //! record: a notification's expiry is in its append, and recovery leaves expired ones
 //! out. Tokens are derived from the (app, device) pair, so they survive by construction;
 //! message ids are in the records.
