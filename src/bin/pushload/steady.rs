@@ -116,22 +116,8 @@ fn run_poll(
     }
     let mut events = Events::with_capacity(1024);
     loop {
-        if !receipts.is_empty() {
-            let batch = std::mem::replace(&mut receipts, Vec::with_capacity(4096));
-            if out.send(Out::Receipts(batch)).is_err() {
-                return Ok(());
-            }
-        }
-        loop {
-            match commands.try_recv() {
-                // Nothing churns here: every device is connected and stays so.
-                Ok(Command::Settle) => {
-                    let _ = out.send(Out::Event(Event::Settled { reconnects: 0 }));
-                }
-                Ok(_) => {}
-                Err(flume::TryRecvError::Empty) => break,
-                Err(flume::TryRecvError::Disconnected) => return Ok(()),
-            }
+        if !between_turns(out, commands, &mut receipts) {
+            return Ok(());
         }
         match poll.poll(&mut events, Some(COMMAND_CHECK)) {
             Ok(()) => {}
@@ -156,6 +142,32 @@ fn run_poll(
             if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                 serve_readable(markers, out, &poll, c, at_ns, &mut receipts);
             }
+        }
+    }
+}
+
+/// What both loops do between two turns: hand the receipts over in one batch and answer
+/// the thread's commands. `false` once the thread is to stop.
+fn between_turns(
+    out: &flume::Sender<Out>,
+    commands: &flume::Receiver<Command>,
+    receipts: &mut Vec<Receipt>,
+) -> bool {
+    if !receipts.is_empty() {
+        let batch = std::mem::replace(receipts, Vec::with_capacity(4096));
+        if out.send(Out::Receipts(batch)).is_err() {
+            return false;
+        }
+    }
+    loop {
+        match commands.try_recv() {
+            // Nothing churns here: every device is connected and stays so.
+            Ok(Command::Settle) => {
+                let _ = out.send(Out::Event(Event::Settled { reconnects: 0 }));
+            }
+            Ok(_) => {}
+            Err(flume::TryRecvError::Empty) => return true,
+            Err(flume::TryRecvError::Disconnected) => return false,
         }
     }
 }

@@ -27,7 +27,7 @@ use anyhow::{Context, Result};
 use io_uring::types::BufRingEntry;
 use io_uring::{IoUring, Submitter, cqueue, opcode, squeue, types};
 
-use super::{COMMAND_CHECK, Handed};
+use super::{COMMAND_CHECK, Handed, between_turns};
 use crate::link::{Command, Event, Receipt};
 use crate::procfs::now_ns;
 use crate::wire::{self, Markers};
@@ -347,22 +347,8 @@ pub(crate) fn run(
     };
     let mut rearm: Vec<usize> = Vec::new();
     loop {
-        if !receipts.is_empty() {
-            let batch = std::mem::replace(&mut receipts, Vec::with_capacity(4096));
-            if out.send(Out::Receipts(batch)).is_err() {
-                return Ok(());
-            }
-        }
-        loop {
-            match commands.try_recv() {
-                // Nothing churns here: every device is connected and stays so.
-                Ok(Command::Settle) => {
-                    let _ = out.send(Out::Event(Event::Settled { reconnects: 0 }));
-                }
-                Ok(_) => {}
-                Err(flume::TryRecvError::Empty) => break,
-                Err(flume::TryRecvError::Disconnected) => return Ok(()),
-            }
+        if !between_turns(out, commands, &mut receipts) {
+            return Ok(());
         }
         q.sq.sync();
         match q.submitter.submit_with_args(want, &args) {
