@@ -393,9 +393,7 @@ impl ServerProcess {
     /// Writes `config` to a file in a temporary folder (with any `files`) and starts the
     /// binary on it; returns once both listening lines were logged.
     pub fn start(config: &Value) -> Self {
-        let dir = temp_dir("server");
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+        let path = write_config(config);
         Self::start_with(&[path.to_string_lossy().as_ref()])
     }
 
@@ -408,27 +406,15 @@ impl ServerProcess {
 
     /// Like [`ServerProcess::start`], with `RUST_LOG` set to `filter`.
     pub fn start_filtered(config: &Value, filter: &str) -> Self {
-        let dir = temp_dir("server");
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
         let mut command = Command::new(env!("CARGO_BIN_EXE_pushbroker"));
-        command.arg(&path);
+        command.arg(write_config(config));
         Self::spawn_filtered(command, Some(filter))
     }
 
     /// Like [`ServerProcess::start`], with the process's open-files limit lowered to
     /// `nofile` (through the shell's `ulimit -n`, then `exec`: the pid stays the server's).
     pub fn start_with_open_files(config: &Value, nofile: u32) -> Self {
-        let dir = temp_dir("server");
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg(format!(r#"ulimit -n {nofile} && exec "$0" "$1""#))
-            .arg(env!("CARGO_BIN_EXE_pushbroker"))
-            .arg(&path);
-        Self::spawn(command)
+        Self::start_after(config, &format!("ulimit -n {nofile}"))
     }
 
     /// Like [`ServerProcess::start`], with the process's file-size limit lowered to
@@ -437,17 +423,18 @@ impl ServerProcess {
     /// killing the process, as a full disk fails a write. Only the soft limit is lowered,
     /// so that `prlimit` can raise it again without privileges (room on the disk again).
     pub fn start_with_file_size_limit(config: &Value, blocks: u32) -> Self {
-        let dir = temp_dir("server");
-        let path = dir.join("config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+        Self::start_after(config, &format!("trap '' XFSZ; ulimit -S -f {blocks}"))
+    }
+
+    /// Starts the binary on `config` from a POSIX `sh` that runs `prelude` first (limits,
+    /// signal dispositions), then `exec`s it: the pid stays the server's.
+    fn start_after(config: &Value, prelude: &str) -> Self {
         let mut command = Command::new("sh");
         command
             .arg("-c")
-            .arg(format!(
-                r#"trap '' XFSZ; ulimit -S -f {blocks} && exec "$0" "$1""#
-            ))
+            .arg(format!(r#"{prelude} && exec "$0" "$1""#))
             .arg(env!("CARGO_BIN_EXE_pushbroker"))
-            .arg(&path);
+            .arg(write_config(config));
         Self::spawn(command)
     }
 
@@ -573,6 +560,13 @@ fn listening_addr(line: &str, what: &str) -> Option<SocketAddr> {
             .parse()
             .unwrap_or_else(|_| panic!("no address in {line:?}")),
     )
+}
+
+/// Writes `config` to `config.json` in a fresh temporary folder; its path.
+fn write_config(config: &Value) -> PathBuf {
+    let path = temp_dir("server").join("config.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(config).expect("json")).expect("config");
+    path
 }
 
 /// A path as a JSON string.
