@@ -11,6 +11,7 @@ mod clock;
 pub mod durable;
 mod inmemory;
 mod notify;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::SystemTime;
