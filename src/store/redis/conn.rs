@@ -21,6 +21,11 @@ use crate::logging::target;
 /// Bytes asked of the socket per read.
 const READ_CHUNK: usize = 16 << 10;
 
+/// Arrays nested in one reply at most. The codec decodes nested arrays by recursion, so
+/// a reply nested deeper is refused before it is decoded: a hostile or broken server must
+/// not overflow the shard's stack. Redis's own replies nest a few levels at most.
+pub(super) const MAX_NESTING: usize = 64;
+
 /// Reads at most per poll of the connection, before it lets the shard's other tasks run.
 const READS_PER_POLL: usize = 16;
 
@@ -172,6 +177,9 @@ async fn handshake(
     stream.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut chunk = [0u8; 512];
     loop {
+        if nests_deeper_than(rbuf, MAX_NESTING) {
+            return Err(format!("a reply nested over {MAX_NESTING} arrays deep"));
+        }
         match decode(rbuf) {
             Ok(Some((frame, n))) => {
                 rbuf.drain(..n);
@@ -267,6 +275,11 @@ async fn drive(shared: &Shared, stream: &mut TcpStream, rbuf: &mut Vec<u8>) -> U
 fn dispatch(shared: &Shared, rbuf: &mut Vec<u8>) -> Result<(), Unavailable> {
     let mut used = 0;
     let outcome = loop {
+        if nests_deeper_than(&rbuf[used..], MAX_NESTING) {
+            break Err(Unavailable::Protocol(format!(
+                "a reply nested over {MAX_NESTING} arrays deep"
+            )));
+        }
         match decode(&rbuf[used..]) {
             Ok(Some((frame, n))) => {
                 used += n;
@@ -303,10 +316,102 @@ fn dispatch(shared: &Shared, rbuf: &mut Vec<u8>) -> Result<(), Unavailable> {
     outcome
 }
 
+/// Whether the first reply in `buf` opens more than `max` arrays inside one another, as
+/// far as `buf` goes. A guard, not a decoder: it follows only the headers (`*N` opens an
+/// array of N elements, `$N` skips N bytes, any other line is one element) and leaves
+/// every malformed header to the codec, which refuses it without recursing.
+fn nests_deeper_than(buf: &[u8], max: usize) -> bool {
+    if buf.first() != Some(&b'*') {
+        return false;
+    }
+    // The elements still to come in each open array, outermost first.
+    let mut open: Vec<u64> = Vec::new();
+    let mut at = 0usize;
+    loop {
+        if open.len() > max {
+            return true;
+        }
+        let Some(rest) = buf.get(at..) else {
+            return false;
+        };
+        let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+            return false;
+        };
+        let (kind, header) = (rest[0], &rest[1..eol]);
+        at += eol + 2;
+        let len = || std::str::from_utf8(header).ok()?.parse::<i64>().ok();
+        match kind {
+            b'*' => match len() {
+                Some(n) if n > 0 => {
+                    open.push(n.unsigned_abs());
+                    continue;
+                }
+                Some(_) => {} // empty or null: one element
+                None => return false,
+            },
+            b'$' => match len() {
+                Some(n) if n >= 0 => {
+                    at = at
+                        .saturating_add(n.unsigned_abs() as usize)
+                        .saturating_add(2)
+                }
+                Some(_) => {}
+                None => return false,
+            },
+            _ => {}
+        }
+        // One element is complete: close the arrays it completes.
+        loop {
+            let Some(left) = open.last_mut() else {
+                return false; // the whole reply
+            };
+            *left -= 1;
+            if *left > 0 {
+                break;
+            }
+            open.pop();
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn nested(depth: usize, tail: &[u8]) -> Vec<u8> {
+        let mut v = b"*1\r\n".repeat(depth);
+        v.extend_from_slice(tail);
+        v
+    }
+
+    #[test]
+    fn nesting_is_bounded_before_decoding() {
+        assert!(!nests_deeper_than(
+            &nested(MAX_NESTING, b":1\r\n"),
+            MAX_NESTING
+        ));
+        assert!(nests_deeper_than(
+            &nested(MAX_NESTING + 1, b":1\r\n"),
+            MAX_NESTING
+        ));
+        // Deep but cut short: known to be too deep already.
+        assert!(nests_deeper_than(&nested(100_000, b""), MAX_NESTING));
+        // Many shallow arrays side by side are fine, and bulk strings are skipped whole
+        // (a `*` inside one is data).
+        let mut wide = b"*100\r\n".to_vec();
+        for _ in 0..100 {
+            wide.extend_from_slice(b"*2\r\n$3\r\n*1\r\n$-1\r\n");
+        }
+        wide.extend_from_slice(&nested(100, b""));
+        assert!(!nests_deeper_than(&wide, 3));
+        assert!(!nests_deeper_than(b"+OK\r\n", 0));
+        assert!(!nests_deeper_than(b"*0\r\n*-1\r\n", 0));
+        assert!(!nests_deeper_than(b"*x\r\n", 0));
+        // What passes the guard decodes.
+        let ok = nested(MAX_NESTING, b":1\r\n");
+        assert_eq!(decode(&ok).unwrap().unwrap().1, ok.len());
+    }
 
     #[test]
     fn names_are_resolved_off_the_shard_and_addresses_as_they_are() {

@@ -35,6 +35,10 @@
 //! ([`RedisConfig::backoff_min`] doubling up to [`RedisConfig::backoff_max`]), from the
 //! moment the client is made, so a Redis that is down at start-up is no error either.
 //! [`RedisError::Reply`] is Redis's own error reply (`-ERR …`): the connection is fine.
+//! The codec decodes nested arrays by recursion, so a reply nested more than 64 arrays
+//! deep is refused (a protocol error) before it is decoded, and one longer than
+//! [`RedisConfig::max_reply_bytes`] too: a broken server costs a reconnection, not the
+//! shard's stack or memory.
 //!
 //! The host name in the URL is resolved on glommio's blocking thread pool (an IP address
 //! needs no resolution), so no lookup blocks the shard.
