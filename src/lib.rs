@@ -45,8 +45,8 @@
 //! # Layout
 //!
 //! - [`protocol`]: message types, the framing codec and splitting (sans-IO).
-//! - [`store`]: channel ids, notification metadata, the [`store::PendingStore`] trait and
-//!   the in-memory store.
+//! - [`store`]: channel ids, notification metadata, the [`store::PendingStore`] trait, the
+//!   in-memory and durable stores, and [`store::redis`], a per-shard Redis client.
 //! - [`session`]: the per-device session loop over any async stream, with an injectable
 //!   clock.
 //! - [`api`]: the HTTP API for application servers.

@@ -1,5 +1,6 @@
 //! Where notifications wait: channel ids, notification metadata, the [`PendingStore`]
-//! trait the broker and the API use, and the in-memory store.
+//! trait the broker and the API use, the in-memory and durable stores, and [`redis`], the
+//! per-shard Redis client a store shared by many nodes is to be built on.
 //!
 //! The store knows nothing of sessions. Its rules are docs/protocol.md §2–3: broadcast
 //! channels count levels (expired notifications are dropped from what is returned, but
@@ -11,6 +12,7 @@ mod clock;
 pub mod durable;
 mod inmemory;
 mod notify;
+pub mod redis;
 
 use std::sync::Arc;
 use std::time::SystemTime;
