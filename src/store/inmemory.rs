@@ -153,6 +153,10 @@ impl InMemoryPendingStore {
                 if level <= channel.top_level {
                     return;
                 }
+                // As the append did: the expired go before the backlog is counted, or a
+                // newer one that expired first would push out an older live one.
+                let now = self.clock.now();
+                channel.remove_where(|_, m| m.is_expired(now));
                 channel.top_level = level;
                 channel.notifications.push(Notification::broadcast(payload));
                 channel.meta.push(Metadata::expiring(expiration));

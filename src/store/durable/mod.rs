@@ -1250,3 +1250,55 @@ mod replica_tests {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod review_tests {
+    use super::*;
+    use crate::broker::testing::run_local;
+
+    fn temp(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-review-{what}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn system_payloads(s: &dyn PendingStore) -> (i64, Vec<String>) {
+        let (level, ns) = s.get_channel_snapshot(&InternalChannelId::System).unwrap();
+        (
+            level,
+            ns.iter().map(|n| n.payload.get().to_owned()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_broadcast_backlog_reads_back_as_it_was_when_a_newer_notification_expired_first() {
+        let dir = temp("backlog-expiry");
+        let long = SystemTime::now() + Duration::from_secs(3600);
+        // A short-lived broadcast whose expiry has passed by the time the next one comes.
+        let gone = SystemTime::now() - Duration::from_secs(1);
+        let data = DataDir::open(&dir, 1, Durability::Sync, 2).unwrap();
+        let before = run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            for (i, expiration) in [long, gone, long].into_iter().enumerate() {
+                s.append_to_channel(
+                    &InternalChannelId::System,
+                    Payload::from_json(&format!("[{i}]")).unwrap(),
+                    expiration,
+                )
+                .unwrap();
+            }
+            s.flush().unwrap().await.unwrap();
+            system_payloads(&*s)
+        });
+        // The live store dropped the expired one on the third append, and kept the first.
+        assert_eq!(before, (3, vec!["[0]".to_owned(), "[2]".to_owned()]));
+        let data = DataDir::open(&dir, 1, Durability::Sync, 2).unwrap();
+        let after = run_local(move || async move { system_payloads(&*data.store_for(ShardId(0))) });
+        assert_eq!(after, before, "the broadcast channel after a restart");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
