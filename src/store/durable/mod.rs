@@ -1301,4 +1301,39 @@ mod review_tests {
         assert_eq!(after, before, "the broadcast channel after a restart");
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_broadcast_state_bigger_than_16_mib_reads_back() {
+        // A backlog the configuration allows, of payloads /broadcast accepts (its body
+        // is at most 4096 bytes): the channel's state record is ~17.6 MB.
+        let dir = temp("big-state");
+        let backlog = 5000;
+        let filler = "x".repeat(3500);
+        let data = DataDir::open(&dir, 1, Durability::Sync, backlog).unwrap();
+        run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            for i in 0..backlog {
+                s.append_to_channel(
+                    &InternalChannelId::System,
+                    Payload::from_json(&format!(r#"["{filler}",{i}]"#)).unwrap(),
+                    SystemTime::now() + Duration::from_secs(3600),
+                )
+                .unwrap();
+            }
+            s.flush().unwrap().await.unwrap();
+        });
+        // Two shards: the state is written out as one snapshot per shard.
+        drop(DataDir::open(&dir, 2, Durability::Sync, backlog).unwrap());
+        let data = DataDir::open(&dir, 2, Durability::Sync, backlog).unwrap();
+        assert_eq!(data.report().torn, 0, "{:?}", data.report().warnings);
+        let got = run_local(move || async move {
+            let (level, ns) = data
+                .store_for(ShardId(1))
+                .get_channel_snapshot(&InternalChannelId::System)
+                .unwrap();
+            (level, ns.len())
+        });
+        assert_eq!(got, (5000, 5000));
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
