@@ -1336,4 +1336,41 @@ mod review_tests {
         assert_eq!(got, (5000, 5000));
         let _ = fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_failed_compaction_is_not_tried_again_at_every_commit() {
+        let dir = temp("compact-fails");
+        let data = DataDir::open_with(&dir, 1, Durability::Sync, 100, 4096).unwrap();
+        // The snapshot cannot be created: a folder is in its way.
+        let blocker = dir.join("gen-0").join("shard-0.log.new");
+        fs::create_dir_all(&blocker).unwrap();
+        let unblock = blocker.clone();
+        let compactions = run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            let append = |i: usize| {
+                let n = Notification::unicast(
+                    "app",
+                    &format!("m-{i}"),
+                    Payload::from_json(&format!("[{i}]")).unwrap(),
+                );
+                let meta = Metadata::expiring(SystemTime::now() + Duration::from_secs(3600));
+                s.append_to_unicast_channel(&InternalChannelId::unicast("d", "d"), n, meta)
+                    .unwrap();
+            };
+            // One commit past the threshold: the compaction fails, the batch is appended.
+            for i in 0..100 {
+                append(i);
+            }
+            s.flush().unwrap().await.unwrap();
+            assert_eq!(s.compactions(), 0);
+            // Each commit of a few records from now on would encode the whole state
+            // and write it out again, for as long as the cause lasts.
+            fs::remove_dir(&unblock).unwrap();
+            append(100);
+            s.flush().unwrap().await.unwrap();
+            s.compactions()
+        });
+        assert_eq!(compactions, 0, "compacted again at the very next commit");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
