@@ -157,6 +157,12 @@ impl InMemoryPendingStore {
                 channel.notifications.push(Notification::broadcast(payload));
                 channel.meta.push(Metadata::expiring(expiration));
                 if channel.notifications.len() > self.broadcast_backlog {
+                    // As the append did: the expired go before the backlog is counted, or
+                    // a newer one that expired first would push out an older live one.
+                    let now = self.clock.now();
+                    channel.remove_where(|_, m| m.is_expired(now));
+                }
+                if channel.notifications.len() > self.broadcast_backlog {
                     let over = channel.notifications.len() - self.broadcast_backlog;
                     channel.notifications.drain(..over);
                     channel.meta.drain(..over);

@@ -219,11 +219,19 @@ pub(crate) async fn flusher(log: Rc<Log>, mut file: LogFile, state: Weak<InMemor
                     log.succeed(upto);
                     continue;
                 }
-                Err(e) => warn!(
-                    target: target::BROKER,
-                    "cannot compact {}: {e}; appending instead",
-                    file.path.display()
-                ),
+                Err(e) => {
+                    warn!(
+                        target: target::BROKER,
+                        "cannot compact {}: {e}; appending instead",
+                        file.path.display()
+                    );
+                    // Not again before the log has doubled: every attempt encodes the
+                    // whole state on the shard and writes it out, and what made this one
+                    // fail (a full disk, a quota) may last.
+                    let len = log.file_len.get() + batch.len() as u64;
+                    log.compact_at
+                        .set(log.compact_min.max(len.saturating_mul(2)));
+                }
             }
         }
         append(&log, &file, batch, upto).await;

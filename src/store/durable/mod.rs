@@ -1250,3 +1250,127 @@ mod replica_tests {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod review_tests {
+    use super::*;
+    use crate::broker::testing::run_local;
+
+    fn temp(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-review-{what}-{}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn system_payloads(s: &dyn PendingStore) -> (i64, Vec<String>) {
+        let (level, ns) = s.get_channel_snapshot(&InternalChannelId::System).unwrap();
+        (
+            level,
+            ns.iter().map(|n| n.payload.get().to_owned()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_broadcast_backlog_reads_back_as_it_was_when_a_newer_notification_expired_first() {
+        let dir = temp("backlog-expiry");
+        let long = SystemTime::now() + Duration::from_secs(3600);
+        // A short-lived broadcast whose expiry has passed by the time the next one comes.
+        let gone = SystemTime::now() - Duration::from_secs(1);
+        let data = DataDir::open(&dir, 1, Durability::Sync, 2).unwrap();
+        let before = run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            for (i, expiration) in [long, gone, long].into_iter().enumerate() {
+                s.append_to_channel(
+                    &InternalChannelId::System,
+                    Payload::from_json(&format!("[{i}]")).unwrap(),
+                    expiration,
+                )
+                .unwrap();
+            }
+            s.flush().unwrap().await.unwrap();
+            system_payloads(&*s)
+        });
+        // The live store dropped the expired one on the third append, and kept the first.
+        assert_eq!(before, (3, vec!["[0]".to_owned(), "[2]".to_owned()]));
+        let data = DataDir::open(&dir, 1, Durability::Sync, 2).unwrap();
+        let after = run_local(move || async move { system_payloads(&*data.store_for(ShardId(0))) });
+        assert_eq!(after, before, "the broadcast channel after a restart");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_broadcast_state_bigger_than_16_mib_reads_back() {
+        // A backlog the configuration allows, of payloads /broadcast accepts (its body
+        // is at most 4096 bytes): the channel's state record is ~17.6 MB.
+        let dir = temp("big-state");
+        let backlog = 5000;
+        let filler = "x".repeat(3500);
+        let data = DataDir::open(&dir, 1, Durability::Sync, backlog).unwrap();
+        run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            for i in 0..backlog {
+                s.append_to_channel(
+                    &InternalChannelId::System,
+                    Payload::from_json(&format!(r#"["{filler}",{i}]"#)).unwrap(),
+                    SystemTime::now() + Duration::from_secs(3600),
+                )
+                .unwrap();
+            }
+            s.flush().unwrap().await.unwrap();
+        });
+        // Two shards: the state is written out as one snapshot per shard.
+        drop(DataDir::open(&dir, 2, Durability::Sync, backlog).unwrap());
+        let data = DataDir::open(&dir, 2, Durability::Sync, backlog).unwrap();
+        assert_eq!(data.report().torn, 0, "{:?}", data.report().warnings);
+        let got = run_local(move || async move {
+            let (level, ns) = data
+                .store_for(ShardId(1))
+                .get_channel_snapshot(&InternalChannelId::System)
+                .unwrap();
+            (level, ns.len())
+        });
+        assert_eq!(got, (5000, 5000));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_failed_compaction_is_not_tried_again_at_every_commit() {
+        let dir = temp("compact-fails");
+        let data = DataDir::open_with(&dir, 1, Durability::Sync, 100, 4096).unwrap();
+        // The snapshot cannot be created: a folder is in its way.
+        let blocker = dir.join("gen-0").join("shard-0.log.new");
+        fs::create_dir_all(&blocker).unwrap();
+        let unblock = blocker.clone();
+        let compactions = run_local(move || async move {
+            let s = data.store_for(ShardId(0));
+            let append = |i: usize| {
+                let n = Notification::unicast(
+                    "app",
+                    &format!("m-{i}"),
+                    Payload::from_json(&format!("[{i}]")).unwrap(),
+                );
+                let meta = Metadata::expiring(SystemTime::now() + Duration::from_secs(3600));
+                s.append_to_unicast_channel(&InternalChannelId::unicast("d", "d"), n, meta)
+                    .unwrap();
+            };
+            // One commit past the threshold: the compaction fails, the batch is appended.
+            for i in 0..100 {
+                append(i);
+            }
+            s.flush().unwrap().await.unwrap();
+            assert_eq!(s.compactions(), 0);
+            // Each commit of a few records from now on would encode the whole state
+            // and write it out again, for as long as the cause lasts.
+            fs::remove_dir(&unblock).unwrap();
+            append(100);
+            s.flush().unwrap().await.unwrap();
+            s.compactions()
+        });
+        assert_eq!(compactions, 0, "compacted again at the very next commit");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

@@ -14,10 +14,6 @@ use crate::store::{InternalChannelId, Metadata};
 /// Bytes before a record's body.
 pub(crate) const HEADER: usize = 8;
 
-/// The largest body a record may have: far above any notification the API accepts, low
-/// enough that a damaged length never makes recovery allocate much.
-pub(crate) const MAX_BODY: usize = 16 << 20;
-
 const OP_BROADCAST: u8 = 1;
 const OP_UNICAST: u8 = 2;
 const OP_DROP: u8 = 3;
@@ -158,9 +154,9 @@ pub(crate) fn decode_next(bytes: &[u8]) -> Decoded {
     };
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-    if len > MAX_BODY {
-        return Decoded::Torn("a record length is out of range");
-    }
+    // No bound on `len` beyond the bytes there are: the body is read in place, and
+    // parsing allocates at most in proportion to it. A broadcast channel's state record
+    // holds its whole backlog, which `broadcast_backlog` does not bound.
     let Some(body) = bytes.get(HEADER..HEADER + len) else {
         return Decoded::Torn("a record body is cut short");
     };
