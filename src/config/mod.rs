@@ -21,7 +21,7 @@
 //! | `http_read_timeout` | duration | `"5s"` | Longest time to read one HTTP request. |
 //! | `http_write_timeout` | duration | `"5s"` | Longest time to write one HTTP response. |
 //! | `max_notifications_per_app` | integer ≥ 1 | `100` | Live notifications an application may have pending for one device; beyond it a notify answers 413 `too-many-pending`. |
-//! | `broadcast_backlog` | integer ≥ 1 | `1000` | Live notifications a broadcast channel keeps; appending beyond it drops the oldest (levels keep counting, so a device further behind gets the newest ones). Bounds what catch-up can hold. |
+//! | `broadcast_backlog` | integer 1 to 100,000 | `1000` | Live notifications a broadcast channel keeps; appending beyond it drops the oldest (levels keep counting, so a device further behind gets the newest ones). Bounds what catch-up can hold. |
 //! | `max_sessions` | integer | `0` | Device connections the server holds at once (split evenly over the shards; a connection counts from its accept). Beyond it new ones are closed at once, counted (`pushbroker_rejected_device_connections_total`) and logged (WARN, at most every 10 s). `0` means the open-files limit less `max_http_connections` and `reserved_descriptors`, so devices can never take the descriptors the HTTP API needs. |
 //! | `max_http_connections` | integer ≥ 1 | `512` | HTTP connections the server holds at once (split over the shards), refused the same way beyond it (`pushbroker_rejected_http_connections_total`). |
 //! | `reserved_descriptors` | integer | `128` | Descriptors kept out of `max_sessions`' default for everything else the process opens. |
@@ -184,6 +184,8 @@ pub use crate::store::DEFAULT_BROADCAST_BACKLOG;
 pub const DEFAULT_MAX_HTTP_CONNECTIONS: usize = 512;
 /// Default for `reserved_descriptors`.
 pub const DEFAULT_RESERVED_DESCRIPTORS: usize = 128;
+/// The largest `broadcast_backlog`.
+pub const MAX_BROADCAST_BACKLOG: usize = 100_000;
 /// Default for `fsync_interval`.
 pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_millis(10);
 /// The `data_dir` of the shipped `config/default.json` (the embedded default).
@@ -376,6 +378,18 @@ impl ServerConfig {
             if n < 1 {
                 return Err(invalid(key, format!("must be at least 1, found {n}")));
             }
+        }
+        // A broadcast channel's backlog is one record of the durable log (a snapshot),
+        // whose length must fit its 32-bit frame: 100,000 bodies of the API's largest
+        // size stay far below 4 GiB.
+        if self.broadcast_backlog > MAX_BROADCAST_BACKLOG {
+            return Err(invalid(
+                "broadcast_backlog",
+                format!(
+                    "must be at most {MAX_BROADCAST_BACKLOG}, found {}",
+                    self.broadcast_backlog
+                ),
+            ));
         }
         let missing = |key: &str, with: &str| ConfigError::Missing {
             key: key.to_owned(),
@@ -1018,6 +1032,11 @@ mod tests {
             "max_notifications_per_app",
         );
         assert_invalid(r#"{"broadcast_backlog": 0}"#, "broadcast_backlog");
+        assert_invalid(r#"{"broadcast_backlog": 100001}"#, "broadcast_backlog");
+        assert_eq!(
+            parse_ok(r#"{"broadcast_backlog": 100000}"#).broadcast_backlog,
+            100_000
+        );
         assert_eq!(parse_ok("{}").broadcast_backlog, 1000);
         assert_eq!(parse_ok(r#"{"broadcast_backlog": 3}"#).broadcast_backlog, 3);
         let c = parse_ok(r#"{"shards": 0}"#);

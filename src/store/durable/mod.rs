@@ -323,8 +323,25 @@ impl DataDir {
             report.bytes += r.valid_len;
             if let Some(why) = r.torn {
                 report.torn += 1;
+                // What is cut is kept beside the data, in case it is damage in the
+                // middle of a log rather than the torn tail of a crash.
+                let kept = dir.join(format!(
+                    "cut-gen{}-shard{i}-{}.bin",
+                    manifest.generation,
+                    SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                ));
+                let kept_note = match fs::write(&kept, &r.cut) {
+                    Ok(()) => format!(
+                        "the {} bytes cut are kept in {}",
+                        r.cut.len(),
+                        kept.display()
+                    ),
+                    Err(e) => format!("the {} bytes cut could not be kept ({e})", r.cut.len()),
+                };
                 report.warnings.push(format!(
-                    "{}: {why} at byte {}; the log is cut there",
+                    "{}: {why} at byte {}; the log is cut there ({kept_note})",
                     gen_dir.join(shard_file(i)).display(),
                     r.valid_len
                 ));
@@ -394,6 +411,8 @@ impl DataDir {
                     channels,
                 })));
             }
+            // A log created just now must survive in its folder too.
+            sync_dir(&gen_dir)?;
             parts
         } else {
             report.repartitioned = true;
@@ -566,6 +585,8 @@ struct Replayed {
     records: u64,
     valid_len: u64,
     torn: Option<&'static str>,
+    /// The bytes from the first bad record on (empty when the log reads to its end).
+    cut: Vec<u8>,
 }
 
 fn replay_log(path: &Path, broadcast_backlog: usize) -> Result<Replayed, DataDirError> {
@@ -591,11 +612,13 @@ fn replay_log(path: &Path, broadcast_backlog: usize) -> Result<Replayed, DataDir
             Decoded::Torn(why) => break Some(why),
         }
     };
+    bytes.drain(..at);
     Ok(Replayed {
         channels: store.take_channels(),
         records,
         valid_len: at as u64,
         torn,
+        cut: bytes,
     })
 }
 
@@ -962,6 +985,24 @@ mod tests {
             contents(&*stores[0], &[dev(0)])
         });
         assert_eq!(report.torn, 1);
+        // What was cut (the half record and the garbage) is kept beside the data.
+        let kept: Vec<u64> = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("cut-gen0-shard0-")
+            })
+            .map(|e| e.metadata().unwrap().len())
+            .collect();
+        assert_eq!(kept.len(), 1, "one file of cut bytes");
+        assert!(kept[0] > "garbage".len() as u64, "{kept:?}");
+        assert!(
+            report.warnings[0].contains("kept in"),
+            "{:?}",
+            report.warnings
+        );
         let mut expected: Vec<String> = (0..9).map(|i| format!("m-{i}")).collect();
         expected.push("m-after".into());
         assert_eq!(ids[0].1, expected);
