@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use support::*;
@@ -127,23 +127,6 @@ fn take_pending(addr: SocketAddr, http: SocketAddr, device: &str, ack: bool) -> 
     }
     dev.close();
     got
-}
-
-/// Watches `dev` for `wait`; panics on anything but PINGs (answered).
-fn assert_quiet(dev: &mut Device, wait: Duration, what: &str) {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        match dev.recv_within(left) {
-            Ok(msg) if msg["T"] == "ping" => dev.pong(),
-            Ok(msg) => panic!("{what}: expected nothing, got {msg}"),
-            Err(RecvError::Timeout) => return,
-            Err(e) => panic!("{what}: expected nothing, got {e:?}"),
-        }
-    }
 }
 
 /// The recovery line of a server's log (`data in DIR: N records replayed ...`).
@@ -457,7 +440,7 @@ fn sigkill_under_load_loses_no_accepted_notify_and_undoes_no_confirmed_ack() {
             thread::spawn(move || {
                 let id = load_device_id(i);
                 let mut dev = connect(devices, &id);
-                assert_quiet(&mut dev, Duration::from_secs(1), &id);
+                dev.assert_quiet(Duration::from_secs(1), &id);
             })
         })
         .collect();

@@ -231,23 +231,6 @@ fn unacked_marker(server: &Server, dev: &mut Device, token: &str, label: &str) -
     notifications
 }
 
-/// Watches `dev` for `wait` and asserts only PINGs (answered) came.
-fn assert_quiet(dev: &mut Device, wait: Duration) {
-    let deadline = Instant::now() + wait;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        match dev.recv_within(left) {
-            Ok(msg) if msg["T"] == "ping" => dev.pong(),
-            Ok(msg) => panic!("expected nothing, got {msg}"),
-            Err(RecvError::Timeout) => return,
-            Err(e) => panic!("expected nothing, got {e:?}"),
-        }
-    }
-}
-
 /// A connected, registered device that must keep working while other sessions fail.
 struct Healthy {
     dev: Device,
@@ -467,7 +450,7 @@ fn broadcast_at_the_top_level_sends_nothing() {
     ] {
         let token = register(&server, id, APP);
         let mut dev = connect(&server, id, levels, mako());
-        assert_quiet(&mut dev, SHORT_WAIT);
+        dev.assert_quiet(SHORT_WAIT, "a device with nothing pending");
         // A broadcast would have been queued before the marker's delivery.
         assert_next_is_marker(&server, &mut dev, &token, id);
         // Idle now: PINGs are all it gets.

@@ -186,6 +186,24 @@ impl Device {
         self.recv_within(PATIENCE)
     }
 
+    /// Watches the connection for `wait` and panics (naming `what`) on anything but
+    /// PINGs, which it answers.
+    pub fn assert_quiet(&mut self, wait: Duration, what: &str) {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            match self.recv_within(left) {
+                Ok(msg) if msg["T"] == "ping" => self.pong(),
+                Ok(msg) => panic!("{what}: expected nothing, got {msg}"),
+                Err(RecvError::Timeout) => return,
+                Err(e) => panic!("{what}: expected nothing, got {e:?}"),
+            }
+        }
+    }
+
     /// The next message, waiting up to `wait`.
     pub fn recv_within(&mut self, wait: Duration) -> Result<Value, RecvError> {
         let deadline = Instant::now() + wait;

@@ -244,14 +244,35 @@ pub(crate) async fn flusher(log: Rc<Log>, mut file: LogFile, state: Weak<InMemor
 /// write then an `fdatasync` took two).
 async fn append(log: &Log, file: &LogFile, batch: Vec<u8>, upto: u64) {
     let at = log.file_len.get();
+    until_done(log, &file.path, ("writing the log", "cannot write"), || {
+        write_all(&file.file, &batch, at)
+    })
+    .await;
+    log.file_len.set(at + batch.len() as u64);
+    log.succeed(upto);
+}
+
+/// Runs `op` until it succeeds, every [`RETRY_AFTER`]; meanwhile the log counts as
+/// failing (changes refused, waiters answered unavailable: "`doing`: error"), with one
+/// WARN ("`cannot` PATH: error; retrying") when it starts failing and one INFO when it
+/// works again.
+async fn until_done<F, Fut>(
+    log: &Log,
+    path: &std::path::Path,
+    (doing, cannot): (&str, &str),
+    mut op: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), std::io::Error>>,
+{
     let mut warned = false;
     loop {
-        match write_all(&file.file, &batch, at).await {
+        match op().await {
             Ok(()) => break,
             Err(e) => {
-                log.fail(StoreFault::new(format!("writing the log: {e}")));
+                log.fail(StoreFault::new(format!("{doing}: {e}")));
                 if !warned {
-                    warn!(target: target::BROKER, "cannot write {}: {e}; retrying", file.path.display());
+                    warn!(target: target::BROKER, "{cannot} {}: {e}; retrying", path.display());
                     warned = true;
                 }
             }
@@ -259,10 +280,8 @@ async fn append(log: &Log, file: &LogFile, batch: Vec<u8>, upto: u64) {
         glommio::timer::sleep(RETRY_AFTER).await;
     }
     if warned {
-        info!(target: target::BROKER, "{} is written again", file.path.display());
+        info!(target: target::BROKER, "{} is written again", path.display());
     }
-    log.file_len.set(at + batch.len() as u64);
-    log.succeed(upto);
 }
 
 async fn write_all(file: &BufferedFile, bytes: &[u8], at: u64) -> Result<(), std::io::Error> {
@@ -316,27 +335,18 @@ async fn compact(
     // rename survives a machine crash only once the folder is synced: until then the
     // log counts as failing (changes refused), and the sync is retried.
     if let Some(dir) = file.path.parent() {
-        let mut warned = false;
-        loop {
-            let synced = async {
+        until_done(
+            log,
+            &file.path,
+            ("syncing the log's folder", "cannot sync the folder of"),
+            || async move {
                 let dir = glommio::io::Directory::open(dir).await?;
                 let synced = dir.sync().await;
                 let _ = dir.close().await;
-                synced
-            }
-            .await;
-            match synced {
-                Ok(()) => break,
-                Err(e) => {
-                    log.fail(StoreFault::new(format!("syncing the log's folder: {e}")));
-                    if !warned {
-                        warn!(target: target::BROKER, "cannot sync the folder of {}: {e}; retrying", file.path.display());
-                        warned = true;
-                    }
-                    glommio::timer::sleep(RETRY_AFTER).await;
-                }
-            }
-        }
+                Ok(synced?)
+            },
+        )
+        .await;
     }
     let old = std::mem::replace(&mut file.file, tmp);
     let _ = old.close().await;

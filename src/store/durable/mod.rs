@@ -1166,6 +1166,28 @@ mod replica_tests {
         out
     }
 
+    /// A fresh data folder whose manifest says 2 shards, generation 0: the folder and
+    /// the generation's.
+    fn two_shard_folder(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "pushbroker-durable-unit-{}-{name}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        let gen_dir = generation_dir(&dir, 0);
+        fs::create_dir_all(&gen_dir).unwrap();
+        write_manifest(
+            &dir,
+            &Manifest {
+                format: FORMAT,
+                shards: 2,
+                generation: 0,
+            },
+        )
+        .unwrap();
+        (dir, gen_dir)
+    }
+
     /// The system channel as `path` replays: its top level and payloads.
     fn system_replica(path: &Path) -> (i64, Vec<String>) {
         let replayed = replay_log(path, 100).unwrap();
@@ -1185,22 +1207,7 @@ mod replica_tests {
 
     #[test]
     fn catching_up_a_replica_with_expired_gaps_repeats_no_broadcast() {
-        let dir = std::env::temp_dir().join(format!(
-            "pushbroker-durable-unit-{}-catch-up-gaps",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        let gen_dir = generation_dir(&dir, 0);
-        fs::create_dir_all(&gen_dir).unwrap();
-        write_manifest(
-            &dir,
-            &Manifest {
-                format: FORMAT,
-                shards: 2,
-                generation: 0,
-            },
-        )
-        .unwrap();
+        let (dir, gen_dir) = two_shard_folder("catch-up-gaps");
         // Levels 2 and 3 expired: the recovered replica holds levels 1, 4 and 5, whose
         // own levels are not consecutive.
         let records = |levels: std::ops::RangeInclusive<i64>| {
@@ -1239,22 +1246,7 @@ mod replica_tests {
 
     #[test]
     fn recovery_catches_a_lagging_broadcast_replica_up_in_its_own_log() {
-        let dir = std::env::temp_dir().join(format!(
-            "pushbroker-durable-unit-{}-catch-up",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&dir);
-        let gen_dir = generation_dir(&dir, 0);
-        fs::create_dir_all(&gen_dir).unwrap();
-        write_manifest(
-            &dir,
-            &Manifest {
-                format: FORMAT,
-                shards: 2,
-                generation: 0,
-            },
-        )
-        .unwrap();
+        let (dir, gen_dir) = two_shard_folder("catch-up");
         // The sequencer logged levels 1 to 5; the other shard's replica had logged only
         // up to 3 when the process was killed. A unicast record keeps its place.
         let mut lagging = system_records(1..=3);
