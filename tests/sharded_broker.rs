@@ -2,6 +2,7 @@
 //! broadcasts, routing of unicasts, backpressure and the shard threads' life.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::future::block_on;
@@ -9,13 +10,13 @@ use pushbroker::broker::sharded::{
     Shard, ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder, owner_of_channel,
     owner_of_device,
 };
-use pushbroker::broker::testing::{Performed, perform_acking};
+use pushbroker::broker::testing::{FaultyStore, Performed, perform_acking};
 use pushbroker::broker::testsuite::Revealed;
 use pushbroker::broker::{
     Broker, BrokerError, BrokerSending, BrokerSession, LocalSession, Next, SessionId,
 };
 use pushbroker::protocol::{ConnectMsg, MAX_FRAME_BODY, Message, Payload, decode_message};
-use pushbroker::store::{InternalChannelId, NotifyVerdict, UnicastRequest};
+use pushbroker::store::{InternalChannelId, NotifyVerdict, PendingStore, UnicastRequest};
 
 /// How long a test waits for something that should happen at once.
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -399,6 +400,31 @@ fn unicasts_are_applied_and_delivered_on_the_owner_wherever_they_come_from() {
         assert_eq!(left, 0, "{device}: ACK drops what was delivered");
     }
     block_on(b.stop());
+}
+
+#[test]
+fn a_notify_whose_commit_never_comes_is_answered_unavailable_not_left_hanging() {
+    let b = ShardedBrokerBuilder::new(1)
+        .placement(ShardPlacement::Unbound)
+        .store(|_| Rc::new(FaultyStore::new().with_hanging_commits()) as Rc<dyn PendingStore>)
+        .name("hung-disk")
+        .build();
+    b.start().expect("shards start");
+    let req = UnicastRequest {
+        chan_id: InternalChannelId::unicast("offline", "offline"),
+        app_id: "app".into(),
+        payload: payload(r#"{"n":1}"#),
+        expiration: later(),
+        replace_tag: None,
+        clear_pending: false,
+    };
+    // The answer waits for the commit for a few seconds at most, then says the store
+    // is unavailable (a 503 from the API) instead of waiting for ever.
+    match block_on(b.sending().notify(req)) {
+        Err(BrokerError::Store(e)) => assert!(e.is_unavailable(), "{e:?}"),
+        other => panic!("expected the store unavailable, got {other:?}"),
+    }
+    b.stop_blocking();
 }
 
 #[test]

@@ -268,11 +268,13 @@ struct Fault {
 /// does not fail is the inner store's.
 #[derive(Debug, Default)]
 pub struct FaultyStore {
-    inner: InMemoryPendingStore,
+    inner: Rc<InMemoryPendingStore>,
     /// Borrowed only inside a method.
     faults: std::cell::RefCell<Vec<Fault>>,
     /// Successful snapshots are empty at level 0 (the original's `testFailingStore`).
     empty_snapshots: bool,
+    /// Every change waits for a commit that never comes (a disk that hangs).
+    hanging_commits: bool,
 }
 
 impl FaultyStore {
@@ -283,10 +285,22 @@ impl FaultyStore {
 
     /// A store with no fault yet, over `inner`.
     pub fn over(inner: InMemoryPendingStore) -> Self {
+        Self::sharing(Rc::new(inner))
+    }
+
+    /// A store with no fault yet, over `inner`, which the test keeps to look at.
+    pub fn sharing(inner: Rc<InMemoryPendingStore>) -> Self {
         Self {
             inner,
             ..Self::default()
         }
+    }
+
+    /// Makes [`PendingStore::durable`] a wait that never ends, as with a disk that hangs
+    /// rather than fails.
+    pub fn with_hanging_commits(mut self) -> Self {
+        self.hanging_commits = true;
+        self
     }
 
     /// The original suite's `testFailingStore`: channel snapshots succeed, empty,
@@ -422,6 +436,11 @@ impl PendingStore for FaultyStore {
     ) -> Result<(), StoreError> {
         self.check(StoreOp::Drop)?;
         self.inner.drop_by_msg_id(chan, targets)
+    }
+
+    fn durable(&self) -> Option<crate::store::DurableWait> {
+        self.hanging_commits
+            .then(|| Box::pin(std::future::pending()) as crate::store::DurableWait)
     }
 }
 

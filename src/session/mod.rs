@@ -607,11 +607,25 @@ where
                 Message::Ack => exchange.acked(sess, done)?,
                 _ => return Err(ErrAbort::expected_ack().into()),
             }
-            // Nothing more goes to the device until what its ACK dropped is durable.
-            if let Some(durable) = sess.durable() {
-                durable
-                    .await
-                    .map_err(|e| ErrAbort::caused_by("the store", e))?;
+            // Nothing more goes to the device until what its ACK dropped is durable,
+            // for one exchange timeout at most (a disk that hangs ends the session, so
+            // the device reconnects and gets what is still pending).
+            if let Some(mut durable) = sess.durable() {
+                let deadline = deadline_after(clock, config.exchange_timeout);
+                poll_fn(|cx| {
+                    if let Poll::Ready(done) = durable.as_mut().poll(cx) {
+                        return Poll::Ready(
+                            done.map_err(|e| SessionEnd::from(ErrAbort::caused_by("the store", e))),
+                        );
+                    }
+                    if alarm.poll_until(clock, deadline, cx).is_ready() {
+                        return Poll::Ready(Err(SessionEnd::from(ErrAbort::new(
+                            "the store did not make the ACK durable in time",
+                        ))));
+                    }
+                    Poll::Pending
+                })
+                .await?;
             }
         }
         if !sess.exchange_scratch_area().advance() {

@@ -14,7 +14,7 @@ use super::testing::{DeviceEnd, ServerEnd, VirtualClock, pipe, pipe_with_capacit
 use super::wire::MAX_PENDING;
 use super::*;
 use crate::broker::simple::{SimpleBroker, SimpleBrokerSession};
-use crate::broker::testing::{LogCapture, TestBrokerConfig, run_local};
+use crate::broker::testing::{FaultyStore, LogCapture, TestBrokerConfig, run_local};
 use crate::broker::{
     BrokerSending, ConnMeta, ConnMetaExchange, ExchangeQueue, SessionId, UnicastExchange,
 };
@@ -121,11 +121,13 @@ struct Env {
 impl Env {
     /// Must run on a glommio executor: starts the broker's task.
     fn new() -> Self {
+        Self::over(|store| store as Rc<dyn PendingStore>)
+    }
+
+    /// [`Env::new`] with the broker's store made by `wrap` over the in-memory one.
+    fn over(wrap: impl FnOnce(Rc<InMemoryPendingStore>) -> Rc<dyn PendingStore>) -> Self {
         let store = Rc::new(InMemoryPendingStore::new());
-        let inner = SimpleBroker::new(
-            Rc::clone(&store) as Rc<dyn PendingStore>,
-            &TestBrokerConfig::default(),
-        );
+        let inner = SimpleBroker::new(wrap(Rc::clone(&store)), &TestBrokerConfig::default());
         inner.start();
         Self {
             store,
@@ -747,6 +749,35 @@ fn no_ack_ends_the_session_with_a_timeout_and_keeps_the_notification() {
         assert!(end.is_timeout(), "{end:?}");
         assert_eq!(end.to_string(), "ack timeout");
         assert_eq!(env.pending("dev-1"), ["m1"]);
+        env.assert_unregistered("dev-1");
+    });
+}
+
+#[test]
+fn an_ack_whose_drop_never_becomes_durable_ends_the_session_after_one_exchange_timeout() {
+    run_local(|| async {
+        let env = Env::over(|store| {
+            Rc::new(FaultyStore::sharing(store).with_hanging_commits()) as Rc<dyn PendingStore>
+        });
+        env.notify("dev-1", "m1", r#""hello""#);
+        env.notify("dev-1", "m2", r#""again""#);
+        let mut c = env.connected("s1", "dev-1").await;
+        assert_eq!(
+            c.frame().await,
+            r#"{"T":"notifications","Notifications":[{"A":"app","M":"m1","P":"hello"},{"A":"app","M":"m2","P":"again"}]}"#
+        );
+        c.device.write_frame(ACK);
+        c.quiet().await;
+        // Nothing more goes to the device while the drop waits for its commit.
+        env.clock.advance(TIMEOUT - MS);
+        c.quiet().await;
+        env.clock.advance(MS);
+        let end = c.closed().await;
+        assert!(end.is_abort(), "{end:?}");
+        assert_eq!(
+            end.to_string(),
+            "session aborted (the store did not make the ACK durable in time)"
+        );
         env.assert_unregistered("dev-1");
     });
 }

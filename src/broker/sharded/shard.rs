@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_lite::future;
 use smallvec::SmallVec;
@@ -480,10 +480,24 @@ fn answer_when_durable<T: 'static>(
         return;
     };
     glommio::spawn_local(async move {
-        let _ = reply.send(durable.await.map(|()| answer).map_err(BrokerError::from));
+        let answered = futures_lite::future::or(
+            async { durable.await.map(|()| answer).map_err(BrokerError::from) },
+            async {
+                glommio::timer::sleep(COMMIT_DEADLINE).await;
+                Err(BrokerError::from(crate::store::StoreError::Unavailable(
+                    "the store did not commit in time".into(),
+                )))
+            },
+        )
+        .await;
+        let _ = reply.send(answered);
     })
     .detach();
 }
+
+/// How long an answer waits for its commit before it says unavailable (a disk that
+/// hangs rather than fails): the operation may still be kept, as with any 503.
+const COMMIT_DEADLINE: Duration = Duration::from_secs(5);
 
 fn mark(dirty: &mut Dirty, chan: InternalChannelId) {
     if !dirty.contains(&chan) {
