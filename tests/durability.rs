@@ -96,33 +96,20 @@ fn payloads(msg: &Value) -> Vec<Value> {
         .collect()
 }
 
-/// The next message that is not a PING (PINGs are answered on the way).
-fn next(dev: &mut Device) -> Value {
-    loop {
-        let msg = dev
-            .recv()
-            .unwrap_or_else(|e| panic!("expected a message, got {e:?}"));
-        if msg["T"] != "ping" {
-            return msg;
-        }
-        dev.pong();
-    }
-}
-
 /// Connects `device`, takes the one NOTIFICATIONS it gets, and returns its payloads.
 /// With `ack`, ACKs it and waits for a marker notified after that (its arrival confirms
 /// the ACK's drop is durable), which is left pending; without, closes the connection
 /// with the NOTIFICATIONS unacknowledged (it stays pending).
 fn take_pending(addr: SocketAddr, http: SocketAddr, device: &str, ack: bool) -> Vec<Value> {
     let mut dev = connect(addr, device);
-    let msg = next(&mut dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "notifications", "{device}: {msg}");
     let got = payloads(&msg);
     if ack {
         dev.ack();
         let marker = json!({"marker": device});
         notify(http, device, &marker);
-        let msg = next(&mut dev);
+        let msg = dev.next_non_ping();
         assert_eq!(payloads(&msg), vec![marker], "{device}: only the marker");
     }
     dev.close();
@@ -473,7 +460,7 @@ fn broadcast(addr: SocketAddr, k: i64) {
 
 /// The next BROADCAST of `dev` (ACKed) as (top level, the `k` of each payload).
 fn take_broadcast(dev: &mut Device) -> (i64, Vec<i64>) {
-    let msg = next(dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "broadcast", "{msg}");
     assert_eq!(msg["ChanId"], "0", "{msg}");
     dev.ack();
@@ -735,7 +722,7 @@ fn assert_torn_devices_get(server: &ServerProcess, want: &[Vec<Value>]) {
             let marker = json!({"marker": i});
             notify(server.http_addr, &id, &marker);
             assert_eq!(
-                payloads(&next(&mut dev)),
+                payloads(&dev.next_non_ping()),
                 vec![marker],
                 "{id}: nothing else"
             );

@@ -157,22 +157,9 @@ fn notify(server: &Server, token: &str, app: &str, data: &Value) {
     );
 }
 
-/// The next message that is not a PING; PINGs are answered on the way.
-fn next(dev: &mut Device) -> Value {
-    loop {
-        let msg = dev
-            .recv()
-            .unwrap_or_else(|e| panic!("expected a message, got {e:?}"));
-        if msg["T"] != "ping" {
-            return msg;
-        }
-        dev.pong();
-    }
-}
-
 /// Receives NOTIFICATIONS, ACKs it, and returns its notifications.
 fn take_notifications(dev: &mut Device) -> Vec<Value> {
-    let msg = next(dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "notifications", "{msg}");
     dev.ack();
     msg["Notifications"]
@@ -198,7 +185,7 @@ fn payloads_of(notifications: &[Value], app: &str) -> Vec<Value> {
 
 /// Receives BROADCAST, ACKs it, and returns it.
 fn take_broadcast(dev: &mut Device) -> Value {
-    let msg = next(dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "broadcast", "{msg}");
     dev.ack();
     msg
@@ -223,7 +210,7 @@ fn assert_next_is_marker(server: &Server, dev: &mut Device, token: &str, label: 
 fn unacked_marker(server: &Server, dev: &mut Device, token: &str, label: &str) -> Value {
     let marker = json!({"marker": label});
     notify(server, token, APP, &marker);
-    let msg = next(dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "notifications", "{msg}");
     let notifications = msg["Notifications"].clone();
     let list = notifications.as_array().expect("a Notifications array");
@@ -639,7 +626,7 @@ fn unacknowledged_notification_is_delivered_again_on_the_next_connection() {
     let mut dev = connect(&server, "uni-noack", json!({}), json!({}));
     let data = json!({"important": true});
     notify(&server, &token, APP, &data);
-    let first = next(&mut dev);
+    let first = dev.next_non_ping();
     assert_eq!(first["T"], "notifications", "{first}");
     dev.close();
     let mut again = connect(&server, "uni-noack", json!({}), json!({}));
@@ -904,7 +891,7 @@ fn a_missing_ack_ends_the_session_and_the_notification_stays_pending() {
     let mut dev = connect(&server, "no-ack", json!({}), json!({}));
     let data = json!({"ack": "me"});
     notify(&server, &token, APP, &data);
-    let msg = next(&mut dev);
+    let msg = dev.next_non_ping();
     assert_eq!(msg["T"], "notifications", "{msg}");
     match dev.recv() {
         Ok(msg) => panic!("nothing more before the close, got {msg}"),
@@ -989,7 +976,7 @@ fn garbage_instead_of_an_ack_ends_only_that_session() {
         let token = register(server, "garbage-ack", APP);
         let mut dev = connect(server, "garbage-ack", json!({}), json!({}));
         notify(server, &token, APP, &json!("answer me"));
-        assert_eq!(next(&mut dev)["T"], "notifications");
+        assert_eq!(dev.next_non_ping()["T"], "notifications");
         dev.send_raw(&frame(b"\x00\xffnot json"));
         assert!(dev.closed(), "the server closes the session");
     });

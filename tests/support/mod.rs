@@ -186,6 +186,19 @@ impl Device {
         self.recv_within(PATIENCE)
     }
 
+    /// The next message that is not a PING (PINGs are answered on the way).
+    pub fn next_non_ping(&mut self) -> Value {
+        loop {
+            let msg = self
+                .recv()
+                .unwrap_or_else(|e| panic!("expected a message, got {e:?}"));
+            if msg["T"] != "ping" {
+                return msg;
+            }
+            self.pong();
+        }
+    }
+
     /// Watches the connection for `wait` and panics (naming `what`) on anything but
     /// PINGs, which it answers.
     pub fn assert_quiet(&mut self, wait: Duration, what: &str) {
