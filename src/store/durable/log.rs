@@ -104,21 +104,8 @@ impl Log {
     /// A wait until everything submitted so far is durable; `None` when it already is, or
     /// when the mode answers before the sync (relaxed).
     pub(crate) fn wait(self: &Rc<Self>) -> Option<DurableWait> {
-        let upto = self.submitted.get();
-        if self.durable.get() >= upto || matches!(self.mode, Durability::Relaxed(_)) {
-            return None;
-        }
-        let log = Rc::clone(self);
-        Some(Box::pin(poll_fn(move |cx| {
-            if log.durable.get() >= upto {
-                return Poll::Ready(Ok(()));
-            }
-            if let Some(fault) = &*log.failed.borrow() {
-                return Poll::Ready(Err(StoreError::Unavailable(fault.clone())));
-            }
-            log.waiters.borrow_mut().push(cx.waker().clone());
-            Poll::Pending
-        })))
+        let settled = self.durable.get() >= self.submitted.get();
+        (!settled && !matches!(self.mode, Durability::Relaxed(_))).then(|| self.wait_all())
     }
 
     /// A wait until everything submitted so far is written and synced, in any mode
