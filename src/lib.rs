@@ -61,6 +61,7 @@
 
 pub mod api;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod logging;
 pub mod protocol;

@@ -9,9 +9,10 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpListener;
 use std::rc::Rc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,108 +20,7 @@ use std::time::{Duration, Instant};
 use pushbroker::broker::testing::run_local;
 use pushbroker::glommio;
 use pushbroker::store::redis::{RedisClient, RedisConfig, RedisError, Unavailable, Value};
-
-/// How long a test waits for something that should happen soon.
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A `redis-server` on 127.0.0.1, killed when dropped.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    /// Starts one on a free port; `None` (with a message) if the binary is absent.
-    fn start() -> Option<Self> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_err()
-        {
-            skip_notice();
-            return None;
-        }
-        // A port picked free can be taken before redis binds it: try a few.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut server = Self { port, child: None };
-            if server.spawn() {
-                return Some(server);
-            }
-        }
-        panic!("redis-server did not start on any of five free ports");
-    }
-
-    /// Starts redis on `self.port`; whether it is accepting connections.
-    fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + PATIENCE;
-        while Instant::now() < deadline {
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return true;
-            }
-            if let Some(child) = &mut self.child
-                && child.try_wait().unwrap().is_some()
-            {
-                self.child = None;
-                return false;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILLs the server and waits for it to be gone.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        assert!(
-            self.spawn(),
-            "redis-server did not restart on {}",
-            self.port
-        );
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Says the test is skipped; with `PUSHBROKER_REQUIRE_REDIS` set (CI sets it), a
-/// missing redis-server fails the test instead, so CI never passes by skipping.
-#[allow(clippy::print_stderr)]
-fn skip_notice() {
-    assert!(
-        std::env::var_os("PUSHBROKER_REQUIRE_REDIS").is_none(),
-        "redis-server is not installed and PUSHBROKER_REQUIRE_REDIS is set"
-    );
-    eprintln!("redis-server is not installed (apt-get install redis-server): test skipped");
-}
+use support::{PATIENCE, RedisServer};
 
 fn bulk(s: &str) -> Value {
     Value::Bulk(s.as_bytes().to_vec())

@@ -144,7 +144,19 @@ where
         Endpoint::Unregister => unregister(ctx, &read_post(ctx, head, body).await?),
         Endpoint::DeliveryHosts => {
             check_get(head)?;
-            Ok(json_response(StatusCode::OK, ctx.delivery_hosts.clone()))
+            match ctx.shard().cluster() {
+                None => Ok(json_response(StatusCode::OK, ctx.delivery_hosts.clone())),
+                Some(cluster) => {
+                    let hosts = cluster.delivery_hosts().await.map_err(|e| {
+                        debug!(target: target::API, "delivery hosts not read: {e}");
+                        ApiError::from_broker(&e, ApiError::Internal)
+                    })?;
+                    Ok(json_response(
+                        StatusCode::OK,
+                        ctx.render_delivery_hosts(&hosts),
+                    ))
+                }
+            }
         }
         Endpoint::Health => {
             check_get(head)?;

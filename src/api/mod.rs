@@ -155,6 +155,17 @@ impl ApiContext {
         }
     }
 
+    /// The `/delivery-hosts` answer for `hosts` and the configured domain.
+    pub(crate) fn render_delivery_hosts(&self, hosts: &[String]) -> Bytes {
+        let answer = DeliveryHosts {
+            hosts,
+            domain: &self.settings.delivery_domain,
+        };
+        serde_json::to_vec(&answer)
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(br#"{"hosts":[],"domain":""}"#))
+    }
+
     /// The shard's API counters.
     pub fn counters(&self) -> &ApiCounters {
         &self.counters

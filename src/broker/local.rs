@@ -178,6 +178,16 @@ impl LocalBroker {
         }
     }
 
+    /// Ends session `session` of `device_id` if it is still the device's live one (it was
+    /// taken over elsewhere).
+    pub(crate) fn terminate(&self, device_id: &str, session: u64) {
+        if let Some(q) = self.registry.borrow().get(device_id)
+            && q.session() == session
+        {
+            q.terminate();
+        }
+    }
+
     pub(crate) fn session_of(&self, device_id: &str) -> Option<u64> {
         self.registry.borrow().get(device_id).map(|q| q.session())
     }

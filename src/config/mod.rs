@@ -32,6 +32,8 @@
 //! | `data_dir` | path | none (the shipped `config/default.json`: `"pushbroker-data"`) | Where each shard keeps its log of store operations, so pending notifications, broadcast levels and message ids survive a crash and a restart. Relative to the config file's folder (for the embedded default: the working directory). Without it everything is kept in memory only, as in the original server. |
 //! | `durability` | `"sync"` or `"relaxed"` | `"sync"` | With `data_dir`: `sync` answers `/notify` and `/broadcast` (and lets a session go on after an ACK) only once the operation is on disk, many requests sharing one `fdatasync`; `relaxed` answers at once and syncs every `fsync_interval`, so a machine crash loses at most that much. |
 //! | `fsync_interval` | duration | `"10ms"` | With `durability: "relaxed"`: how often the log is written and synced. |
+//! | `redis_url` | `"redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]"` | none | Makes the server one node of a service of many sharing this Redis (7 or later): pending notifications, broadcast levels and payloads, and which node each device is connected to live there; a notify or broadcast through any node reaches devices on every node, and `/delivery-hosts` lists every live node. Not with `data_dir` (Redis is then the store: its own persistence settings decide what survives). Absent: a single node, as without it. |
+//! | `node_id` | string | host name, process id and start time | With `redis_url`: this node's name in route records and pub/sub channels. Must be unique among running nodes; a restarted node should take a new one (the default does). |
 //!
 //! Durations are Go duration strings ([`parse_go_duration`]): `"500ms"`, `"0.5s"`,
 //! `"1m30s"`; they must be longer than zero. A `"host:port"` is what Go's
@@ -98,6 +100,8 @@ const KNOWN_KEYS: &[&str] = &[
     "data_dir",
     "durability",
     "fsync_interval",
+    "redis_url",
+    "node_id",
 ];
 
 /// The server's configuration, validated: see the [module docs](self) for the reference
@@ -160,6 +164,11 @@ pub struct ServerConfig {
     pub data_dir: Option<PathBuf>,
     /// When a change is acknowledged, with `data_dir` (`durability`, `fsync_interval`).
     pub durability: crate::store::Durability,
+    /// The Redis shared by the nodes of a service of many (`redis_url`); `None`: a
+    /// single node.
+    pub redis_url: Option<String>,
+    /// This node's id with `redis_url` (`node_id`); `None`: made up at start.
+    pub node_id: Option<String>,
 }
 
 /// Default for `addr`.
@@ -215,6 +224,8 @@ impl Default for ServerConfig {
             statistics_auth_password: None,
             data_dir: None,
             durability: crate::store::Durability::Sync,
+            redis_url: None,
+            node_id: None,
         }
     }
 }
@@ -245,6 +256,15 @@ impl fmt::Debug for ServerConfig {
                 &self.statistics_auth_password.as_ref().map(|_| "<redacted>"),
             )
             .field("data_dir", &self.data_dir)
+            // The URL as the client shows it: never its password.
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(|u| {
+                    crate::store::redis::RedisUrl::parse(u)
+                        .map_or_else(|_| "(invalid)".to_owned(), |u| u.to_string())
+                }),
+            )
+            .field("node_id", &self.node_id)
             .field("durability", &self.durability)
             .finish()
     }
@@ -310,6 +330,8 @@ impl ServerConfig {
             statistics_auth_user,
             statistics_auth_password,
             data_dir: keys.string("data_dir")?.map(|p| resolve(PathBuf::from(p))),
+            redis_url: keys.optional_string("redis_url")?,
+            node_id: keys.optional_string("node_id")?,
             durability: match keys.string("durability")?.as_deref() {
                 None | Some("sync") => crate::store::Durability::Sync,
                 Some("relaxed") => crate::store::Durability::Relaxed(
@@ -389,6 +411,30 @@ impl ServerConfig {
                     "must be at most {MAX_BROADCAST_BACKLOG}, found {}",
                     self.broadcast_backlog
                 ),
+            ));
+        }
+        if let Some(url) = &self.redis_url {
+            crate::store::redis::RedisUrl::parse(url)
+                .map_err(|e| invalid("redis_url", e.to_string()))?;
+            if self.data_dir.is_some() {
+                return Err(invalid(
+                    "redis_url",
+                    "not with data_dir: with redis_url the nodes keep their state in Redis; \
+                     remove data_dir"
+                        .to_owned(),
+                ));
+            }
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
+                || id.len() > 128
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}'))
+        {
+            return Err(invalid(
+                "node_id",
+                format!("{id:?}: 1 to 128 printable ASCII characters, no spaces or braces"),
             ));
         }
         let missing = |key: &str, with: &str| ConfigError::Missing {
@@ -869,10 +915,43 @@ mod tests {
             statistics_auth_password: Some("s3cret".to_owned()),
             data_dir: Some(PathBuf::from("/etc/push/state")),
             durability: crate::store::Durability::Relaxed(Duration::from_millis(50)),
+            redis_url: None,
+            node_id: None,
         };
         assert_eq!(c, expected);
         assert!(c.tls_enabled());
         assert_eq!(c.shard_count(), 4);
+    }
+
+    #[test]
+    fn redis_url_makes_a_node_and_excludes_data_dir() {
+        let c = ServerConfig::from_json(
+            r#"{"redis_url": "redis://:pw@10.0.0.5:6380/2", "node_id": "node-a"}"#,
+            Path::new("/"),
+        )
+        .expect("valid");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://:pw@10.0.0.5:6380/2"));
+        assert_eq!(c.node_id.as_deref(), Some("node-a"));
+        // The password never reaches a log.
+        assert!(!format!("{c:?}").contains("pw"), "{c:?}");
+        // Empty means not set, as for the other optional strings.
+        let c = ServerConfig::from_json(r#"{"redis_url": "", "node_id": null}"#, Path::new("/"))
+            .expect("valid");
+        assert_eq!((c.redis_url, c.node_id), (None, None));
+        for (json, key) in [
+            (r#"{"redis_url": "http://x"}"#, "redis_url"),
+            (
+                r#"{"redis_url": "redis://h", "data_dir": "d"}"#,
+                "redis_url",
+            ),
+            (r#"{"redis_url": "redis://h", "node_id": "a b"}"#, "node_id"),
+            (r#"{"redis_url": "redis://h", "node_id": "{x}"}"#, "node_id"),
+        ] {
+            match ServerConfig::from_json(json, Path::new("/")) {
+                Err(ConfigError::InvalidValue { key: k, .. }) => assert_eq!(k, key),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1154,13 +1233,15 @@ mod tests {
     }
 
     #[test]
-    fn embedded_default_spells_out_every_key_but_tls_and_statistics_auth() {
+    fn embedded_default_spells_out_every_key_but_tls_statistics_auth_and_redis() {
         let map: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(DEFAULT_CONFIG_JSON).expect("default.json is an object");
         for key in KNOWN_KEYS {
             let optional = key.ends_with("_pem_file") || key.starts_with("statistics_auth_");
             // The relaxed mode's interval is only read with `durability: "relaxed"`.
             let optional = optional || *key == "fsync_interval";
+            // A single node by default: the multi-node keys are left out.
+            let optional = optional || *key == "redis_url" || *key == "node_id";
             assert_eq!(map.contains_key(*key), !optional, "{key}");
         }
     }

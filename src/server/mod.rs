@@ -202,6 +202,15 @@ impl Server {
             .max_notifications_per_app(config.max_notifications_per_app)
             .placement(ShardPlacement::Auto);
         let backlog = config.broadcast_backlog;
+        if let Some(url) = &config.redis_url {
+            let mut cluster = crate::cluster::ClusterConfig::new(url, backlog);
+            if let Some(id) = &config.node_id {
+                cluster.node_id = id.clone();
+            }
+            info!(target: target::SERVER, "node {} of the service on {}", cluster.node_id,
+                crate::store::redis::RedisUrl::parse(url).map_or_else(|_| String::new(), |u| u.to_string()));
+            builder = builder.cluster(cluster);
+        }
         let mut recovered = None;
         builder = match &config.data_dir {
             // Recovery reads the logs here, before any shard runs.
@@ -270,6 +279,9 @@ impl Server {
                 }
             };
             (http_addr, device_addr) = bound;
+        }
+        if config.redis_url.is_some() {
+            wait_for_redis(&broker, n);
         }
         // Every shard is bound and can take migrated connections: log, then accept.
         info!(target: target::SERVER, "listening for http on {http_addr}");
@@ -422,6 +434,31 @@ pub(crate) struct ServerShard {
     http_open: Rc<Tally>,
 }
 
+/// Waits (a few seconds at most) until every shard has loaded the broadcast channel from
+/// Redis, so the first devices see the service's levels; a Redis that is down by then is
+/// no error (the shards keep trying, and the API answers 503 meanwhile).
+fn wait_for_redis(broker: &ShardedBroker, n: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let ready = (0..n).all(|i| {
+            block_on(
+                broker
+                    .sending()
+                    .run_on(ShardId(i), |s| s.cluster().is_some_and(|c| c.is_ready())),
+            )
+            .unwrap_or(false)
+        });
+        if ready {
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            warn!(target: target::SERVER, "redis: not reachable yet; notifies and broadcasts answer 503 until it is");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl ServerShard {
     /// Binds this shard's HTTP and device listeners (not accepting yet); the service and
     /// the addresses bound (with a configured port 0 resolved).
@@ -441,6 +478,9 @@ impl ServerShard {
         let (http_addr, http) = bind("http", http_addr)?;
         let (device_addr, devices) = bind("devices", device_addr)?;
         api_config.delivery_hosts = vec![device_addr.to_string()];
+        if let Some(cluster) = shard.cluster() {
+            cluster.advertise(api_config.delivery_hosts.clone());
+        }
         // Closed once HTTP is done: sessions end.
         let sessions_end = Rc::new(glommio::sync::Semaphore::new(0));
         let service = ServerShard {

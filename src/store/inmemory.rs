@@ -235,6 +235,16 @@ impl InMemoryPendingStore {
             .collect()
     }
 
+    /// Forgets one channel (a cache evicting a device that left).
+    pub(crate) fn remove_channel(&self, chan: &InternalChannelId) {
+        self.channels.borrow_mut().remove(chan);
+    }
+
+    /// A channel's top level (0 for an unknown one), without copying what it holds.
+    pub(crate) fn top_level(&self, chan: &InternalChannelId) -> i64 {
+        self.channels.borrow().get(chan).map_or(0, |c| c.top_level)
+    }
+
     /// Puts `state` in as one channel's whole state.
     pub(crate) fn put_channel(&self, state: ChannelState) {
         self.channels.borrow_mut().insert(

@@ -23,6 +23,7 @@ pub use channel_id::{ChannelIdError, InternalChannelId};
 pub use clock::{Clock, ManualClock, SystemClock};
 
 pub use durable::{DataDir, DataDirError, Durability, DurableStore, DurableWait, RecoveryReport};
+pub(crate) use inmemory::ChannelState;
 pub use inmemory::{DEFAULT_BROADCAST_BACKLOG, InMemoryPendingStore};
 pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
 

@@ -32,6 +32,8 @@ pub(crate) struct ShardConfig {
     pub(crate) broker_queue_size: usize,
     pub(crate) max_notifications_per_app: usize,
     pub(crate) store: StoreFactory,
+    /// With Redis: the service this node is part of (its stores are then Redis's).
+    pub(crate) cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// Builds a [`ShardedBroker`].
@@ -87,6 +89,7 @@ impl ShardedBrokerBuilder {
                 broker_queue_size: config::DEFAULT_BROKER_QUEUE_SIZE,
                 max_notifications_per_app: config::DEFAULT_MAX_NOTIFICATIONS_PER_APP,
                 store: Arc::new(|_| Rc::new(InMemoryPendingStore::new())),
+                cluster: None,
             },
             placement: ShardPlacement::Auto,
             preempt_timer: DEFAULT_PREEMPT_TIMER,
@@ -121,6 +124,14 @@ impl ShardedBrokerBuilder {
         factory: impl Fn(ShardId) -> Rc<dyn PendingStore> + Send + Sync + 'static,
     ) -> Self {
         self.config.store = Arc::new(factory);
+        self
+    }
+
+    /// Makes the broker one node of a service of many sharing the Redis of `config`:
+    /// notifies, broadcasts and registrations go through Redis, and each shard's store is
+    /// a cache of what its sessions need (the store factory is not used then).
+    pub fn cluster(mut self, config: crate::cluster::ClusterConfig) -> Self {
+        self.config.cluster = Some(config);
         self
     }
 

@@ -122,6 +122,8 @@ struct ShardCore {
     msg_prefix: String,
     next_msg: Cell<u64>,
     counters: Counters,
+    /// With Redis: this shard's part of the service of many nodes.
+    cluster: Option<Rc<crate::cluster::ClusterShard>>,
     /// The services installed on this shard, one per type ([`Shard::service`]).
     /// Borrowed only inside a method, never across `.await`.
     services: RefCell<Vec<(TypeId, Rc<dyn Any>)>>,
@@ -162,6 +164,26 @@ impl Shard {
     /// The broker's sending facet.
     pub fn sending(&self) -> &ShardedSending {
         &self.core.sending
+    }
+
+    /// With Redis: this shard's part of the service of many nodes.
+    pub(crate) fn cluster(&self) -> Option<&Rc<crate::cluster::ClusterShard>> {
+        self.core.cluster.as_ref()
+    }
+
+    /// Delivers what `chan` (a unicast channel) holds to its device's session here.
+    pub(crate) fn deliver_unicast(&self, chan: InternalChannelId) {
+        self.core.local.deliver_unicast(chan);
+    }
+
+    /// Delivers the state of broadcast channel `chan` to every session here.
+    pub(crate) async fn deliver_broadcast(&self, chan: InternalChannelId) {
+        self.core.local.deliver_broadcast(chan).await;
+    }
+
+    /// Ends session `session` of `device` if it is still the device's live one.
+    pub(crate) fn terminate_session(&self, device: &str, session: u64) {
+        self.core.local.terminate(device, session);
     }
 
     /// This shard's store: the unicast channels of its devices and its replica of the
@@ -368,11 +390,31 @@ impl Broker for Shard {
         if owner != self.id() {
             return Err(BrokerError::WrongShard { owner });
         }
-        self.core.local.register(connect, track)
+        let Some(cluster) = self.core.cluster.clone() else {
+            return self.core.local.register(connect, track);
+        };
+        // The route first, so that a notify accepted from now on is routed here; its
+        // message is held until the session is in.
+        let device: Arc<str> = Arc::from(&*connect.device_id);
+        let claimed = cluster.claim(&device).await?;
+        cluster.load(&device, &claimed);
+        match self.core.local.register(connect, track) {
+            Ok(sess) => {
+                cluster.registered(self, &device, sess.id(), claimed);
+                Ok(sess)
+            }
+            Err(e) => {
+                cluster.claim_failed(&device, &claimed);
+                Err(e)
+            }
+        }
     }
 
     fn unregister(&self, sess: &LocalSession) {
         self.core.local.unregister(sess);
+        if let Some(cluster) = &self.core.cluster {
+            cluster.unregistered(sess.device_id(), sess.id());
+        }
     }
 }
 
@@ -389,11 +431,32 @@ enum Got {
 
 /// Serves the shard until it is asked to stop; hands back its receivers for a restart.
 pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardReceivers {
-    let store = (context.config.store)(context.id);
     let nr_shards = context.config.nr_shards;
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
+    let mut msg_prefix = format!("{started:x}-{:x}-", context.id.0);
+    let (store, cluster) = match context.config.cluster.clone() {
+        None => ((context.config.store)(context.id), None),
+        Some(config) => {
+            // Message ids must be unique across the nodes: the node's id goes in them.
+            let node_tag = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                config.node_id.hash(&mut h);
+                h.finish()
+            };
+            msg_prefix = format!("{node_tag:x}-{:x}-", context.id.0);
+            match crate::cluster::ClusterShard::start(config, context.id, nr_shards) {
+                Ok((cluster, pushes)) => (cluster.store(), Some((cluster, pushes))),
+                Err(e) => {
+                    // Checked when the configuration was read: not reached in practice.
+                    warn!(target: target::BROKER, shard = %context.id, "redis: {e}; this shard keeps its store in memory");
+                    ((context.config.store)(context.id), None)
+                }
+            }
+        }
+    };
     let shard = Shard {
         core: Rc::new(ShardCore {
             id: context.id,
@@ -404,13 +467,17 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
                 meshes: context.meshes,
             }),
             sending: context.sending,
-            msg_prefix: format!("{started:x}-{:x}-", context.id.0),
+            msg_prefix,
+            cluster: cluster.as_ref().map(|(c, _)| Rc::clone(c)),
             next_msg: Cell::new(0),
             counters: Counters::default(),
             services: RefCell::new(Vec::new()),
             config: context.config,
         }),
     };
+    if let Some((cluster, pushes)) = cluster {
+        glommio::spawn_local(crate::cluster::serve(cluster, shard.clone(), pushes)).detach();
+    }
     debug!(target: target::BROKER, shard = %shard.id(), "shard running");
     let mut dirty = Dirty::new();
     'serve: loop {
@@ -453,6 +520,9 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     }
     // Whatever this shard still had to send goes now.
     shard.core.outbox.flush();
+    if let Some(cluster) = shard.cluster() {
+        cluster.close().await;
+    }
     // And whatever its store still had to write.
     if let Some(flushed) = shard.store().flush()
         && let Err(e) = flushed.await
@@ -516,6 +586,16 @@ fn handle_request(shard: &Shard, req: Request, dirty: &mut Dirty) -> bool {
             chan,
             payload,
             expiration,
+            reply,
+            ..
+        } if shard.cluster().is_some() => cluster_publish(shard, chan, payload, expiration, reply),
+        Request::Notify { req, reply } if shard.cluster().is_some() => {
+            cluster_notify(shard, req, reply);
+        }
+        Request::Publish {
+            chan,
+            payload,
+            expiration,
             deliver,
             reply,
         } => {
@@ -536,6 +616,53 @@ fn handle_request(shard: &Shard, req: Request, dirty: &mut Dirty) -> bool {
         Request::Stop => return false,
     }
     true
+}
+
+/// A broadcast through Redis: the level comes from there, and every shard of every node
+/// delivers it when it hears it.
+fn cluster_publish(
+    shard: &Shard,
+    chan: InternalChannelId,
+    payload: crate::protocol::Payload,
+    expiration: SystemTime,
+    reply: flume::Sender<Result<i64, BrokerError>>,
+) {
+    let Some(cluster) = shard.cluster().cloned() else {
+        return;
+    };
+    bump(&shard.core.counters.broadcasts);
+    glommio::spawn_local(async move {
+        let _ = reply.send(cluster.publish(&chan, &payload, expiration).await);
+    })
+    .detach();
+}
+
+/// A notify through Redis: stored there, then the device's node is told.
+fn cluster_notify(
+    shard: &Shard,
+    req: UnicastRequest,
+    reply: flume::Sender<Result<NotifyVerdict, BrokerError>>,
+) {
+    let Some(cluster) = shard.cluster().cloned() else {
+        return;
+    };
+    bump(&shard.core.counters.unicasts);
+    let msg_id = shard.next_msg_id();
+    let max = shard.core.config.max_notifications_per_app;
+    let shard = shard.clone();
+    glommio::spawn_local(async move {
+        let answer = match cluster.notify(&req, msg_id, max).await {
+            Ok((verdict, route)) => {
+                if let Some(route) = route {
+                    cluster.route(&shard, route);
+                }
+                Ok(verdict)
+            }
+            Err(e) => Err(e),
+        };
+        let _ = reply.send(answer);
+    })
+    .detach();
 }
 
 fn handle_mesh(shard: &Shard, msg: MeshMsg, dirty: &mut Dirty) {

@@ -41,7 +41,7 @@ pub(super) async fn run(shared: Rc<Shared>) {
             return;
         }
         rbuf.clear();
-        let attempt = future::or(establish(&shared, &mut rbuf), async {
+        let attempt = future::or(establish(&shared.url, &config, &mut rbuf), async {
             glommio::timer::sleep(config.connect_timeout).await;
             Err(format!("not connected within {:?}", config.connect_timeout))
         })
@@ -112,13 +112,16 @@ fn fail_pending(shared: &Shared, why: &Unavailable) {
 }
 
 /// One attempt: TCP, then `AUTH` and `SELECT` as the URL asks.
-async fn establish(shared: &Shared, rbuf: &mut Vec<u8>) -> Result<TcpStream, String> {
-    let url = &shared.url;
+pub(super) async fn establish(
+    url: &super::RedisUrl,
+    config: &super::RedisConfig,
+    rbuf: &mut Vec<u8>,
+) -> Result<TcpStream, String> {
     let addrs = resolve(&url.host, url.port).await?;
     let mut last = format!("{} resolves to no address", url.host);
     let mut connected = None;
     for addr in addrs {
-        match TcpStream::connect_timeout(addr, shared.config.connect_timeout).await {
+        match TcpStream::connect_timeout(addr, config.connect_timeout).await {
             Ok(s) => {
                 connected = Some(s);
                 break;
@@ -320,7 +323,7 @@ fn dispatch(shared: &Shared, rbuf: &mut Vec<u8>) -> Result<(), Unavailable> {
 /// far as `buf` goes. A guard, not a decoder: it follows only the headers (`*N` opens an
 /// array of N elements, `$N` skips N bytes, any other line is one element) and leaves
 /// every malformed header to the codec, which refuses it without recursing.
-fn nests_deeper_than(buf: &[u8], max: usize) -> bool {
+pub(super) fn nests_deeper_than(buf: &[u8], max: usize) -> bool {
     if buf.first() != Some(&b'*') {
         return false;
     }

@@ -44,6 +44,7 @@
 //! needs no resolution), so no lookup blocks the shard.
 
 mod conn;
+mod subscriber;
 mod url;
 
 use std::cell::{Cell, RefCell};
@@ -57,6 +58,7 @@ use redis_protocol::resp2::types::BorrowedFrame;
 use smallvec::SmallVec;
 use thiserror::Error;
 
+pub use subscriber::{Push, RedisSubscriber};
 pub use url::{DEFAULT_PORT, RedisUrl};
 
 /// A reply from Redis, other than an error reply (see [`RedisError::Reply`]).
@@ -351,6 +353,74 @@ impl RedisClient {
     /// The URL the client connects to (its password hidden when shown).
     pub fn url(&self) -> &RedisUrl {
         &self.handle.shared.url
+    }
+}
+
+/// A Lua script run with `EVALSHA`, loaded (`SCRIPT LOAD`) on first use and again when
+/// Redis answers `NOSCRIPT` (a restarted or flushed Redis forgets its scripts).
+#[derive(Debug)]
+pub struct Script {
+    body: &'static str,
+    /// Its SHA-1 as Redis gave it, once loaded.
+    sha: RefCell<Option<Vec<u8>>>,
+}
+
+impl Script {
+    /// The script with this Lua text.
+    pub const fn new(body: &'static str) -> Self {
+        Self {
+            body,
+            sha: RefCell::new(None),
+        }
+    }
+}
+
+impl RedisClient {
+    /// Runs `script` with `keys` and `args`, pipelined like any request.
+    ///
+    /// # Errors
+    /// As [`RedisClient::request`]; the script's own errors are [`RedisError::Reply`].
+    pub async fn eval(
+        &self,
+        script: &Script,
+        keys: &[&[u8]],
+        args: &[&[u8]],
+    ) -> Result<Value, RedisError> {
+        for _ in 0..2 {
+            let known = script.sha.borrow().clone();
+            let sha = match known {
+                Some(sha) => sha,
+                None => match self
+                    .request(&[b"SCRIPT", b"LOAD", script.body.as_bytes()])
+                    .await?
+                {
+                    Value::Bulk(sha) => {
+                        *script.sha.borrow_mut() = Some(sha.clone());
+                        sha
+                    }
+                    other => {
+                        return Err(Unavailable::Protocol(format!(
+                            "SCRIPT LOAD answered {other:?}"
+                        ))
+                        .into());
+                    }
+                },
+            };
+            let nkeys = keys.len().to_string();
+            let mut cmd: SmallVec<[&[u8]; 12]> = SmallVec::new();
+            cmd.extend_from_slice(&[b"EVALSHA", &sha, nkeys.as_bytes()]);
+            cmd.extend_from_slice(keys);
+            cmd.extend_from_slice(args);
+            match self.request(&cmd).await {
+                Err(RedisError::Reply(e)) if e.starts_with("NOSCRIPT") => {
+                    *script.sha.borrow_mut() = None;
+                }
+                other => return other,
+            }
+        }
+        Err(RedisError::Reply(
+            "NOSCRIPT after loading the script".into(),
+        ))
     }
 }
 

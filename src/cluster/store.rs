@@ -1,0 +1,194 @@
+//! A shard's store when the nodes share Redis: the in-memory store as a cache of what the
+//! shard's sessions need (their devices' pending notifications, its replica of the
+//! broadcast channels), whose ACK drops are written through to Redis.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::SystemTime;
+
+use super::{Scripts, millis, pending_key};
+use crate::protocol::{Notification, Payload};
+use crate::store::redis::RedisClient;
+use crate::store::{
+    DurableWait, InMemoryPendingStore, InternalChannelId, Metadata, PendingStore, ScrubCriteria,
+    StoreError, StoreFault,
+};
+
+/// The outcome of one write to Redis, awaited by whoever needs it done.
+#[derive(Default)]
+struct Completion {
+    done: Cell<Option<Result<(), StoreError>>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Completion {
+    fn finish(&self, result: Result<(), StoreError>) {
+        self.done.set(Some(result));
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    async fn wait(self: Rc<Self>) -> Result<(), StoreError> {
+        std::future::poll_fn(|cx| {
+            let done = self.done.take();
+            match done {
+                Some(result) => {
+                    self.done.set(Some(result.clone()));
+                    Poll::Ready(result)
+                }
+                None => {
+                    self.waiters.borrow_mut().push(cx.waker().clone());
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// A shard's store on a service of many nodes (see the [module](super) documentation).
+pub struct ClusterStore {
+    pub(crate) local: InMemoryPendingStore,
+    client: RedisClient,
+    scripts: Rc<Scripts>,
+    /// The last drop written through: Redis answers in order, so waiting for it waits
+    /// for every earlier one.
+    last_drop: RefCell<Option<Rc<Completion>>>,
+}
+
+impl fmt::Debug for ClusterStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterStore")
+            .field("local", &self.local)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterStore {
+    pub(crate) fn new(
+        local: InMemoryPendingStore,
+        client: RedisClient,
+        scripts: Rc<Scripts>,
+    ) -> Self {
+        Self {
+            local,
+            client,
+            scripts,
+            last_drop: RefCell::new(None),
+        }
+    }
+}
+
+fn unavailable(e: impl fmt::Display) -> StoreError {
+    StoreError::Unavailable(StoreFault::from(format!("redis: {e}")))
+}
+
+impl PendingStore for ClusterStore {
+    fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
+        self.local.register(device_id, app_id)
+    }
+
+    fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
+        self.local.unregister(device_id, app_id)
+    }
+
+    fn get_internal_channel_id_from_token(
+        &self,
+        token: &str,
+        app_id: &str,
+        user_id: &str,
+        device_id: &str,
+    ) -> Result<InternalChannelId, StoreError> {
+        self.local
+            .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
+    }
+
+    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
+        self.local.get_internal_channel_id(name)
+    }
+
+    fn append_to_channel(
+        &self,
+        chan: &InternalChannelId,
+        payload: Payload,
+        expiration: SystemTime,
+    ) -> Result<i64, StoreError> {
+        self.local.append_to_channel(chan, payload, expiration)
+    }
+
+    fn append_to_unicast_channel(
+        &self,
+        chan: &InternalChannelId,
+        notification: Notification,
+        meta: Metadata,
+    ) -> Result<(), StoreError> {
+        self.local
+            .append_to_unicast_channel(chan, notification, meta)
+    }
+
+    fn get_channel_snapshot(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>), StoreError> {
+        self.local.get_channel_snapshot(chan)
+    }
+
+    fn get_channel_unfiltered(
+        &self,
+        chan: &InternalChannelId,
+    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
+        self.local.get_channel_unfiltered(chan)
+    }
+
+    fn scrub(
+        &self,
+        chan: &InternalChannelId,
+        criteria: ScrubCriteria<'_>,
+    ) -> Result<(), StoreError> {
+        self.local.scrub(chan, criteria)
+    }
+
+    /// Drops from the cache at once and from Redis in the background; [`durable`]
+    /// (Self::durable) waits for Redis.
+    fn drop_by_msg_id(
+        &self,
+        chan: &InternalChannelId,
+        targets: &[Notification],
+    ) -> Result<(), StoreError> {
+        self.local.drop_by_msg_id(chan, targets)?;
+        let Some((user, device)) = chan.unicast_user_and_device() else {
+            return Ok(());
+        };
+        if targets.is_empty() {
+            return Ok(());
+        }
+        let key = pending_key(user, device);
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(targets.len() + 1);
+        args.push(millis(SystemTime::now()).to_string().into_bytes());
+        args.extend(targets.iter().map(|n| n.msg_id.as_bytes().to_vec()));
+        let completion = Rc::new(Completion::default());
+        *self.last_drop.borrow_mut() = Some(Rc::clone(&completion));
+        let client = self.client.clone();
+        let scripts = Rc::clone(&self.scripts);
+        glommio::spawn_local(async move {
+            let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let result = client
+                .eval(&scripts.drop, &[&key], &args)
+                .await
+                .map(drop)
+                .map_err(unavailable);
+            completion.finish(result);
+        })
+        .detach();
+        Ok(())
+    }
+
+    fn durable(&self) -> Option<DurableWait> {
+        let last = self.last_drop.borrow().clone()?;
+        Some(Box::pin(last.wait()))
+    }
+}
