@@ -653,3 +653,142 @@ fn a_notify_the_server_never_answers_is_reported() {
         assert_eq!(run.count(key), 0, "{key}\n{run}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Against several nodes
+// ---------------------------------------------------------------------------------------
+
+/// A pushbroker of its own, with no shared store: a standalone node, which knows only
+/// the devices connected to it.
+fn standalone_node() -> ServerProcess {
+    ServerProcess::start(&serde_json::json!({
+        "addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+    }))
+}
+
+/// The sessions `node` holds now, as its `/stats` counts them.
+fn sessions_on(node: &ServerProcess) -> u64 {
+    let stats = http(node.http_addr, "GET", "/stats", &[], b"");
+    stats.json()["totals"]["sessions"].as_u64().unwrap_or(0)
+}
+
+/// Runs pushload with `args` on a thread of its own, and meanwhile the most sessions
+/// each of `nodes` held at once.
+fn pushload_watching(args: Vec<String>, nodes: &[&ServerProcess]) -> (Run, Vec<u64>) {
+    let run = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        pushload(&args)
+    });
+    let mut most = vec![0; nodes.len()];
+    while !run.is_finished() {
+        for (most, node) in most.iter_mut().zip(nodes) {
+            *most = (*most).max(sessions_on(node));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (run.join().expect("the pushload thread"), most)
+}
+
+/// Two standalone nodes, given as comma-separated lists: `idle` from two worker
+/// processes puts session i on node i mod 2, so each node holds half, and the server
+/// CPU is the two processes' together.
+#[test]
+fn sessions_spread_evenly_over_two_nodes() {
+    let (a, b) = (standalone_node(), standalone_node());
+    let args = [
+        "--devices".to_owned(),
+        format!("{},{}", a.device_addr, b.device_addr),
+        "--api".to_owned(),
+        format!("http://{},http://{}", a.http_addr, b.http_addr),
+        "--pid".to_owned(),
+        format!("{},{}", a.pid(), b.pid()),
+        "--scenario".to_owned(),
+        "idle".to_owned(),
+        "--idle-secs".to_owned(),
+        "3".to_owned(),
+        "--sessions".to_owned(),
+        "100".to_owned(),
+        "--workers".to_owned(),
+        "2".to_owned(),
+        "--timeout-secs".to_owned(),
+        "20".to_owned(),
+    ];
+    let (run, most) = pushload_watching(args.to_vec(), &[&a, &b]);
+    run.assert_ok();
+    assert_eq!(run.count("sessions"), 100, "{run}");
+    assert_eq!(most, [50, 50], "sessions each node held\n{run}");
+    let devices = [a.device_addr.to_string(), b.device_addr.to_string()];
+    assert_eq!(run.result["devices"], serde_json::json!(devices), "{run}");
+    assert_eq!(
+        run.result["pids"],
+        serde_json::json!([a.pid(), b.pid()]),
+        "{run}"
+    );
+    let per_pid: Vec<f64> = run.result["server_cpu_s_per_pid"]
+        .as_array()
+        .unwrap_or_else(|| panic!("server_cpu_s_per_pid is not a list\n{run}"))
+        .iter()
+        .map(|v| v.as_f64().unwrap_or_else(|| panic!("not a number\n{run}")))
+        .collect();
+    assert_eq!(per_pid.len(), 2, "{run}");
+    let total = run.result["server_cpu_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("server_cpu_s is not a number\n{run}"));
+    assert!(
+        (total - per_pid.iter().sum::<f64>()).abs() < 1e-3,
+        "server_cpu_s is not the sum per pid\n{run}"
+    );
+}
+
+/// Two standalone nodes, given as repeated options: churn with `--api-spread
+/// same-node` sends each notify to the node its device is on, and a standalone node
+/// delivers only to its own devices, so every notify arrives only if each device
+/// reconnects to its own node, from either worker process.
+#[test]
+fn churned_devices_come_back_to_their_own_node() {
+    let (a, b) = (standalone_node(), standalone_node());
+    let (devices_a, devices_b) = (a.device_addr.to_string(), b.device_addr.to_string());
+    let (api_a, api_b) = (
+        format!("http://{}", a.http_addr),
+        format!("http://{}", b.http_addr),
+    );
+    let run = pushload(&[
+        "--devices",
+        &devices_a,
+        "--devices",
+        &devices_b,
+        "--api",
+        &api_a,
+        "--api",
+        &api_b,
+        "--api-spread",
+        "same-node",
+        "--scenario",
+        "churn",
+        "--sessions",
+        "40",
+        "--notifies",
+        "200",
+        "--churn-rate",
+        "50",
+        "--workers",
+        "2",
+        "--timeout-secs",
+        "20",
+    ]);
+    run.assert_ok();
+    assert_eq!(run.count("expected"), 200, "{run}");
+    assert_eq!(run.count("deliveries"), 200, "{run}");
+    assert!(run.count("reconnects") > 0, "no device reconnected\n{run}");
+    assert_eq!(run.result["api_spread"], "same-node", "{run}");
+    let calls: Vec<u64> = run.result["api_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("api_calls is not a list\n{run}"))
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert_eq!(calls.len(), 2, "{run}");
+    assert_eq!(calls.iter().sum::<u64>(), 200, "{run}");
+    assert!(calls.iter().all(|&c| c > 0), "a node got no notify\n{run}");
+}

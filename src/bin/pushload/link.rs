@@ -20,8 +20,9 @@ pub(crate) struct WorkerSpec {
     pub(crate) count: u32,
     /// Executor threads in this worker.
     pub(crate) threads: u32,
-    /// The server's device listener.
-    pub(crate) devices: SocketAddr,
+    /// The servers' device listeners: device i connects to the (i mod n)-th
+    /// ([`crate::target::device_addr`]).
+    pub(crate) devices: Vec<SocketAddr>,
     /// Devices speak TLS, trusting this CA (PEM).
     pub(crate) tls_ca: Option<PathBuf>,
     /// This run's mark in device ids and payloads.

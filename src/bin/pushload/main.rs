@@ -1,10 +1,11 @@
 //! `pushload`: the load generator for servers speaking the Ubuntu Push protocol.
 //!
 //! It starts the server (`--server 'CMD ARGS'`, given a generated configuration file as
-//! its last argument) or attaches to a running one (`--devices HOST:PORT --api URL`),
-//! connects `--sessions` devices from worker processes, drives a scenario through the
-//! HTTP API, checks every delivery (right device, right payload, nothing missing, nothing
-//! twice), and reports latency and the CPU and memory the server and pushload spent:
+//! its last argument) or attaches to running ones (`--devices HOST:PORT --api URL`, each
+//! a comma-separated list for several nodes), connects `--sessions` devices from worker
+//! processes, drives a scenario through the HTTP API, checks every delivery (right
+//! device, right payload, nothing missing, nothing twice), and reports latency and the
+//! CPU and memory the server and pushload spent:
 //!
 //! ```text
 //! pushload --server target/release/pushbroker --sessions 5000 --scenario broadcast --json out.json
@@ -42,15 +43,33 @@ pub(crate) struct Options {
     /// at the end.
     #[arg(long, conflicts_with_all = ["devices", "api"])]
     server: Option<String>,
-    /// Attach to a running server's device listener.
-    #[arg(long, requires = "api")]
-    devices: Option<SocketAddr>,
-    /// The running server's HTTP API (`http://HOST:PORT`).
-    #[arg(long, requires = "devices")]
-    api: Option<String>,
-    /// With --devices: the server's process id, to measure its CPU and memory.
-    #[arg(long, requires = "devices")]
-    pid: Option<u32>,
+    /// Attach to a running server's device listener; several nodes' listeners
+    /// comma-separated or repeated: session i connects to the (i mod n)-th, and
+    /// reconnects there.
+    #[arg(
+        long,
+        requires = "api",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    devices: Vec<SocketAddr>,
+    /// The running server's HTTP API (`http://HOST:PORT`); several nodes' APIs
+    /// comma-separated or repeated, used as --api-spread says. With two nodes A and B,
+    /// `--devices B --api A` measures cross-node delivery and `--devices A --api A`
+    /// same-node.
+    #[arg(long, requires = "devices", value_delimiter = ',', value_name = "URL")]
+    api: Vec<String>,
+    /// How notifies are spread over the --api URLs: `round-robin` sends notify k to the
+    /// (k mod m)-th; `same-node` sends a notify to the API listed at the same place as
+    /// its device's --devices address (the same node), `cross-node` to the one listed
+    /// next (another node); both need as many --api as --devices. Broadcasts always go
+    /// to each API in turn.
+    #[arg(long, value_enum, default_value_t = ApiSpread::RoundRobin)]
+    api_spread: ApiSpread,
+    /// With --devices: the server's process id, to measure its CPU and memory; several
+    /// nodes' pids comma-separated or repeated, their CPU and memory summed.
+    #[arg(long, requires = "devices", value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Device sessions.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     sessions: u32,
@@ -127,6 +146,28 @@ pub(crate) enum Scenario {
     Unicast,
     /// Unicast while sessions disconnect and reconnect.
     Churn,
+}
+
+/// How API calls are spread over several `--api` URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum ApiSpread {
+    /// Call k goes to the (k mod m)-th API.
+    RoundRobin,
+    /// A notify goes to the API of the node its device is connected to.
+    SameNode,
+    /// A notify goes to the API of the node after its device's.
+    CrossNode,
+}
+
+impl ApiSpread {
+    /// The spread's name on the command line.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ApiSpread::RoundRobin => "round-robin",
+            ApiSpread::SameNode => "same-node",
+            ApiSpread::CrossNode => "cross-node",
+        }
+    }
 }
 
 impl Scenario {

@@ -1,6 +1,7 @@
 //! The result of a run: one JSON object (`--json FILE`) and a short table.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -74,6 +75,20 @@ pub(crate) struct Report {
     pub(crate) client_cpu_s: f64,
     /// The coordinator's share of `client_cpu_s` (the rest is the device workers').
     pub(crate) coordinator_cpu_s: f64,
+    /// The device listeners the sessions were spread over (session i on the
+    /// (i mod n)-th).
+    pub(crate) devices: Vec<SocketAddr>,
+    /// The APIs the calls were spread over.
+    pub(crate) apis: Vec<String>,
+    /// How notifies were spread over `apis` (`--api-spread`).
+    pub(crate) api_spread: String,
+    /// API calls made (notifies and broadcasts), per API in `apis` order.
+    pub(crate) api_calls: Vec<u64>,
+    /// The server processes measured; `server_cpu_s` and the RSS figures are their sums.
+    pub(crate) pids: Vec<u32>,
+    /// Each server process's share of `server_cpu_s`, in `pids` order (`null` where its
+    /// CPU could not be read).
+    pub(crate) server_cpu_s_per_pid: Vec<Option<f64>>,
 }
 
 impl Report {
@@ -109,6 +124,12 @@ impl Report {
             server_cpu_s: None,
             client_cpu_s: 0.0,
             coordinator_cpu_s: 0.0,
+            devices: Vec::new(),
+            apis: Vec::new(),
+            api_spread: String::new(),
+            api_calls: Vec::new(),
+            pids: Vec::new(),
+            server_cpu_s_per_pid: Vec::new(),
         }
     }
 
@@ -149,6 +170,32 @@ impl Report {
                 self.errors
             ),
         );
+        let list = |items: Vec<String>| {
+            if items.is_empty() {
+                "-".to_owned()
+            } else {
+                items.join(", ")
+            }
+        };
+        row(
+            "server",
+            format!(
+                "devices {}; API {}; pids {}",
+                list(self.devices.iter().map(ToString::to_string).collect()),
+                list(self.apis.clone()),
+                list(self.pids.iter().map(ToString::to_string).collect()),
+            ),
+        );
+        if self.apis.len() > 1 {
+            row(
+                "API calls",
+                format!(
+                    "{} ({})",
+                    list(self.api_calls.iter().map(ToString::to_string).collect()),
+                    self.api_spread
+                ),
+            );
+        }
         row("latency ms", pct(self.latency_ms));
         if self.round_ms.is_some() {
             row("broadcast round ms", pct(self.round_ms));
@@ -186,6 +233,12 @@ impl Report {
                 self.coordinator_cpu_s
             ),
         );
+        if self.pids.len() > 1 {
+            row(
+                "server CPU s per pid",
+                list(self.server_cpu_s_per_pid.iter().map(|s| num(*s)).collect()),
+            );
+        }
         for p in &self.problems {
             row("problem", p.clone());
         }

@@ -18,7 +18,7 @@ use crate::http::ApiClient;
 use crate::link::{self, Command, Event, FromWorker, Receipt, ReceiptKind, WorkerSpec};
 use crate::procfs::{self, now_ns};
 use crate::report::{Percentiles, Report};
-use crate::target::Target;
+use crate::target::{Spread, Target, sum_known};
 use crate::wire;
 use crate::{Options, Scenario};
 
@@ -143,6 +143,8 @@ struct Tally {
     unfinished: bool,
     /// The first few problems, in words.
     problems: Vec<String>,
+    /// API calls made, per API (notifies and broadcasts).
+    api_calls: Vec<u64>,
     /// POST to delivery, per delivery, in µs.
     latency_us: Histogram<u64>,
     /// The live progress bar (hidden when stderr is not a terminal).
@@ -343,7 +345,10 @@ impl Coordinator {
 /// CPU, memory and time at the edges of a measured phase.
 struct Meter {
     at_ns: u64,
+    /// The server processes' CPU, summed when each is known.
     server_cpu_us: Option<u64>,
+    /// Each server process's CPU, in `--pid` order.
+    server_cpu_us_each: Vec<Option<u64>>,
     client_cpu_us: u64,
     /// This process's share of `client_cpu_us`.
     coordinator_cpu_us: u64,
@@ -353,9 +358,11 @@ impl Meter {
     /// Reads the clocks and CPU times now.
     async fn read(c: &mut Coordinator, target: &Target, deadline_ns: u64) -> Result<Self> {
         let client_cpu_us = c.client_cpu_us(deadline_ns).await?;
+        let server_cpu_us_each = target.cpu_us_each();
         Ok(Meter {
             at_ns: now_ns(),
-            server_cpu_us: target.cpu_us(),
+            server_cpu_us: sum_known(&server_cpu_us_each),
+            server_cpu_us_each,
             client_cpu_us,
             coordinator_cpu_us: procfs::cpu_us(std::process::id()).unwrap_or(0),
         })
@@ -366,17 +373,30 @@ impl Meter {
 pub(crate) fn run(opts: &Options) -> Result<Report> {
     let dir = scratch_dir()?;
     let timeout = Duration::from_secs(opts.timeout_secs);
-    let mut target = match (&opts.server, opts.devices, &opts.api) {
-        (Some(cmd), _, _) => Target::launch(cmd, opts.tls, &opts.server_config, &dir, timeout)?,
-        (None, Some(devices), Some(api)) => {
+    let mut target = match &opts.server {
+        Some(cmd) => Target::launch(
+            cmd,
+            opts.tls,
+            &opts.server_config,
+            &dir,
+            opts.api_spread,
+            timeout,
+        )?,
+        None if !opts.devices.is_empty() && !opts.api.is_empty() => {
             if opts.tls && opts.ca.is_none() {
                 bail!(
                     "--tls with --devices needs --ca FILE, the CA the server's certificate chains to"
                 );
             }
-            Target::attach(devices, api, opts.pid, opts.ca.clone())
+            Target::attach(
+                &opts.devices,
+                &opts.api,
+                opts.api_spread,
+                &opts.pid,
+                opts.ca.clone(),
+            )?
         }
-        _ => bail!("give --server 'CMD ARGS', or --devices HOST:PORT with --api URL"),
+        None => bail!("give --server 'CMD ARGS', or --devices HOST:PORT with --api URL"),
     };
     if let Some(pid) = target.started_pid() {
         stop_server_on_signals(pid, dir.clone())?;
@@ -447,7 +467,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
                 first,
                 count: n / k + u32::from(i < n % k),
                 threads,
-                devices: target.devices,
+                devices: target.devices.clone(),
                 tls_ca: if opts.tls { target.ca.clone() } else { None },
                 nonce: nonce.clone(),
                 connect_concurrency: (opts.connect_concurrency / k).max(1),
@@ -484,6 +504,7 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
         errors: 0,
         unfinished: false,
         problems: Vec::new(),
+        api_calls: vec![0; target.apis.len()],
         latency_us: histogram(),
         progress: progress.clone(),
     }));
@@ -525,6 +546,10 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     let connected = c.connected_ok;
     let connect_s = (m1.at_ns - m0.at_ns) as f64 / 1e9;
     let mut report = Report::new(opts, k);
+    report.devices.clone_from(&target.devices);
+    report.apis.clone_from(&target.apis);
+    report.api_spread = target.spread.mode().name().to_owned();
+    report.pids.clone_from(&target.pids);
     report.sessions = connected;
     report.connects_per_s = (connected > 0).then(|| f64::from(connected) / connect_s);
     report.server_cpu_us_per_connect = per(cpu_delta(&m0, &m1), u64::from(connected));
@@ -572,6 +597,13 @@ async fn drive(opts: &Options, target: &mut Target) -> Result<Report> {
     report.problems = t.problems.clone();
     report.phase_s = (end.at_ns - start.at_ns) as f64 / 1e9;
     report.server_cpu_s = cpu_delta(&start, &end).map(|us| us as f64 / 1e6);
+    report.server_cpu_s_per_pid = start
+        .server_cpu_us_each
+        .iter()
+        .zip(&end.server_cpu_us_each)
+        .map(|(a, b)| Some(b.as_ref()?.saturating_sub(*a.as_ref()?) as f64 / 1e6))
+        .collect();
+    report.api_calls.clone_from(&t.api_calls);
     let client_cpu_us = end.client_cpu_us.saturating_sub(start.client_cpu_us);
     report.client_cpu_s = client_cpu_us as f64 / 1e6;
     report.coordinator_cpu_s = end
@@ -670,7 +702,7 @@ async fn broadcast(p: &Phase<'_>, c: &mut Coordinator, report: &mut Report) -> R
     progress.set_message("broadcast");
     progress.set_position(0);
     progress.set_length(b as u64 * u64::from(connected));
-    let mut api = ApiClient::new(&target.api)?;
+    let mut apis = api_clients(target)?;
     // Broadcasts stay live an hour: long enough for the run, short enough not to
     // pile up on a server that runs on.
     let bcast_expiry = (time::OffsetDateTime::now_utc() + time::Duration::hours(1))
@@ -682,8 +714,18 @@ async fn broadcast(p: &Phase<'_>, c: &mut Coordinator, report: &mut Report) -> R
             r#"{{"channel":"system","expire_on":"{bcast_expiry}","data":{}}}"#,
             wire::broadcast_data(nonce, i as u32)
         );
-        tally.borrow_mut().bcast_post_ns[i] = now_ns();
-        tally.borrow_mut().bcast_posted[i] = true;
+        let at = target.spread.broadcast(i);
+        let Some(api) = apis.get_mut(at) else {
+            bail!("no API for broadcast {i}");
+        };
+        {
+            let mut t = tally.borrow_mut();
+            t.bcast_post_ns[i] = now_ns();
+            t.bcast_posted[i] = true;
+            if let Some(calls) = t.api_calls.get_mut(at) {
+                *calls += 1;
+            }
+        }
         match api.post_within(timeout, "/broadcast", body).await {
             Ok(a) if a.status == 200 => {}
             Ok(a) => {
@@ -784,9 +826,10 @@ async fn notifies(
     };
     let pace = Rc::new(pace);
     for _ in 0..opts.concurrency.max(1) {
-        let api = ApiClient::new(&target.api)?;
+        let apis = api_clients(target)?;
         tokio::task::spawn_local(post_notifies(
-            api,
+            apis,
+            target.spread,
             Rc::clone(tally),
             Rc::clone(&pace),
             Rc::clone(&c.answered),
@@ -840,6 +883,11 @@ async fn notifies(
     Ok(end)
 }
 
+/// A keep-alive client for each of the target's APIs, in their order.
+fn api_clients(target: &Target) -> Result<Vec<ApiClient>> {
+    target.apis.iter().map(|a| ApiClient::new(a)).collect()
+}
+
 /// Server CPU between two readings, when both are known.
 fn cpu_delta(a: &Meter, b: &Meter) -> Option<u64> {
     Some(b.server_cpu_us?.saturating_sub(a.server_cpu_us?))
@@ -868,7 +916,8 @@ struct Pace {
 /// One keep-alive client's share of the notifies: takes the next number until none is
 /// left, waits for its time when paced, and records each answer.
 async fn post_notifies(
-    mut api: ApiClient,
+    mut apis: Vec<ApiClient>,
+    spread: Spread,
     tally: Rc<RefCell<Tally>>,
     pace: Rc<Pace>,
     answered: Rc<Notify>,
@@ -887,13 +936,23 @@ async fn post_notifies(
         if let Some(interval) = pace.interval {
             tokio::time::sleep_until(pace.start + interval * n as u32).await;
         }
+        let at = spread.notify(n, device);
         let id = wire::device_id(&nonce, device);
         let body = format!(
             r#"{{"appid":"{APP_ID}","userid":"{id}","deviceid":"{id}","expire_on":"{EXPIRE_ON}","data":{}}}"#,
             wire::notify_data(&nonce, n as u32, device)
         );
-        tally.borrow_mut().notify_post_ns[n] = now_ns();
-        let answer = api.post_within(pace.timeout, "/notify", body).await;
+        {
+            let mut t = tally.borrow_mut();
+            t.notify_post_ns[n] = now_ns();
+            if let Some(calls) = t.api_calls.get_mut(at) {
+                *calls += 1;
+            }
+        }
+        let answer = match apis.get_mut(at) {
+            Some(api) => api.post_within(pace.timeout, "/notify", body).await,
+            None => Err(anyhow::anyhow!("no API number {at}")),
+        };
         let mut t = tally.borrow_mut();
         t.notify_answered += 1;
         match answer {

@@ -1,5 +1,7 @@
 //! The server under load: started by pushload (`--server`) or already running
-//! (`--devices`/`--api`).
+//! (`--devices`/`--api`), perhaps as several nodes sharing one store: then sessions are
+//! spread over the nodes' device listeners ([`device_addr`]), API calls over their APIs
+//! ([`Spread`]), and CPU and memory are summed over their processes.
 //!
 //! A started server gets a configuration file with the original server's keys (both
 //! listeners on port 0 of 127.0.0.1, and with TLS a certificate for `push-delivery` signed
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+use crate::ApiSpread;
 use crate::procfs;
 
 /// The server name device certificates are made for, as deployed devices expect it.
@@ -26,12 +29,16 @@ pub(crate) const TLS_SERVER_NAME: &str = "push-delivery";
 /// Where the server is and how to watch it.
 #[derive(Debug)]
 pub(crate) struct Target {
-    /// The device listener.
-    pub(crate) devices: SocketAddr,
-    /// The HTTP API's base URL, without a trailing slash (`http://host:port`).
-    pub(crate) api: String,
-    /// The server's process, when known: CPU and memory come from its `/proc` entry.
-    pub(crate) pid: Option<u32>,
+    /// The device listeners, one per node: session i connects to the (i mod n)-th.
+    pub(crate) devices: Vec<SocketAddr>,
+    /// The HTTP APIs' base URLs, without a trailing slash (`http://host:port`), one per
+    /// node.
+    pub(crate) apis: Vec<String>,
+    /// How API calls are spread over [`Target::apis`].
+    pub(crate) spread: Spread,
+    /// The server processes, when known: CPU and memory come from their `/proc` entries
+    /// and are summed.
+    pub(crate) pids: Vec<u32>,
     /// The CA certificate (PEM) devices trust; `None` when they verify nothing.
     pub(crate) ca: Option<PathBuf>,
     child: Option<Child>,
@@ -41,22 +48,97 @@ pub(crate) struct Target {
 /// How many of the server's last stderr lines are kept to explain a failure.
 const TAIL_LINES: usize = 20;
 
-impl Target {
-    /// A server that is already running.
-    pub(crate) fn attach(
-        devices: SocketAddr,
-        api: &str,
-        pid: Option<u32>,
-        ca: Option<PathBuf>,
-    ) -> Self {
-        Target {
+/// The device address session `index` connects to, every time: the (index mod n)-th of
+/// `devices`. `None` when there is none.
+pub(crate) fn device_addr(devices: &[SocketAddr], index: u32) -> Option<SocketAddr> {
+    let n = devices.len();
+    (n > 0).then(|| devices[index as usize % n])
+}
+
+/// Which API each call goes to, as indexes into [`Target::apis`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Spread {
+    mode: ApiSpread,
+    apis: usize,
+    devices: usize,
+}
+
+impl Spread {
+    /// The spread of `mode` over `apis` APIs for devices on `devices` addresses. The
+    /// same-node and cross-node spreads pair the i-th API with the i-th device address,
+    /// so they need as many of each; cross-node needs two nodes at least.
+    pub(crate) fn new(mode: ApiSpread, apis: usize, devices: usize) -> Result<Self> {
+        if apis == 0 || devices == 0 {
+            bail!("no --api or no --devices address");
+        }
+        if mode != ApiSpread::RoundRobin && apis != devices {
+            bail!(
+                "--api-spread {} pairs each --api with the --devices address at its place: \
+                 give as many of each (got {apis} and {devices})",
+                mode.name()
+            );
+        }
+        if mode == ApiSpread::CrossNode && apis < 2 {
+            bail!("--api-spread cross-node needs two nodes or more");
+        }
+        Ok(Spread {
+            mode,
+            apis,
             devices,
-            api: api.trim_end_matches('/').to_owned(),
-            pid,
+        })
+    }
+
+    /// The spread's mode.
+    pub(crate) fn mode(self) -> ApiSpread {
+        self.mode
+    }
+
+    /// The API notify `k` (counting from 0) for device `device` goes to.
+    pub(crate) fn notify(self, k: usize, device: u32) -> usize {
+        let node = device as usize % self.devices;
+        match self.mode {
+            ApiSpread::RoundRobin => k % self.apis,
+            ApiSpread::SameNode => node % self.apis,
+            ApiSpread::CrossNode => (node + 1) % self.apis,
+        }
+    }
+
+    /// The API broadcast `k` (counting from 0) goes to: each in turn, whatever the mode
+    /// (a broadcast is for every device, on every node).
+    pub(crate) fn broadcast(self, k: usize) -> usize {
+        k % self.apis
+    }
+}
+
+/// The sum of `figures`, when there is at least one and each is known.
+pub(crate) fn sum_known(figures: &[Option<u64>]) -> Option<u64> {
+    if figures.is_empty() {
+        return None;
+    }
+    figures.iter().copied().sum()
+}
+
+impl Target {
+    /// Servers that are already running: one or several nodes.
+    pub(crate) fn attach(
+        devices: &[SocketAddr],
+        apis: &[String],
+        spread: ApiSpread,
+        pids: &[u32],
+        ca: Option<PathBuf>,
+    ) -> Result<Self> {
+        Ok(Target {
+            devices: devices.to_vec(),
+            apis: apis
+                .iter()
+                .map(|a| a.trim_end_matches('/').to_owned())
+                .collect(),
+            spread: Spread::new(spread, apis.len(), devices.len())?,
+            pids: pids.to_vec(),
             ca,
             child: None,
             tail: Arc::default(),
-        }
+        })
     }
 
     /// Starts `command` (whitespace-separated words) with a generated configuration as its
@@ -66,8 +148,10 @@ impl Target {
         tls: bool,
         extra: &serde_json::Map<String, serde_json::Value>,
         dir: &Path,
+        spread: ApiSpread,
         wait: Duration,
     ) -> Result<Self> {
+        let spread = Spread::new(spread, 1, 1)?;
         let mut words = command.split_whitespace();
         let Some(program) = words.next() else {
             bail!("--server needs a command");
@@ -121,9 +205,10 @@ impl Target {
             .context("cannot start a thread")?;
 
         let mut target = Target {
-            devices: unspecified(),
-            api: String::new(),
-            pid: Some(pid),
+            devices: Vec::new(),
+            apis: Vec::new(),
+            spread,
+            pids: vec![pid],
             ca,
             child: Some(child),
             tail,
@@ -141,8 +226,8 @@ impl Target {
             }
         }
         if let (Some(http), Some(devices)) = (http, devices) {
-            target.api = format!("http://{http}");
-            target.devices = devices;
+            target.apis = vec![format!("http://{http}")];
+            target.devices = vec![devices];
         }
         Ok(target)
     }
@@ -160,14 +245,16 @@ impl Target {
         }
     }
 
-    /// The server's CPU time so far (µs), when it is known.
-    pub(crate) fn cpu_us(&self) -> Option<u64> {
-        self.pid.and_then(|p| procfs::cpu_us(p).ok())
+    /// Each server process's CPU time so far (µs), in `--pid` order; `None` for one
+    /// whose time cannot be read. [`sum_known`] of them is the server's.
+    pub(crate) fn cpu_us_each(&self) -> Vec<Option<u64>> {
+        self.pids.iter().map(|&p| procfs::cpu_us(p).ok()).collect()
     }
 
-    /// The server's resident memory (KiB), when it is known.
+    /// The server processes' resident memory (KiB), summed, when each is known.
     pub(crate) fn rss_kb(&self) -> Option<u64> {
-        self.pid.and_then(|p| procfs::rss_kb(p).ok())
+        let each: Vec<Option<u64>> = self.pids.iter().map(|&p| procfs::rss_kb(p).ok()).collect();
+        sum_known(&each)
     }
 
     /// Whether a server pushload started has exited.
@@ -200,11 +287,6 @@ impl Drop for Target {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A placeholder address until the server says where it listens.
-fn unspecified() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 0))
 }
 
 /// A listening line of the server's log.
@@ -291,5 +373,101 @@ mod tests {
             Some("127.0.0.1:9090".parse().unwrap())
         );
         assert_eq!(listening_addr(line, "INFO listening for http on "), None);
+    }
+
+    #[test]
+    fn sessions_go_round_robin_over_the_device_addresses() {
+        let a: SocketAddr = "127.0.0.1:7001".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:7002".parse().unwrap();
+        let c: SocketAddr = "[::1]:7003".parse().unwrap();
+        assert_eq!(device_addr(&[a], 0), Some(a));
+        assert_eq!(device_addr(&[a], 12_345), Some(a));
+        let three = [a, b, c];
+        let got: Vec<_> = (0..7).filter_map(|i| device_addr(&three, i)).collect();
+        assert_eq!(got, [a, b, c, a, b, c, a]);
+        // The last index there is still maps, and each address gets its share.
+        assert_eq!(
+            device_addr(&three, u32::MAX),
+            Some(three[u32::MAX as usize % 3])
+        );
+        let on_b = (0..300)
+            .filter(|&i| device_addr(&three, i) == Some(b))
+            .count();
+        assert_eq!(on_b, 100);
+        assert_eq!(device_addr(&[], 3), None);
+    }
+
+    #[test]
+    fn round_robin_sends_call_k_to_api_k_mod_m() {
+        let s = Spread::new(ApiSpread::RoundRobin, 3, 2).unwrap();
+        let notifies: Vec<_> = (0..7).map(|k| s.notify(k, 1)).collect();
+        assert_eq!(notifies, [0, 1, 2, 0, 1, 2, 0]);
+        let broadcasts: Vec<_> = (0..4).map(|k| s.broadcast(k)).collect();
+        assert_eq!(broadcasts, [0, 1, 2, 0]);
+        // One API takes everything, as before there were several.
+        let one = Spread::new(ApiSpread::RoundRobin, 1, 1).unwrap();
+        assert!((0..10).all(|k| one.notify(k, k as u32 * 7) == 0 && one.broadcast(k) == 0));
+    }
+
+    #[test]
+    fn same_node_and_cross_node_follow_the_device_address() {
+        let same = Spread::new(ApiSpread::SameNode, 3, 3).unwrap();
+        let cross = Spread::new(ApiSpread::CrossNode, 3, 3).unwrap();
+        let devices =
+            ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"].map(|a| a.parse::<SocketAddr>().unwrap());
+        for device in 0..30u32 {
+            let node = devices
+                .iter()
+                .position(|&a| device_addr(&devices, device) == Some(a))
+                .unwrap();
+            for k in [0, 1, 2, 5] {
+                assert_eq!(same.notify(k, device), node, "device {device}");
+                assert_eq!(cross.notify(k, device), (node + 1) % 3, "device {device}");
+            }
+        }
+        // Broadcasts still take each API in turn.
+        assert_eq!(
+            (0..4).map(|k| cross.broadcast(k)).collect::<Vec<_>>(),
+            [0, 1, 2, 0]
+        );
+    }
+
+    #[test]
+    fn pairing_spreads_need_matching_lists() {
+        assert!(Spread::new(ApiSpread::SameNode, 2, 3).is_err());
+        assert!(Spread::new(ApiSpread::CrossNode, 1, 1).is_err());
+        assert!(Spread::new(ApiSpread::CrossNode, 2, 2).is_ok());
+        assert!(Spread::new(ApiSpread::RoundRobin, 2, 3).is_ok());
+        assert!(Spread::new(ApiSpread::RoundRobin, 0, 1).is_err());
+    }
+
+    #[test]
+    fn figures_of_several_processes_add_up_only_when_all_are_known() {
+        assert_eq!(sum_known(&[Some(3)]), Some(3));
+        assert_eq!(sum_known(&[Some(3), Some(4)]), Some(7));
+        assert_eq!(sum_known(&[Some(3), None]), None);
+        assert_eq!(sum_known(&[]), None);
+    }
+
+    #[test]
+    fn measures_several_processes_summed() {
+        let me = std::process::id();
+        let target = Target::attach(
+            &["127.0.0.1:1".parse().unwrap()],
+            &["http://127.0.0.1:2/".to_owned()],
+            ApiSpread::RoundRobin,
+            &[me, me],
+            None,
+        )
+        .unwrap();
+        assert_eq!(target.apis, ["http://127.0.0.1:2"]);
+        let each = target.cpu_us_each();
+        assert_eq!(each.len(), 2);
+        assert!(each.iter().all(Option::is_some));
+        let sum = sum_known(&target.cpu_us_each()).unwrap();
+        // Two readings of one process, a moment apart: the sum is about twice one.
+        assert!(sum >= 2 * each[0].unwrap(), "{sum} vs {each:?}");
+        let one = procfs::rss_kb(me).unwrap();
+        assert!(target.rss_kb().unwrap() >= one);
     }
 }

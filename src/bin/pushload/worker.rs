@@ -26,7 +26,7 @@ use tokio_rustls::rustls;
 use crate::link::{self, Command, Event, Receipt, ReceiptKind, WorkerSpec};
 use crate::procfs::{self, now_ns};
 use crate::steady::{self, Handed};
-use crate::target::TLS_SERVER_NAME;
+use crate::target::{TLS_SERVER_NAME, device_addr};
 use crate::wire::{self, Kind, Markers};
 
 /// Devices per loopback source address (each address has its own ephemeral ports).
@@ -456,7 +456,10 @@ async fn connect(
     hello: &[u8],
 ) -> std::io::Result<(Stream, Buffer)> {
     let spec = &t.spec.spec;
-    let socket = if spec.devices.is_ipv4() {
+    // The same address on every reconnection: the device stays on its node.
+    let addr = device_addr(&spec.devices, index)
+        .ok_or_else(|| std::io::Error::other("no device address to connect to"))?;
+    let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
@@ -465,14 +468,14 @@ async fn connect(
     lighten(&socket);
     // Spread over loopback addresses when the server is on loopback; elsewhere the
     // kernel picks the source.
-    if spec.devices.is_ipv4() && spec.devices.ip().is_loopback() {
+    if addr.is_ipv4() && addr.ip().is_loopback() {
         let source = source_addr(index, generation);
         if socket.bind(source).is_err() {
             // The port is taken (something else listens on it): let the kernel pick one.
             socket.bind(SocketAddr::new(source.ip(), 0))?;
         }
     }
-    let tcp = socket.connect(spec.devices).await?;
+    let tcp = socket.connect(addr).await?;
     tcp.set_nodelay(true)?;
     let mut buf = Buffer::new();
     match &t.spec.tls {
