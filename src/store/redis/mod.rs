@@ -356,22 +356,28 @@ impl RedisClient {
     }
 }
 
-/// A Lua script run with `EVALSHA`, loaded (`SCRIPT LOAD`) on first use and again when
-/// Redis answers `NOSCRIPT` (a restarted or flushed Redis forgets its scripts).
-#[derive(Debug)]
+/// A Lua script run with `EVALSHA` by its SHA-1, computed here; when Redis does not know
+/// it (`NOSCRIPT`: a restarted or flushed Redis, or its first use) it is sent once with
+/// `EVAL`, which also makes Redis keep it.
+#[derive(Debug, Clone)]
 pub struct Script {
     body: &'static str,
-    /// Its SHA-1 as Redis gave it, once loaded.
-    sha: RefCell<Option<Vec<u8>>>,
+    /// Its SHA-1, in lowercase hex as Redis names scripts.
+    sha: String,
 }
 
 impl Script {
     /// The script with this Lua text.
-    pub const fn new(body: &'static str) -> Self {
+    pub fn new(body: &'static str) -> Self {
         Self {
             body,
-            sha: RefCell::new(None),
+            sha: sha1_smol::Sha1::from(body).digest().to_string(),
         }
+    }
+
+    /// Its SHA-1 as Redis names it.
+    pub fn sha(&self) -> &str {
+        &self.sha
     }
 }
 
@@ -386,41 +392,19 @@ impl RedisClient {
         keys: &[&[u8]],
         args: &[&[u8]],
     ) -> Result<Value, RedisError> {
-        for _ in 0..2 {
-            let known = script.sha.borrow().clone();
-            let sha = match known {
-                Some(sha) => sha,
-                None => match self
-                    .request(&[b"SCRIPT", b"LOAD", script.body.as_bytes()])
-                    .await?
-                {
-                    Value::Bulk(sha) => {
-                        *script.sha.borrow_mut() = Some(sha.clone());
-                        sha
-                    }
-                    other => {
-                        return Err(Unavailable::Protocol(format!(
-                            "SCRIPT LOAD answered {other:?}"
-                        ))
-                        .into());
-                    }
-                },
-            };
-            let nkeys = keys.len().to_string();
-            let mut cmd: SmallVec<[&[u8]; 12]> = SmallVec::new();
-            cmd.extend_from_slice(&[b"EVALSHA", &sha, nkeys.as_bytes()]);
-            cmd.extend_from_slice(keys);
-            cmd.extend_from_slice(args);
-            match self.request(&cmd).await {
-                Err(RedisError::Reply(e)) if e.starts_with("NOSCRIPT") => {
-                    *script.sha.borrow_mut() = None;
-                }
-                other => return other,
+        let nkeys = keys.len().to_string();
+        let mut cmd: SmallVec<[&[u8]; 12]> = SmallVec::new();
+        cmd.extend_from_slice(&[b"EVALSHA", script.sha.as_bytes(), nkeys.as_bytes()]);
+        cmd.extend_from_slice(keys);
+        cmd.extend_from_slice(args);
+        match self.request(&cmd).await {
+            Err(RedisError::Reply(e)) if e.starts_with("NOSCRIPT") => {
+                cmd[0] = b"EVAL";
+                cmd[1] = script.body.as_bytes();
+                self.request(&cmd).await
             }
+            other => other,
         }
-        Err(RedisError::Reply(
-            "NOSCRIPT after loading the script".into(),
-        ))
     }
 }
 
