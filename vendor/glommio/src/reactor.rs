@@ -433,6 +433,19 @@ impl Reactor {
         source
     }
 
+    /// pushbroker: read readiness that stays armed across its completions, until the
+    /// source is dropped (which cancels it) or the kernel ends it (a completion without
+    /// `IORING_CQE_F_MORE`, after which the source is no longer armed). Besides POLLIN it
+    /// asks for POLLRDHUP, so a stream can tell a half-closed peer from plain data.
+    pub(crate) fn poll_read_ready_multishot(&self, fd: RawFd) -> Source {
+        let source = self.new_source(fd, SourceType::PollMultishot, None);
+        self.sys.poll_ready_multishot(
+            &source,
+            common_flags() | read_flags() | PollFlags::from_bits_retain(libc::POLLRDHUP),
+        );
+        source
+    }
+
     pub(crate) fn poll_write_ready(&self, fd: RawFd) -> Source {
         let source = self.new_source(fd, SourceType::PollAdd, None);
         self.sys

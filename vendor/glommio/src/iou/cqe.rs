@@ -209,5 +209,8 @@ bitflags::bitflags! {
     #[derive(Debug, Clone, Copy)]
     pub struct CompletionFlags: u32 {
         const BUFFER_SHIFT    = 1 << 0;
+        // pushbroker: `IORING_CQE_F_MORE`, set on a completion of a multishot request
+        // that stays armed (more completions will follow for the same `user_data`).
+        const MORE            = 1 << 1;
     }
 }

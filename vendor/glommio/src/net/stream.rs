@@ -215,21 +215,96 @@ impl Timeout {
     }
 }
 
+// pushbroker: how many read-readiness polls this thread's streams have armed (see
+// `rx_poll_arms`).
+thread_local! {
+    static RX_POLL_ARMS: Cell<u64> = const { Cell::new(0) };
+}
+
+// pushbroker: cleared once a multishot poll is refused with EINVAL (a kernel before 5.13):
+// streams then arm a one-shot poll per blocked read, as glommio 0.9.0 does.
+static MULTISHOT_POLL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// pushbroker: the number of read-readiness polls the streams of the calling thread have
+/// submitted so far. A stream keeps one multishot poll armed for its whole life, so this
+/// grows by about one per stream, not one per read that would block. For tests.
+#[doc(hidden)]
+pub fn rx_poll_arms() -> u64 {
+    RX_POLL_ARMS.with(Cell::get)
+}
+
+// pushbroker: the events of a read-readiness poll after which a read never blocks again
+// (end of stream, hangup, error), so they are kept.
+const RX_CLOSED_EVENTS: usize = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;
+
 #[derive(Debug)]
 pub(crate) struct NonBufferedStream<S> {
     reactor: Weak<Reactor>,
     stream: S,
     source_tx: Option<Source>,
+    // pushbroker: the read-readiness poll, armed from the stream's creation to its drop
+    // (a multishot poll; re-armed only if the kernel ends it).
     source_rx: Option<Source>,
+    // pushbroker: a read may find data: the poll reported an event since the last read
+    // that would have blocked, or the last read filled its buffer.
+    rx_ready: bool,
+    // pushbroker: the poll reported end of stream, hangup or an error: every read tries
+    // the socket from now on.
+    rx_closed: bool,
     write_timeout: Timeout,
     read_timeout: Timeout,
 }
 
 impl<S: AsRawFd> NonBufferedStream<S> {
     fn init(&mut self) {
+        self.arm_rx();
+    }
+
+    /// pushbroker: arms the read-readiness poll: a multishot one that stays armed across
+    /// reads (glommio 0.9.0 armed a one-shot poll, a new source and SQE, for every read
+    /// that would block), or a one-shot one where the kernel has no multishot poll.
+    fn arm_rx(&mut self) {
         let reactor = self.reactor.upgrade().unwrap();
         let stream_fd = self.stream.as_raw_fd();
-        self.source_rx = Some(reactor.poll_read_ready(stream_fd));
+        RX_POLL_ARMS.with(|n| n.set(n.get() + 1));
+        self.source_rx = Some(
+            if MULTISHOT_POLL.load(std::sync::atomic::Ordering::Relaxed) {
+                reactor.poll_read_ready_multishot(stream_fd)
+            } else {
+                reactor.poll_read_ready(stream_fd)
+            },
+        );
+    }
+
+    /// pushbroker: takes in what the read-readiness poll reported since the last call.
+    fn absorb_rx_events(&mut self) {
+        let Some(source) = self.source_rx.as_ref() else {
+            return;
+        };
+        match source.take_result() {
+            None => {}
+            Some(Ok(events)) => {
+                self.rx_ready = true;
+                if events & RX_CLOSED_EVENTS != 0 {
+                    self.rx_closed = true;
+                }
+            }
+            Some(Err(e)) => {
+                self.rx_ready = true;
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && source.is_multishot_poll()
+                {
+                    MULTISHOT_POLL.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        if !source.is_armed() {
+            // The kernel ended the poll (or it was one-shot): it reports nothing more, so
+            // the next read must look at the socket itself, and a read that would block
+            // arms a new poll.
+            self.source_rx = None;
+            self.rx_ready = true;
+        }
     }
 
     pub(crate) fn try_peek(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
@@ -261,35 +336,37 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         let reactor = self.reactor.upgrade().unwrap();
         let reactor = reactor.as_ref();
 
-        let no_pending_poll = self
-            .source_rx
-            .as_ref()
-            .map(|src| src.result().is_some())
-            .unwrap_or(true);
-
-        if no_pending_poll {
+        // pushbroker: the poll stays armed across reads, edge-triggered: it reports each
+        // time data (or a hangup) arrives. So the socket is read only when the poll has
+        // reported something since the last read that would have blocked (or the last
+        // read filled the buffer), and a read that would block just waits for the next
+        // report: no new source, SQE or completion per read.
+        self.absorb_rx_events();
+        if self.rx_ready || self.rx_closed || self.source_rx.is_none() {
             if let Some(result) = super::yolo_recv(self.stream.as_raw_fd(), buf) {
-                self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
+                // A short read took everything the socket had: what arrives later
+                // makes the poll report again. (A read that filled the buffer may have
+                // left data behind; end of stream is kept in `rx_closed`.)
                 if result > 0 && result < buf.len() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+                    self.rx_ready = false;
+                }
+                if self.source_rx.is_none() {
+                    self.arm_rx();
                 }
                 return Poll::Ready(Ok(result));
             }
+            // Would block: whatever arrives from now on makes the poll report, and no
+            // report can have been taken in since the read (this thread runs no
+            // completions in between).
+            self.rx_ready = false;
         }
 
         poll_err!(self.read_timeout.check(reactor));
 
-        if no_pending_poll {
-            self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-            // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
+        if self.source_rx.is_none() {
+            self.arm_rx();
         }
 
         let source = self.source_rx.as_ref().unwrap();
@@ -366,6 +443,8 @@ where
             stream: socket.into(),
             source_tx: None,
             source_rx: None,
+            rx_ready: true,
+            rx_closed: false,
             write_timeout: Timeout::new(reactor.register_timer()),
             read_timeout: Timeout::new(reactor.register_timer()),
         };

@@ -33,6 +33,10 @@ pub(crate) enum SourceType {
     Write(PollableStatus, IoBuffer),
     Read(PollableStatus, Option<IoBuffer>),
     PollAdd,
+    // pushbroker: a multishot poll (`IORING_POLL_ADD_MULTI`). It stays in the source map
+    // across its completions; each one ORs its event mask into the result and wakes the
+    // waiter. Only the last completion (without `IORING_CQE_F_MORE`) consumes it.
+    PollMultishot,
     SockSend(DmaBuffer),
     SockRecv(Option<DmaBuffer>),
     // pushbroker: the large payloads are boxed, so that every source (one armed poll per
@@ -268,6 +272,24 @@ impl Source {
         }
 
         ret
+    }
+
+    /// pushbroker: takes what the completions of a multishot poll reported since the
+    /// last call (their event masks ORed together), leaving `None` behind. Unlike
+    /// [`Source::result`], this records no latency statistics (polls collect none).
+    pub(crate) fn take_result(&self) -> Option<io::Result<usize>> {
+        self.inner.borrow_mut().wakers.result.take()
+    }
+
+    /// pushbroker: whether this is a multishot poll ([`SourceType::PollMultishot`]).
+    pub(crate) fn is_multishot_poll(&self) -> bool {
+        matches!(self.inner.borrow().source_type, SourceType::PollMultishot)
+    }
+
+    /// pushbroker: whether the request is still queued for or in the kernel, i.e. its
+    /// last completion has not been consumed yet.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.inner.borrow().enqueued.is_some()
     }
 
     // adds a single waiter to the list, replacing any waiter that may already

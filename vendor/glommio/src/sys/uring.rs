@@ -32,6 +32,7 @@ use std::{
 use crate::{
     free_list::{FreeList, Idx},
     iou,
+    iou::cqe::CompletionFlags,
     iou::sqe::{FsyncFlags, SockAddrStorage, StatxFlags, StatxMode, SubmissionFlags, TimeoutFlags},
     sys::{
         self,
@@ -52,11 +53,14 @@ use nix::sys::{
 use smallvec::SmallVec;
 
 const MSG_ZEROCOPY: i32 = 0x4000000;
+/// pushbroker: `IORING_POLL_ADD_MULTI` (Linux 5.13), in a poll add's `len`.
+const IORING_POLL_ADD_MULTI: u32 = 1 << 0;
 
 #[allow(dead_code)]
 #[derive(Debug)]
 enum UringOpDescriptor {
     PollAdd(PollFlags),
+    PollAddMultishot(PollFlags),
     PollRemove(*const u8),
     Cancel(u64),
     Write(*const u8, usize, u64),
@@ -274,6 +278,11 @@ fn fill_sqe<F>(
         match op.args {
             UringOpDescriptor::PollAdd(events) => {
                 sqe.prep_poll_add(op.fd, events);
+            }
+            UringOpDescriptor::PollAddMultishot(events) => {
+                sqe.prep_poll_add(op.fd, events);
+                // pushbroker: a poll add carries its flags in `len`.
+                sqe.raw_mut().len = IORING_POLL_ADD_MULTI;
             }
             UringOpDescriptor::PollRemove(to_remove) => {
                 user_data = 0;
@@ -533,12 +542,21 @@ fn extract_one_chain(
         .collect()
 }
 
+/// What consuming one completion did.
+struct Processed {
+    /// A task was woken.
+    woke: bool,
+    /// The request is done (its last completion): not a multishot completion with
+    /// `IORING_CQE_F_MORE`, after which the request stays in the kernel.
+    last: bool,
+}
+
 fn process_one_event<F, R>(
     cqe: Option<iou::CQE>,
     try_process: F,
     post_process: R,
     source_map: Rc<RefCell<SourceMap>>,
-) -> Option<bool>
+) -> Option<Processed>
 where
     F: FnOnce(Ref<'_, InnerSource>) -> Option<()>,
     R: FnOnce(RefMut<'_, InnerSource>, io::Result<usize>) -> io::Result<usize>,
@@ -546,23 +564,43 @@ where
     if let Some(value) = cqe {
         // No user data is `POLL_REMOVE` or `CANCEL`, we won't process.
         if value.user_data() == 0 {
-            return Some(false);
+            return Some(Processed {
+                woke: false,
+                last: true,
+            });
         }
 
-        let src = source_map
-            .borrow_mut()
-            .consume_source(from_user_data(value.user_data()));
+        // pushbroker: a multishot request stays in the kernel (and so in the source map)
+        // until a completion without `IORING_CQE_F_MORE`.
+        let last = !value.flags().contains(CompletionFlags::MORE);
+        let id = from_user_data(value.user_data());
+        let src = if last {
+            source_map.borrow_mut().consume_source(id)
+        } else {
+            source_map.borrow()[id].clone()
+        };
 
         let result = value.result();
 
         let mut woke = false;
         if try_process(src.borrow()).is_none() {
-            let res = Some(post_process(src.borrow_mut(), transmute_error(result)));
+            let res = post_process(src.borrow_mut(), transmute_error(result));
             let mut inner_source = src.borrow_mut();
-            inner_source.wakers.result = res;
+            let multishot = matches!(inner_source.source_type, SourceType::PollMultishot);
+            let res = match (multishot, inner_source.wakers.result.take()) {
+                // pushbroker: a multishot poll keeps every event its completions reported
+                // until the stream takes them (a hangup must not be lost behind a later
+                // plain POLLIN).
+                (true, Some(Ok(before))) => match res {
+                    Ok(now) => Ok(before | now),
+                    Err(e) => Err(e),
+                },
+                _ => res,
+            };
+            inner_source.wakers.result = Some(res);
             woke = inner_source.wakers.wake_waiters();
         }
-        return Some(woke);
+        return Some(Processed { woke, last });
     }
     None
 }
@@ -849,8 +887,10 @@ impl UringCommon for PollRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
-            x
+            if x.last {
+                self.in_kernel -= 1;
+            }
+            x.woke
         })
     }
 
@@ -1181,8 +1221,10 @@ impl UringCommon for SleepableRing {
             source_map,
         )
         .map(|x| {
-            self.in_kernel -= 1;
-            x
+            if x.last {
+                self.in_kernel -= 1;
+            }
+            x.woke
         })
     }
 
@@ -1447,6 +1489,18 @@ impl Reactor {
 
     pub(crate) fn poll_ready(&self, source: &Source, flags: PollFlags) {
         let op = UringOpDescriptor::PollAdd(flags);
+        queue_request_into_ring(
+            &mut *self.ring_for_source(source),
+            source,
+            op,
+            &mut self.source_map.borrow_mut(),
+        );
+    }
+
+    /// pushbroker: a poll that stays armed across its completions (see
+    /// [`SourceType::PollMultishot`]); dropping its source cancels it.
+    pub(crate) fn poll_ready_multishot(&self, source: &Source, flags: PollFlags) {
+        let op = UringOpDescriptor::PollAddMultishot(flags);
         queue_request_into_ring(
             &mut *self.ring_for_source(source),
             source,
