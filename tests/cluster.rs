@@ -194,8 +194,9 @@ fn a_device_that_moves_gets_its_pending_there_and_its_older_connection_closes() 
 struct Seen {
     /// (message id, payload, connection number) per notification received.
     got: Vec<(String, Value, usize)>,
-    /// Message ids whose ACK the server confirmed by sending a later frame.
-    confirmed: HashSet<String>,
+    /// Message id → how many notifications had been received when the server confirmed
+    /// its ACK (by sending a later frame on the connection that acknowledged it).
+    confirmed: HashMap<String, usize>,
 }
 
 #[test]
@@ -241,7 +242,11 @@ fn a_node_killed_mid_run_loses_nothing_answered_200_and_repeats_nothing_acknowle
                         continue;
                     };
                     drop(stream);
-                    let mut d = Device::connect(addrs[at]);
+                    // The node may be killed between the probe and this connection.
+                    let connected = std::panic::catch_unwind(|| Device::connect(addrs[at]));
+                    let Ok(mut d) = connected else {
+                        continue;
+                    };
                     d.send_raw(&[0]);
                     d.send(&json!({"T": "connect", "DeviceId": id, "ClientVer": "t", "Levels": {}, "Info": {}}));
                     // The ids acknowledged on this connection and not yet confirmed.
@@ -257,8 +262,9 @@ fn a_node_killed_mid_run_loses_nothing_answered_200_and_repeats_nothing_acknowle
                         };
                         {
                             let mut s = seen.lock().unwrap();
+                            let at = s.got.len();
                             for id in unconfirmed.drain(..) {
-                                s.confirmed.insert(id);
+                                s.confirmed.entry(id).or_insert(at);
                             }
                         }
                         match msg["T"].as_str() {
@@ -346,18 +352,15 @@ fn a_node_killed_mid_run_loses_nothing_answered_200_and_repeats_nothing_acknowle
     for t in threads {
         t.join().unwrap();
     }
-    // Nothing whose ACK was confirmed came again.
+    // Nothing came again after its ACK was confirmed.
     for (dev, s) in seen.iter().enumerate() {
         let s = s.lock().unwrap();
-        let mut first: HashMap<&str, usize> = HashMap::new();
         for (i, (mid, _, _)) in s.got.iter().enumerate() {
-            if let Some(&earlier) = first.get(mid.as_str()) {
+            if let Some(&at) = s.confirmed.get(mid) {
                 assert!(
-                    !s.confirmed.contains(mid) || earlier == i,
+                    i < at,
                     "device {dev}: {mid} came again after its ACK was confirmed"
                 );
-            } else {
-                first.insert(mid, i);
             }
         }
     }
@@ -461,4 +464,114 @@ fn delivery_hosts_lists_every_live_node() {
     let answer = support::http(b.http_addr, "GET", "/delivery-hosts", &[], b"");
     let hosts: Value = serde_json::from_str(&answer.body).unwrap();
     assert_eq!(hosts["hosts"], json!([b.device_addr.to_string()]));
+}
+
+#[test]
+fn a_refused_second_connect_leaves_the_device_reachable_where_it_is() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = node(&redis, 2);
+    let b = node(&redis, 2);
+    let mut dev = device(a.device_addr, "steady");
+    assert_eq!(notify(b.http_addr, "steady", &json!({"n": 1})), 200);
+    assert_eq!(next_notifications(&mut dev), [json!({"n": 1})]);
+    dev.ack();
+    // A second connection of the device, on the other node, with an Info the
+    // registration refuses: it is closed, and must not take the device's route.
+    let mut bad = Device::connect(b.device_addr);
+    bad.hello("steady", json!({}), json!({"device": 1}));
+    assert!(bad.closed(), "the refused connection stays open");
+    assert_eq!(notify(b.http_addr, "steady", &json!({"n": 2})), 200);
+    assert_eq!(next_notifications(&mut dev), [json!({"n": 2})]);
+}
+
+#[test]
+fn message_ids_stay_unique_across_a_restart_with_the_same_node_id() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let fixed = |redis: &RedisServer| {
+        ServerProcess::start(&json!({
+            "addr": "127.0.0.1:0", "http_addr": "127.0.0.1:0", "shards": 1,
+            "redis_url": redis.url(), "node_id": "fixed-node", "ping_interval": "1s",
+        }))
+    };
+    let first = fixed(&redis);
+    assert_eq!(notify(first.http_addr, "keeper", &json!({"n": 1})), 200);
+    assert!(first.terminate().is_some());
+    let second = fixed(&redis);
+    assert_eq!(notify(second.http_addr, "keeper", &json!({"n": 2})), 200);
+    let mut dev = device(second.device_addr, "keeper");
+    let frame = dev.next_non_ping();
+    let ids: HashSet<&str> = frame["Notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["M"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{frame}");
+    dev.ack();
+    // The next ping confirms the ACK: both were dropped, nothing comes back.
+    let frame = dev.recv_within(Duration::from_secs(5)).unwrap();
+    assert_eq!(frame["T"], "ping", "{frame}");
+    drop(dev);
+    let mut again = device(second.device_addr, "keeper");
+    again.assert_quiet(
+        Duration::from_millis(700),
+        "acknowledged notifications again",
+    );
+}
+
+#[test]
+fn a_redis_outage_does_not_end_later_sessions_on_their_acks() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let a = node(&redis, 1);
+    let mut dev = Device::connect(a.device_addr);
+    dev.hello("blip", json!({"0": 0}), mako());
+    assert_eq!(notify(a.http_addr, "blip", &json!({"n": 1})), 200);
+    assert_eq!(next_notifications(&mut dev), [json!({"n": 1})]);
+    // The ACK's drop cannot reach Redis: the session ends, the notification stays.
+    redis.kill();
+    dev.ack();
+    assert!(dev.closed(), "the session outlived a failed drop");
+    redis.restart();
+    // Back (empty: no persistence here): the device reconnects, and its ACKs, of a
+    // unicast and of a broadcast, keep the session going.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut dev = loop {
+        let mut d = Device::connect(a.device_addr);
+        d.hello("blip", json!({"0": 0}), mako());
+        if notify(a.http_addr, "blip", &json!({"n": 2})) == 200 {
+            match d.recv_within(Duration::from_secs(5)) {
+                Ok(frame) if frame["T"] == "notifications" => {
+                    assert_eq!(frame["Notifications"][0]["P"], json!({"n": 2}), "{frame}");
+                    break d;
+                }
+                _ => {}
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery after Redis came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    dev.ack();
+    let frame = dev.recv_within(Duration::from_secs(5)).unwrap();
+    assert_eq!(frame["T"], "ping", "{frame}");
+    dev.pong();
+    let body = json!({"channel": "system", "expire_on": FAR, "data": {"daily/mako": [1]}});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while post_json(a.http_addr, "/broadcast", &body).status != 200 {
+        assert!(Instant::now() < deadline, "broadcasts never accepted again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let frame = dev.next_non_ping();
+    assert_eq!(frame["T"], "broadcast", "{frame}");
+    dev.ack();
+    let frame = dev.recv_within(Duration::from_secs(5)).unwrap();
+    assert_eq!(frame["T"], "ping", "{frame}");
 }

@@ -123,6 +123,14 @@ impl LocalBroker {
         &self.store
     }
 
+    /// Checks `connect` as [`register`](Self::register) does, registering nothing.
+    pub(crate) fn check_connect(&self, connect: &ConnectMsg) -> Result<(), BrokerError> {
+        get_info_string(connect, "device", "?")?;
+        get_info_string(connect, "channel", "?")?;
+        levels_from_connect(connect)?;
+        Ok(())
+    }
+
     /// Registers a session for the device of `connect`: validates it, terminates an
     /// older session of the device, and feeds the new one what is pending.
     pub(crate) fn register(

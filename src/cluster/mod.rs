@@ -3,14 +3,15 @@
 //! # What lives where
 //!
 //! Redis holds the service's state; each shard of each node holds a cache of what its
-//! connected devices need. Every key of a device shares the hash tag `{d:<device>}` and
-//! every key of a broadcast channel `{b:<channel>}`, so Redis Cluster can shard them and
-//! each script touches one slot:
+//! connected devices need. Every key of a device shares the hash tag `{d:LEN:DEV}` and
+//! every key of a broadcast channel `{b:CHAN}`, so each script touches one slot and
+//! Redis Cluster could shard them (the client speaks to one endpoint today: it does not
+//! follow `MOVED` redirections, so a Redis Cluster needs a slot-aware client first):
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `pb:{d:DEV}:u:USER` | list | the pending unicast notifications of (USER, DEV), oldest first, each a JSON [`Entry`]; it expires with its last notification |
-//! | `pb:{d:DEV}:r` | hash | the device's **route record**: `node`, `shard` (while a session is registered), `epoch` (bumped by every registration), `seq` (bumped by every accepted notify) |
+//! | `pb:{d:LEN:DEV}:u:LEN:USER` | list | the pending unicast notifications of (USER, DEV), oldest first, each a JSON header, a newline and the payload; it expires with its last notification |
+//! | `pb:{d:LEN:DEV}:r` | hash | the device's **route record**: `node`, `shard` (while a session is registered), `epoch` (bumped by every registration), `seq` (bumped by every accepted notify) |
 //! | `pb:{b:CHAN}:level` | string | the broadcast channel's top level: one sequence for the whole service |
 //! | `pb:{b:CHAN}:log` | list | its newest `broadcast_backlog` notifications, `LEVEL EXPIRY_MS PAYLOAD` |
 //! | `pb:{nodes}` | hash | node id → `MILLIS HOSTS_JSON`, refreshed every 2 s (`/delivery-hosts`) |
@@ -116,14 +117,15 @@ pub(crate) const NODE_TTL: Duration = Duration::from_secs(10);
 /// How often a node refreshes its entry in [`NODES_KEY`].
 pub(crate) const HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// The pending list of (user, device).
+/// The pending list of (user, device). Ids are length-prefixed, so no device or user id,
+/// braces and colons included, can make one key read as another.
 pub(crate) fn pending_key(user: &str, device: &str) -> Vec<u8> {
-    format!("pb:{{d:{device}}}:u:{user}").into_bytes()
+    format!("pb:{{d:{}:{device}}}:u:{}:{user}", device.len(), user.len()).into_bytes()
 }
 
 /// The route record of a device.
 pub(crate) fn route_key(device: &str) -> Vec<u8> {
-    format!("pb:{{d:{device}}}:r").into_bytes()
+    format!("pb:{{d:{}:{device}}}:r", device.len()).into_bytes()
 }
 
 /// A broadcast channel's level and log keys.
@@ -206,15 +208,24 @@ pub(crate) fn from_millis(ms: u64) -> SystemTime {
 /// first, 2: entries with the same replace tag replaced).
 ///
 /// KEYS: pending list, route. ARGV: now (ms), entry JSON, app, tag (`""`: none),
-/// clear (`1`/`0`), max per app, the entry's expiry (ms).
+/// clear (`1`/`0`), max per app, the entry's expiry (ms), whether the list is the
+/// device's own channel (`1`: only those bump the device's `seq`, as only they reach
+/// its sessions). An entry that does not parse counts as expired.
 pub(crate) static NOTIFY_LUA: &str = r#"
+local function head(raw)
+  local nl = string.find(raw, '\n', 1, true)
+  if not nl then return nil end
+  local ok, e = pcall(cjson.decode, string.sub(raw, 1, nl - 1))
+  if ok and type(e) == 'table' and type(e.exp) == 'number' then return e end
+  return nil
+end
 local now = tonumber(ARGV[1])
 local app, tag, clear, max = ARGV[3], ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 local live, for_app, replaceable, newest, expired = {}, 0, 0, false, false
 for _, raw in ipairs(items) do
-  local e = cjson.decode(string.sub(raw, 1, string.find(raw, '\n', 1, true) - 1))
-  if e.exp < now then
+  local e = head(raw)
+  if not e or e.exp < now then
     expired = true
   else
     live[#live + 1] = {raw, e}
@@ -250,7 +261,8 @@ else
   end
 end
 redis.call('PEXPIREAT', KEYS[1], string.format('%.0f', maxexp + 1000))
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
+local seq = 0
+if ARGV[8] == '1' then seq = redis.call('HINCRBY', KEYS[2], 'seq', 1) end
 local r = redis.call('HMGET', KEYS[2], 'node', 'shard', 'epoch')
 if not r[1] then
   redis.call('PEXPIREAT', KEYS[2], string.format('%.0f', math.max(maxexp, now) + 86400000))
@@ -299,14 +311,21 @@ return 0
 ///
 /// KEYS: pending list. ARGV: now (ms), message ids.
 pub(crate) static DROP_LUA: &str = r#"
+local function head(raw)
+  local nl = string.find(raw, '\n', 1, true)
+  if not nl then return nil end
+  local ok, e = pcall(cjson.decode, string.sub(raw, 1, nl - 1))
+  if ok and type(e) == 'table' and type(e.exp) == 'number' then return e end
+  return nil
+end
 local now = tonumber(ARGV[1])
 local ids = {}
 for i = 2, #ARGV do ids[ARGV[i]] = true end
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
 local keep = {}
 for _, raw in ipairs(items) do
-  local e = cjson.decode(string.sub(raw, 1, string.find(raw, '\n', 1, true) - 1))
-  if not ids[e.id] and e.exp >= now then keep[#keep + 1] = raw end
+  local e = head(raw)
+  if e and not ids[e.id] and e.exp >= now then keep[#keep + 1] = raw end
 end
 if #keep < #items then
   redis.call('DEL', KEYS[1])
@@ -320,9 +339,18 @@ return #items - #keep
 /// Appends a broadcast: raises the level, logs it, trims the log to the backlog and
 /// publishes it, in one atomic step (so subscribers get the levels in order); the level.
 ///
-/// KEYS: level, log. ARGV: backlog, expiry (ms), payload, pub/sub channel.
+/// A level at or below the caller's own top (a Redis that lost its data) is raised past
+/// it, so no shard takes the new one for one it has.
+///
+/// KEYS: level, log. ARGV: backlog, expiry (ms), payload, pub/sub channel, the caller's
+/// top level.
 pub(crate) static BROADCAST_LUA: &str = r#"
 local level = redis.call('INCR', KEYS[1])
+local top = tonumber(ARGV[5])
+if level <= top then
+  level = top + 1
+  redis.call('SET', KEYS[1], string.format('%.0f', level))
+end
 local entry = level .. ' ' .. ARGV[2] .. ' ' .. ARGV[3]
 redis.call('RPUSH', KEYS[2], entry)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[1]), -1)
@@ -532,6 +560,9 @@ mod tests {
             s[open + 1..close].to_owned()
         };
         assert_eq!(tag(&pending_key("u", "dev")), tag(&route_key("dev")));
+        // Ids with braces and colons cannot make one key another's.
+        assert_ne!(route_key("a}:u:x"), pending_key("x}:r", "a"));
+        assert_eq!(tag(&route_key("a}b")), tag(&pending_key("zz", "a}b")));
         let (level, log) = broadcast_keys("0");
         assert_eq!(tag(&level), tag(&log));
     }

@@ -47,8 +47,11 @@ struct Held {
     /// Loads in flight for the device.
     loads: u32,
     messages: Vec<(u64, u64, u8, Entry)>,
-    /// More came than were held: load again after.
+    /// More came than were held, or another load was asked for: load again after.
     overflowed: bool,
+    /// The newest epoch a takeover asked to close while the load was in flight (a kick
+    /// can overtake the claim's own reply).
+    kicked: u64,
 }
 
 /// What a registration got from Redis.
@@ -239,6 +242,24 @@ impl ClusterShard {
         };
         let now = millis(SystemTime::now());
         let ttl = u64::try_from(NODE_TTL.as_millis()).unwrap_or(u64::MAX);
+        // Nodes silent for an hour (killed, never stopped cleanly) leave the hash.
+        let gone: Vec<Vec<u8>> = items
+            .chunks(2)
+            .filter_map(|pair| {
+                let at: u64 = text(pair.get(1)?)?.split_once(' ')?.0.parse().ok()?;
+                (now.saturating_sub(at) > 3_600_000).then(|| text(pair.first()?))?
+            })
+            .map(String::into_bytes)
+            .collect();
+        if !gone.is_empty() {
+            let client = self.client.clone();
+            glommio::spawn_local(async move {
+                let mut cmd: Vec<&[u8]> = vec![b"HDEL", NODES_KEY];
+                cmd.extend(gone.iter().map(Vec::as_slice));
+                let _ = client.request(&cmd).await;
+            })
+            .detach();
+        }
         let mut nodes: Vec<(String, Vec<String>)> = items
             .chunks(2)
             .filter_map(|pair| {
@@ -283,6 +304,7 @@ impl ClusterShard {
         let max = max_per_app.to_string();
         let exp = entry.head.exp.to_string();
         let clear: &[u8] = if req.clear_pending { b"1" } else { b"0" };
+        let own: &[u8] = if user == device { b"1" } else { b"0" };
         let reply = self
             .client
             .eval(
@@ -296,6 +318,7 @@ impl ClusterShard {
                     clear,
                     max.as_bytes(),
                     exp.as_bytes(),
+                    own,
                 ],
             )
             .await
@@ -386,6 +409,7 @@ impl ClusterShard {
         let (level_key, log_key) = broadcast_keys(hex);
         let backlog = self.config.broadcast_backlog.to_string();
         let exp = millis(expiration).to_string();
+        let top = self.local().top_level(chan).to_string();
         let reply = self
             .client
             .eval(
@@ -396,6 +420,7 @@ impl ClusterShard {
                     exp.as_bytes(),
                     payload.get().as_bytes(),
                     BROADCAST_CHANNEL,
+                    top.as_bytes(),
                 ],
             )
             .await
@@ -404,8 +429,8 @@ impl ClusterShard {
     }
 
     /// Loads the broadcast replica from Redis (at start, after a gap, after a lost
-    /// subscription); the channel if it changed.
-    async fn reload_broadcast(&self) -> Option<InternalChannelId> {
+    /// subscription): whether it changed, `Err` when Redis did not answer.
+    async fn reload_broadcast(&self) -> Result<bool, ()> {
         let chan = InternalChannelId::System;
         let (level_key, log_key) = broadcast_keys(SYSTEM_CHANNEL_HEX);
         let top = self.local().top_level(&chan).to_string();
@@ -421,14 +446,14 @@ impl ClusterShard {
             Ok(Value::Array(parts)) => parts,
             Ok(other) => {
                 warn!(target: target::BROKER, "redis: broadcast state answered {other:?}");
-                return None;
+                return Err(());
             }
             Err(e) => {
-                warn!(target: target::BROKER, "redis: cannot load the broadcast channel: {e}");
-                return None;
+                debug!(target: target::BROKER, "redis: cannot load the broadcast channel: {e}");
+                return Err(());
             }
         };
-        let level = parts.first().and_then(int)?;
+        let level = parts.first().and_then(int).ok_or(())?;
         let now = SystemTime::now();
         let notifications: Vec<(Payload, SystemTime)> = match parts.get(1) {
             Some(Value::Array(items)) => items
@@ -449,7 +474,23 @@ impl ClusterShard {
             notifications,
         });
         self.ready.set(true);
-        (self.local().top_level(&chan) != before).then_some(chan)
+        Ok(self.local().top_level(&chan) != before)
+    }
+
+    /// [`reload_broadcast`](Self::reload_broadcast), tried until Redis answers (backoff
+    /// up to 2 s) or the shard closes: whether the replica changed.
+    async fn reload_broadcast_until_done(&self) -> bool {
+        let mut wait = std::time::Duration::from_millis(50);
+        loop {
+            if let Ok(changed) = self.reload_broadcast().await {
+                return changed;
+            }
+            if self.closed.get() {
+                return false;
+            }
+            glommio::timer::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
+        }
     }
 
     /// Applies a broadcast heard on pub/sub: `Ok(Some(chan))` to deliver, `Err(())` when a
@@ -479,19 +520,24 @@ impl ClusterShard {
     /// Registers `device`'s connection in Redis. Messages for it that arrive meanwhile are
     /// held; [`registered`](Self::registered) or [`claim_failed`](Self::claim_failed)
     /// must follow.
-    pub(crate) async fn claim(&self, device: &Arc<str>) -> Result<Claimed, BrokerError> {
+    pub(crate) async fn claim(
+        self: &Rc<Self>,
+        shard: &Shard,
+        device: &Arc<str>,
+    ) -> Result<Claimed, BrokerError> {
         self.held
             .borrow_mut()
             .entry(Arc::clone(device))
             .or_default()
             .loads += 1;
-        let shard = self.shard.0.to_string();
+        self.store.watch(device);
+        let shard_no = self.shard.0.to_string();
         let reply = self
             .client
             .eval(
                 &self.scripts.claim,
                 &[&pending_key(device, device), &route_key(device)],
-                &[self.config.node_id.as_bytes(), shard.as_bytes()],
+                &[self.config.node_id.as_bytes(), shard_no.as_bytes()],
             )
             .await;
         let parsed = match reply {
@@ -522,7 +568,10 @@ impl ClusterShard {
             Err(e) => Err(unavailable(&e)),
         };
         if parsed.is_err() {
-            self.end_load(device);
+            self.store.unwatch(device);
+            // Whatever was held is for a session of the device that is still live here.
+            let held = self.end_load(device);
+            self.apply_held(shard, device, held);
         }
         parsed
     }
@@ -539,15 +588,35 @@ impl ClusterShard {
         }
     }
 
-    /// A claim whose registration failed after all: the route is given back.
-    pub(crate) fn claim_failed(&self, device: &Arc<str>, claimed: &Claimed) {
-        self.end_load(device);
+    /// A claim whose registration failed after all (the CONNECT is checked before the
+    /// claim, so this is not expected): the route is given back, what was held goes to
+    /// a session of the device still live here.
+    pub(crate) fn claim_failed(
+        self: &Rc<Self>,
+        shard: &Shard,
+        device: &Arc<str>,
+        claimed: &Claimed,
+    ) {
+        let held = self.end_load(device);
+        self.apply_held(shard, device, held);
         self.release(device, claimed.epoch);
     }
 
-    /// Puts a claimed device's list in the cache, before its session registers.
+    /// Puts a claimed device's list in the cache, before its session registers (less
+    /// what was dropped while the claim was in flight).
     pub(crate) fn load(&self, device: &Arc<str>, claimed: &Claimed) {
-        self.put_list(device, &claimed.items);
+        let dropped = self.store.unwatch(device);
+        if dropped.is_empty() {
+            self.put_list(device, &claimed.items);
+        } else {
+            let items: Vec<Entry> = claimed
+                .items
+                .iter()
+                .filter(|e| !dropped.iter().any(|d| **d == *e.head.id))
+                .cloned()
+                .collect();
+            self.put_list(device, &items);
+        }
     }
 
     fn put_list(&self, device: &str, items: &[Entry]) {
@@ -579,6 +648,10 @@ impl ClusterShard {
             },
         );
         let held = self.end_load(device);
+        if held.as_ref().is_some_and(|h| h.kicked >= claimed.epoch) {
+            // Taken over elsewhere before this registration was done.
+            shard.terminate_session(device, session);
+        }
         self.apply_held(shard, device, held);
         if let Some((node, old_shard, epoch)) = claimed.previous
             && (node != self.config.node_id || old_shard != self.shard.0)
@@ -708,6 +781,9 @@ impl ClusterShard {
                 }
             }
             ShardMessage::Kick { epoch, device } => {
+                if let Some(h) = self.held.borrow_mut().get_mut(&*device) {
+                    h.kicked = h.kicked.max(epoch);
+                }
                 let live = self.live.borrow().get(&*device).copied();
                 if let Some(l) = live
                     && l.epoch <= epoch
@@ -725,50 +801,43 @@ impl ClusterShard {
             let mut held = self.held.borrow_mut();
             let h = held.entry(Arc::clone(device)).or_default();
             if h.loads > 0 {
-                // A load is in flight: it sees at least as much.
+                // A load is in flight, but it may have been answered before what made
+                // this one necessary: load again after it.
+                h.overflowed = true;
                 return;
             }
             h.loads = 1;
         }
-        let Some(epoch) = self.live.borrow().get(device).map(|l| l.epoch) else {
+        if !self.live.borrow().contains_key(device) {
             self.end_load(device);
             return;
-        };
+        }
+        self.store.watch(device);
         let this = Rc::clone(self);
         let shard = shard.clone();
         let device = Arc::clone(device);
         glommio::spawn_local(async move {
-            let (shard_no, epoch) = (this.shard.0.to_string(), epoch.to_string());
-            let reply = this
-                .client
-                .eval(
-                    &this.scripts.load,
-                    &[&pending_key(&device, &device), &route_key(&device)],
-                    &[
-                        this.config.node_id.as_bytes(),
-                        shard_no.as_bytes(),
-                        epoch.as_bytes(),
-                    ],
-                )
-                .await;
-            match reply {
-                Ok(Value::Array(parts)) => {
-                    let seq = parts.first().and_then(int).map(i64::unsigned_abs);
-                    let still_live = this.live.borrow().contains_key(&device);
-                    if let (Some(seq), Some(items), true) = (seq, parts.get(1), still_live) {
-                        this.put_list(&device, &entries(items));
-                        if let Some(l) = this.live.borrow_mut().get_mut(&device) {
-                            l.seq = seq;
-                        }
-                        shard.deliver_unicast(InternalChannelId::unicast(&device, &device));
-                    }
+            let loaded = this.load_list(&device).await;
+            let dropped = this.store.unwatch(&device);
+            let live = this.live.borrow().contains_key(&device);
+            if let (Some((seq, items)), true) = (loaded, live) {
+                let items: Vec<Entry> = items
+                    .into_iter()
+                    .filter(|e| !dropped.iter().any(|d| **d == *e.head.id))
+                    .collect();
+                this.put_list(&device, &items);
+                if let Some(l) = this.live.borrow_mut().get_mut(&device) {
+                    l.seq = seq;
                 }
-                Ok(other) => warn!(target: target::BROKER, "redis: load answered {other:?}"),
-                Err(e) => {
-                    debug!(target: target::BROKER, "redis: cannot reload a device's list: {e}");
-                }
+                shard.deliver_unicast(InternalChannelId::unicast(&device, &device));
             }
             let held = this.end_load(&device);
+            if held.is_some() && !this.live.borrow().contains_key(&device) {
+                // The session ended meanwhile: nothing of it stays in the cache.
+                this.local()
+                    .remove_channel(&InternalChannelId::unicast(&device, &device));
+                return;
+            }
             if let Some(held) = held
                 && (!held.messages.is_empty() || held.overflowed)
             {
@@ -776,6 +845,49 @@ impl ClusterShard {
             }
         })
         .detach();
+    }
+
+    /// The device's `seq` and list from Redis (its route written again if it is gone),
+    /// retried with backoff while Redis does not answer and the session lives: `None`
+    /// when it gave up or the session ended.
+    async fn load_list(&self, device: &Arc<str>) -> Option<(u64, Vec<Entry>)> {
+        let mut wait = std::time::Duration::from_millis(50);
+        for _ in 0..10 {
+            let epoch = self.live.borrow().get(device).map(|l| l.epoch)?;
+            let (shard_no, epoch) = (self.shard.0.to_string(), epoch.to_string());
+            let reply = self
+                .client
+                .eval(
+                    &self.scripts.load,
+                    &[&pending_key(device, device), &route_key(device)],
+                    &[
+                        self.config.node_id.as_bytes(),
+                        shard_no.as_bytes(),
+                        epoch.as_bytes(),
+                    ],
+                )
+                .await;
+            match reply {
+                Ok(Value::Array(parts)) => {
+                    let seq = parts.first().and_then(int).map(i64::unsigned_abs)?;
+                    return Some((seq, entries(parts.get(1)?)));
+                }
+                Ok(other) => {
+                    warn!(target: target::BROKER, "redis: load answered {other:?}");
+                    return None;
+                }
+                Err(e) => {
+                    debug!(target: target::BROKER, "redis: cannot reload a device's list: {e}");
+                }
+            }
+            if self.closed.get() {
+                return None;
+            }
+            glommio::timer::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
+        }
+        warn!(target: target::BROKER, "redis: gave up reloading a device's list; it gets what it missed when it reconnects");
+        None
     }
 
     /// The session `session` of `device` ended: forgets it, evicts the device's list
@@ -843,6 +955,7 @@ pub(crate) async fn serve(cluster: Rc<ClusterShard>, shard: Shard, pushes: flume
         let mut next = Some(first);
         let mut deliver = false;
         let mut reload = false;
+        let mut subscribed = false;
         let mut taken = 0;
         while let Some(push) = next.take() {
             taken += 1;
@@ -851,8 +964,8 @@ pub(crate) async fn serve(cluster: Rc<ClusterShard>, shard: Shard, pushes: flume
                 Push::Subscribed => {
                     if cluster.subscribed_before.replace(true) {
                         info!(target: target::BROKER, "redis: resubscribed; reloading what may have been missed");
-                        cluster.resync_all(&shard);
                     }
+                    subscribed = true;
                     reload = true;
                 }
                 Push::Message { channel, payload } => {
@@ -879,7 +992,17 @@ pub(crate) async fn serve(cluster: Rc<ClusterShard>, shard: Shard, pushes: flume
                 next = pushes.try_recv().ok();
             }
         }
-        if reload && cluster.reload_broadcast().await.is_some() {
+        if subscribed {
+            // Messages published while no subscription was up are lost (and sessions
+            // may have registered before the first one): every live device's list is
+            // loaded again, once requests can be made.
+            cluster
+                .client
+                .wait_connected(std::time::Duration::from_secs(5))
+                .await;
+            cluster.resync_all(&shard);
+        }
+        if reload && cluster.reload_broadcast_until_done().await {
             deliver = true;
         }
         if deliver {

@@ -5,7 +5,10 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
+
+use ahash::AHashMap;
 use std::time::SystemTime;
 
 use super::{Scripts, millis, pending_key};
@@ -49,14 +52,23 @@ impl Completion {
     }
 }
 
+/// Loads in flight for one device, and the message ids dropped meanwhile.
+type Watch = (u32, Vec<Arc<str>>);
+
 /// A shard's store on a service of many nodes (see the [module](super) documentation).
 pub struct ClusterStore {
     pub(crate) local: InMemoryPendingStore,
     client: RedisClient,
     scripts: Rc<Scripts>,
-    /// The last drop written through: Redis answers in order, so waiting for it waits
-    /// for every earlier one.
+    /// The last drop written through and not yet waited for: an ACK takes its wait at
+    /// once after its own drop ([`durable`](PendingStore::durable) takes it), so a
+    /// session waits for its own drop (and, Redis answering in order, every earlier
+    /// one), and one whose ACK dropped nothing waits for nobody else's.
     last_drop: RefCell<Option<Rc<Completion>>>,
+    /// Devices whose list is loading from Redis → the message ids dropped meanwhile
+    /// (and how many loads are in flight): a load answered before a drop reached Redis
+    /// must not bring the dropped notifications back into the cache.
+    watched: RefCell<AHashMap<Arc<str>, Watch>>,
 }
 
 impl fmt::Debug for ClusterStore {
@@ -79,7 +91,36 @@ impl ClusterStore {
             client,
             scripts,
             last_drop: RefCell::new(None),
+            watched: RefCell::new(AHashMap::new()),
         }
+    }
+
+    /// A load of `device`'s list begins: drops are recorded until
+    /// [`unwatch`](Self::unwatch).
+    pub(crate) fn watch(&self, device: &Arc<str>) {
+        self.watched
+            .borrow_mut()
+            .entry(Arc::clone(device))
+            .or_default()
+            .0 += 1;
+    }
+
+    /// A load of `device`'s list ends: the message ids dropped while it was in flight.
+    pub(crate) fn unwatch(&self, device: &str) -> Vec<Arc<str>> {
+        let mut watched = self.watched.borrow_mut();
+        let Some((loads, ids)) = watched.get_mut(device) else {
+            return Vec::new();
+        };
+        *loads = loads.saturating_sub(1);
+        let ids = if *loads == 0 {
+            std::mem::take(ids)
+        } else {
+            ids.clone()
+        };
+        if *loads == 0 {
+            watched.remove(device);
+        }
+        ids
     }
 }
 
@@ -152,8 +193,8 @@ impl PendingStore for ClusterStore {
         self.local.scrub(chan, criteria)
     }
 
-    /// Drops from the cache at once and from Redis in the background; [`durable`]
-    /// (Self::durable) waits for Redis.
+    /// Drops from the cache at once and from Redis in the background;
+    /// [`durable`](PendingStore::durable) waits for Redis.
     fn drop_by_msg_id(
         &self,
         chan: &InternalChannelId,
@@ -165,6 +206,11 @@ impl PendingStore for ClusterStore {
         };
         if targets.is_empty() {
             return Ok(());
+        }
+        if user == device
+            && let Some((_, ids)) = self.watched.borrow_mut().get_mut(device)
+        {
+            ids.extend(targets.iter().map(|n| Arc::clone(&n.msg_id)));
         }
         let key = pending_key(user, device);
         let mut args: Vec<Vec<u8>> = Vec::with_capacity(targets.len() + 1);
@@ -188,7 +234,7 @@ impl PendingStore for ClusterStore {
     }
 
     fn durable(&self) -> Option<DurableWait> {
-        let last = self.last_drop.borrow().clone()?;
+        let last = self.last_drop.borrow_mut().take()?;
         Some(Box::pin(last.wait()))
     }
 }

@@ -395,8 +395,11 @@ impl Broker for Shard {
         };
         // The route first, so that a notify accepted from now on is routed here; its
         // message is held until the session is in.
+        // A CONNECT the registration would refuse must not take the route from the
+        // device's live connection.
+        self.core.local.check_connect(connect)?;
         let device: Arc<str> = Arc::from(&*connect.device_id);
-        let claimed = cluster.claim(&device).await?;
+        let claimed = cluster.claim(self, &device).await?;
         cluster.load(&device, &claimed);
         match self.core.local.register(connect, track) {
             Ok(sess) => {
@@ -404,7 +407,7 @@ impl Broker for Shard {
                 Ok(sess)
             }
             Err(e) => {
-                cluster.claim_failed(&device, &claimed);
+                cluster.claim_failed(self, &device, &claimed);
                 Err(e)
             }
         }
@@ -439,14 +442,15 @@ pub(crate) async fn run(context: ShardContext, rx: ShardReceivers) -> ShardRecei
     let (store, cluster) = match context.config.cluster.clone() {
         None => ((context.config.store)(context.id), None),
         Some(config) => {
-            // Message ids must be unique across the nodes: the node's id goes in them.
+            // Message ids must be unique across the nodes and their restarts (a node may
+            // keep its configured id): the start time and the node's id go in them.
             let node_tag = {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 config.node_id.hash(&mut h);
                 h.finish()
             };
-            msg_prefix = format!("{node_tag:x}-{:x}-", context.id.0);
+            msg_prefix = format!("{started:x}-{node_tag:x}-{:x}-", context.id.0);
             match crate::cluster::ClusterShard::start(config, context.id, nr_shards) {
                 Ok((cluster, pushes)) => (cluster.store(), Some((cluster, pushes))),
                 Err(e) => {

@@ -39,6 +39,10 @@ pub enum Push {
 /// drops the connection past it: the resubscription is then a [`Push::Subscribed`]).
 const QUEUE: usize = 65_536;
 
+/// How long a subscribed connection may stay silent before it is sent a PING, and how
+/// long the PING may go unanswered before the connection is dropped and remade.
+const IDLE_PING: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A subscriber's connection, ended when the handle is dropped.
 pub struct RedisSubscriber {
     shared: Rc<SubShared>,
@@ -195,6 +199,7 @@ async fn session(
         let _ = tx.send_async(Push::Subscribed).await;
     }
     let mut chunk = vec![0u8; 16 << 10];
+    let mut ping_sent = false;
     loop {
         // Every whole frame in the buffer.
         loop {
@@ -233,9 +238,31 @@ async fn session(
                 Frame::Other => {}
             }
         }
-        let n = stream
-            .read(&mut chunk)
-            .await
+        // A connection that stays silent is asked for a PING (allowed while subscribed);
+        // one that does not answer it is dead (a half-open TCP connection would
+        // otherwise keep the shard deaf for good).
+        let read = future::or(async { Some(stream.read(&mut chunk).await) }, async {
+            glommio::timer::sleep(IDLE_PING).await;
+            None
+        })
+        .await;
+        let Some(read) = read else {
+            if ping_sent {
+                return fail(
+                    subscribed,
+                    format!("no answer to PING within {IDLE_PING:?}"),
+                );
+            }
+            let mut ping = Vec::new();
+            encode_command(&mut ping, &[b"PING"]).map_err(|e| e.to_string())?;
+            if let Err(e) = stream.write_all(&ping).await {
+                return fail(subscribed, e.to_string());
+            }
+            ping_sent = true;
+            continue;
+        };
+        ping_sent = false;
+        let n = read
             .map_err(|e| e.to_string())
             .or_else(|e| fail(subscribed, e).map(|_| 0))?;
         if n == 0 {
