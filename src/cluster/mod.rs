@@ -202,6 +202,22 @@ pub(crate) fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// The scripts' reader of an [`Entry`]'s header: `head(raw)` is the decoded header, or
+/// `nil` for an entry that does not parse (the scripts count it as expired).
+macro_rules! lua_entry_head {
+    () => {
+        r#"
+local function head(raw)
+  local nl = string.find(raw, '\n', 1, true)
+  if not nl then return nil end
+  local ok, e = pcall(cjson.decode, string.sub(raw, 1, nl - 1))
+  if ok and type(e) == 'table' and type(e.exp) == 'number' then return e end
+  return nil
+end
+"#
+    };
+}
+
 /// Applies the store rules of a notify to the device's list and appends; returns
 /// `{0, newest_entry}` when the app has too many pending, else
 /// `{1, seq, node, shard, epoch, mode}` (mode 0: appended, 1: the app's entries cleared
@@ -211,14 +227,9 @@ pub(crate) fn from_millis(ms: u64) -> SystemTime {
 /// clear (`1`/`0`), max per app, the entry's expiry (ms), whether the list is the
 /// device's own channel (`1`: only those bump the device's `seq`, as only they reach
 /// its sessions). An entry that does not parse counts as expired.
-pub(crate) static NOTIFY_LUA: &str = r#"
-local function head(raw)
-  local nl = string.find(raw, '\n', 1, true)
-  if not nl then return nil end
-  local ok, e = pcall(cjson.decode, string.sub(raw, 1, nl - 1))
-  if ok and type(e) == 'table' and type(e.exp) == 'number' then return e end
-  return nil
-end
+pub(crate) static NOTIFY_LUA: &str = concat!(
+    lua_entry_head!(),
+    r#"
 local now = tonumber(ARGV[1])
 local app, tag, clear, max = ARGV[3], ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -268,7 +279,8 @@ if not r[1] then
   redis.call('PEXPIREAT', KEYS[2], string.format('%.0f', math.max(maxexp, now) + 86400000))
 end
 return {1, seq, r[1] or '', r[2] or '', r[3] or '', mode}
-"#;
+"#
+);
 
 /// Registers a connection: bumps the epoch, writes the route, returns
 /// `{epoch, old_node, old_shard, old_epoch, seq, items}`.
@@ -310,14 +322,9 @@ return 0
 /// Drops the entries with the given message ids (and the expired ones); how many went.
 ///
 /// KEYS: pending list. ARGV: now (ms), message ids.
-pub(crate) static DROP_LUA: &str = r#"
-local function head(raw)
-  local nl = string.find(raw, '\n', 1, true)
-  if not nl then return nil end
-  local ok, e = pcall(cjson.decode, string.sub(raw, 1, nl - 1))
-  if ok and type(e) == 'table' and type(e.exp) == 'number' then return e end
-  return nil
-end
+pub(crate) static DROP_LUA: &str = concat!(
+    lua_entry_head!(),
+    r#"
 local now = tonumber(ARGV[1])
 local ids = {}
 for i = 2, #ARGV do ids[ARGV[i]] = true end
@@ -334,7 +341,8 @@ if #keep < #items then
   end
 end
 return #items - #keep
-"#;
+"#
+);
 
 /// Appends a broadcast: raises the level, logs it, trims the log to the backlog and
 /// publishes it, in one atomic step (so subscribers get the levels in order); the level.

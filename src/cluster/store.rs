@@ -129,28 +129,7 @@ fn unavailable(e: impl fmt::Display) -> StoreError {
 }
 
 impl PendingStore for ClusterStore {
-    fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
-        self.local.register(device_id, app_id)
-    }
-
-    fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
-        self.local.unregister(device_id, app_id)
-    }
-
-    fn get_internal_channel_id_from_token(
-        &self,
-        token: &str,
-        app_id: &str,
-        user_id: &str,
-        device_id: &str,
-    ) -> Result<InternalChannelId, StoreError> {
-        self.local
-            .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
-    }
-
-    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
-        self.local.get_internal_channel_id(name)
-    }
+    crate::store::forward_reads_to!(local);
 
     fn append_to_channel(
         &self,
@@ -169,20 +148,6 @@ impl PendingStore for ClusterStore {
     ) -> Result<(), StoreError> {
         self.local
             .append_to_unicast_channel(chan, notification, meta)
-    }
-
-    fn get_channel_snapshot(
-        &self,
-        chan: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>), StoreError> {
-        self.local.get_channel_snapshot(chan)
-    }
-
-    fn get_channel_unfiltered(
-        &self,
-        chan: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
-        self.local.get_channel_unfiltered(chan)
     }
 
     fn scrub(

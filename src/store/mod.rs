@@ -7,6 +7,51 @@
 //! levels keep counting); unicast channels hold notifications with app id, message id,
 //! expiry and replace tag until they are dropped by message id after an ACK.
 
+/// The [`PendingStore`] methods that read (and the token ones, which keep no state), as a
+/// store wrapping an in-memory one forwards them to `self.$inner`: the durable store and
+/// the cluster's cache write through to their backend only on changes.
+macro_rules! forward_reads_to {
+    ($inner:ident) => {
+        fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
+            self.$inner.register(device_id, app_id)
+        }
+
+        fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
+            self.$inner.unregister(device_id, app_id)
+        }
+
+        fn get_internal_channel_id_from_token(
+            &self,
+            token: &str,
+            app_id: &str,
+            user_id: &str,
+            device_id: &str,
+        ) -> Result<InternalChannelId, StoreError> {
+            self.$inner
+                .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
+        }
+
+        fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
+            self.$inner.get_internal_channel_id(name)
+        }
+
+        fn get_channel_snapshot(
+            &self,
+            chan: &InternalChannelId,
+        ) -> Result<(i64, Vec<Notification>), StoreError> {
+            self.$inner.get_channel_snapshot(chan)
+        }
+
+        fn get_channel_unfiltered(
+            &self,
+            chan: &InternalChannelId,
+        ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
+            self.$inner.get_channel_unfiltered(chan)
+        }
+    };
+}
+pub(crate) use forward_reads_to;
+
 mod channel_id;
 mod clock;
 pub mod durable;

@@ -700,28 +700,7 @@ impl DurableStore {
 }
 
 impl PendingStore for DurableStore {
-    fn register(&self, device_id: &str, app_id: &str) -> Result<String, StoreError> {
-        self.mem.register(device_id, app_id)
-    }
-
-    fn unregister(&self, device_id: &str, app_id: &str) -> Result<(), StoreError> {
-        self.mem.unregister(device_id, app_id)
-    }
-
-    fn get_internal_channel_id_from_token(
-        &self,
-        token: &str,
-        app_id: &str,
-        user_id: &str,
-        device_id: &str,
-    ) -> Result<InternalChannelId, StoreError> {
-        self.mem
-            .get_internal_channel_id_from_token(token, app_id, user_id, device_id)
-    }
-
-    fn get_internal_channel_id(&self, name: &str) -> Result<InternalChannelId, StoreError> {
-        self.mem.get_internal_channel_id(name)
-    }
+    crate::store::forward_reads_to!(mem);
 
     fn append_to_channel(
         &self,
@@ -765,20 +744,6 @@ impl PendingStore for DurableStore {
             );
         });
         self.mem.append_to_unicast_channel(chan, notification, meta)
-    }
-
-    fn get_channel_snapshot(
-        &self,
-        chan: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>), StoreError> {
-        self.mem.get_channel_snapshot(chan)
-    }
-
-    fn get_channel_unfiltered(
-        &self,
-        chan: &InternalChannelId,
-    ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
-        self.mem.get_channel_unfiltered(chan)
     }
 
     fn scrub(
