@@ -291,9 +291,7 @@ impl<S: AsRawFd> NonBufferedStream<S> {
             }
             Some(Err(e)) => {
                 self.rx_ready = true;
-                if e.raw_os_error() == Some(libc::EINVAL)
-                    && source.is_multishot_poll()
-                {
+                if e.raw_os_error() == Some(libc::EINVAL) && source.is_multishot_poll() {
                     MULTISHOT_POLL.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
             }
