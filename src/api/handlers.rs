@@ -147,7 +147,9 @@ where
             match ctx.shard().cluster() {
                 None => Ok(json_response(StatusCode::OK, ctx.delivery_hosts.clone())),
                 Some(cluster) => {
-                    let hosts = cluster.delivery_hosts().await.map_err(|e| {
+                    // Boxed: its Redis request would otherwise size every request's
+                    // handler future, /notify's included.
+                    let hosts = Box::pin(cluster.delivery_hosts()).await.map_err(|e| {
                         debug!(target: target::API, "delivery hosts not read: {e}");
                         ApiError::from_broker(&e, ApiError::Internal)
                     })?;

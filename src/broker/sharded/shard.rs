@@ -399,7 +399,9 @@ impl Broker for Shard {
         // device's live connection.
         self.core.local.check_connect(connect)?;
         let device: Arc<str> = Arc::from(&*connect.device_id);
-        let claimed = cluster.claim(self, &device).await?;
+        // Boxed: the claim's Redis request would otherwise size every registration's
+        // future, the single-node ones included.
+        let claimed = Box::pin(cluster.claim(self, &device)).await?;
         cluster.load(&device, &claimed);
         match self.core.local.register(connect, track) {
             Ok(sess) => {
