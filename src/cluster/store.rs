@@ -2,11 +2,10 @@
 //! shard's sessions need (their devices' pending notifications, its replica of the
 //! broadcast channels), whose ACK drops are written through to Redis.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::fmt;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 
 use ahash::AHashMap;
 use std::time::SystemTime;
@@ -18,39 +17,6 @@ use crate::store::{
     DurableWait, InMemoryPendingStore, InternalChannelId, Metadata, PendingStore, ScrubCriteria,
     StoreError, StoreFault,
 };
-
-/// The outcome of one write to Redis, awaited by whoever needs it done.
-#[derive(Default)]
-struct Completion {
-    done: Cell<Option<Result<(), StoreError>>>,
-    waiters: RefCell<Vec<Waker>>,
-}
-
-impl Completion {
-    fn finish(&self, result: Result<(), StoreError>) {
-        self.done.set(Some(result));
-        for w in self.waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
-    }
-
-    async fn wait(self: Rc<Self>) -> Result<(), StoreError> {
-        std::future::poll_fn(|cx| {
-            let done = self.done.take();
-            match done {
-                Some(result) => {
-                    self.done.set(Some(result.clone()));
-                    Poll::Ready(result)
-                }
-                None => {
-                    self.waiters.borrow_mut().push(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        })
-        .await
-    }
-}
 
 /// Loads in flight for one device, and the message ids dropped meanwhile.
 type Watch = (u32, Vec<Arc<str>>);
@@ -64,7 +30,7 @@ pub struct ClusterStore {
     /// once after its own drop ([`durable`](PendingStore::durable) takes it), so a
     /// session waits for its own drop (and, Redis answering in order, every earlier
     /// one), and one whose ACK dropped nothing waits for nobody else's.
-    last_drop: RefCell<Option<Rc<Completion>>>,
+    last_drop: RefCell<Option<flume::Receiver<Result<(), StoreError>>>>,
     /// Devices whose list is loading from Redis → the message ids dropped meanwhile
     /// (and how many loads are in flight): a load answered before a drop reached Redis
     /// must not bring the dropped notifications back into the cache.
@@ -181,8 +147,8 @@ impl PendingStore for ClusterStore {
         let mut args: Vec<Vec<u8>> = Vec::with_capacity(targets.len() + 1);
         args.push(millis(SystemTime::now()).to_string().into_bytes());
         args.extend(targets.iter().map(|n| n.msg_id.as_bytes().to_vec()));
-        let completion = Rc::new(Completion::default());
-        *self.last_drop.borrow_mut() = Some(Rc::clone(&completion));
+        let (done, wait) = flume::bounded(1);
+        *self.last_drop.borrow_mut() = Some(wait);
         let client = self.client.clone();
         let scripts = Rc::clone(&self.scripts);
         glommio::spawn_local(async move {
@@ -192,14 +158,19 @@ impl PendingStore for ClusterStore {
                 .await
                 .map(drop)
                 .map_err(unavailable);
-            completion.finish(result);
+            // Nobody waits when the ACK's session ended first.
+            let _ = done.send(result);
         })
         .detach();
         Ok(())
     }
 
     fn durable(&self) -> Option<DurableWait> {
-        let last = self.last_drop.borrow_mut().take()?;
-        Some(Box::pin(last.wait()))
+        let wait = self.last_drop.borrow_mut().take()?;
+        Some(Box::pin(async move {
+            wait.recv_async()
+                .await
+                .unwrap_or_else(|_| Err(unavailable("the drop was not written")))
+        }))
     }
 }
