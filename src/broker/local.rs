@@ -152,6 +152,13 @@ impl LocalBroker {
             .insert(device_id.clone(), Rc::clone(&queue));
         if let Some(previous) = previous {
             previous.terminate();
+            // A device that ACKs and at once reconnects (or whose ACK crossed the
+            // reconnection) has its ACK on the older connection: the older session takes
+            // it in before this one reads what is pending, so nothing acknowledged is
+            // sent again.
+            if previous.is_awaiting_ack() {
+                queue.wait_behind(previous);
+            }
         }
         let mut sess = LocalSession {
             broker: Rc::clone(self),
@@ -348,6 +355,19 @@ impl LocalSession {
     /// session itself is borrowed elsewhere).
     pub fn queue(&self) -> Rc<ExchangeQueue> {
         Rc::clone(&self.queue)
+    }
+}
+
+impl Drop for LocalSession {
+    fn drop(&mut self) {
+        self.queue.end();
+        // A newer session of the device may be waiting for this one to end.
+        if self.queue.is_terminated()
+            && let Ok(registry) = self.broker.registry.try_borrow()
+            && let Some(newer) = registry.get(&self.device_id)
+        {
+            newer.wake();
+        }
     }
 }
 

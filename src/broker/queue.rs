@@ -4,6 +4,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::poll_fn;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use super::ExchangeRef;
@@ -45,6 +46,14 @@ pub struct ExchangeQueue {
     capacity: usize,
     /// Set once a newer session of the same device registered.
     terminated: Cell<bool>,
+    /// Set while the session waits for the ACK of a message it wrote.
+    awaiting_ack: Cell<bool>,
+    /// Set once the session ended.
+    ended: Cell<bool>,
+    /// The older session of the device, when it was waiting for an ACK as this one took
+    /// over: no exchange is handed out until it ended, so that an ACK already on its way
+    /// on the older connection reaches the store before this session reads it.
+    behind: Cell<Option<Rc<ExchangeQueue>>>,
     /// The session task waiting in [`ExchangeQueue::next`], woken by feed and terminate.
     waker: RefCell<Option<Waker>>,
     /// The registration id of the session it serves (0 when made outside a registry):
@@ -80,6 +89,9 @@ impl ExchangeQueue {
             items: RefCell::new(VecDeque::new()),
             capacity: capacity.max(MIN_SESSION_QUEUE),
             terminated: Cell::new(false),
+            awaiting_ack: Cell::new(false),
+            ended: Cell::new(false),
+            behind: Cell::new(None),
             waker: RefCell::new(None),
             session,
         }
@@ -123,6 +135,40 @@ impl ExchangeQueue {
         self.terminated.get()
     }
 
+    /// Marks the session as waiting (or no longer) for the ACK of a message it wrote.
+    pub fn set_awaiting_ack(&self, awaiting: bool) {
+        self.awaiting_ack.set(awaiting);
+    }
+
+    /// Whether the session waits for an ACK.
+    pub fn is_awaiting_ack(&self) -> bool {
+        self.awaiting_ack.get()
+    }
+
+    /// Holds back this (newer) session's exchanges until the `older` session of the
+    /// same device has [ended](Self::end): the older one was waiting for an ACK, which
+    /// it may still take in.
+    pub(crate) fn wait_behind(&self, older: Rc<ExchangeQueue>) {
+        self.behind.set(Some(older));
+    }
+
+    /// Tells the queue its session ended; a newer session waiting
+    /// [behind](Self::wait_behind) it must then be [woken](Self::wake).
+    pub(crate) fn end(&self) {
+        self.ended.set(true);
+    }
+
+    /// Whether an older session still holds this one's exchanges back.
+    fn is_behind(&self) -> bool {
+        match self.behind.take() {
+            Some(older) if !older.ended.get() => {
+                self.behind.set(Some(older));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// How many exchanges wait.
     pub fn len(&self) -> usize {
         self.items.borrow().len()
@@ -134,10 +180,13 @@ impl ExchangeQueue {
     }
 
     /// What the session should do next, without waiting: termination first, then the
-    /// oldest exchange.
+    /// oldest exchange (none while an older session holds them back).
     pub fn try_next(&self) -> Option<Next> {
         if self.terminated.get() {
             return Some(Next::Terminated);
+        }
+        if self.is_behind() {
+            return None;
         }
         self.items.borrow_mut().pop_front().map(Next::Exchange)
     }
@@ -168,7 +217,8 @@ impl ExchangeQueue {
         .await
     }
 
-    fn wake(&self) {
+    /// Wakes the session's task waiting in [`ExchangeQueue::next`].
+    pub(crate) fn wake(&self) {
         let waker = self.waker.borrow_mut().take();
         if let Some(w) = waker {
             w.wake();
@@ -227,6 +277,24 @@ mod tests {
             .downcast_ref::<BroadcastExchange>()
             .map(|b| b.top_level)
             .unwrap_or_else(|| panic!("expected a broadcast exchange, got {e:?}"))
+    }
+
+    #[test]
+    fn a_queue_behind_an_older_session_hands_out_nothing_until_it_ended() {
+        let older = Rc::new(ExchangeQueue::new(10));
+        let newer = ExchangeQueue::new(10);
+        newer.wait_behind(Rc::clone(&older));
+        let fed = unicast("d1");
+        newer.feed(Rc::clone(&fed)).expect("room");
+        assert!(newer.try_next().is_none(), "held back");
+        assert_eq!(newer.len(), 1);
+        // Termination is not held back.
+        let terminated = ExchangeQueue::new(10);
+        terminated.wait_behind(Rc::clone(&older));
+        terminated.terminate();
+        assert!(matches!(terminated.try_next(), Some(Next::Terminated)));
+        older.end();
+        assert!(same(&take(&newer), &fed));
     }
 
     #[test]

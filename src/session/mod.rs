@@ -57,6 +57,12 @@ use self::wire::{
 /// compare it byte for byte, and it never changes, so it is never encoded at run time.
 const PING_FRAME: &[u8] = b"\x00\x0c{\"T\":\"ping\"}";
 
+/// How long a session whose device reconnected (a newer registration took over) still
+/// waits for the ACK of the message it wrote, at most: an ACK sent just before the
+/// reconnection is then taken in, and the newer session, which waits for this one,
+/// does not send that message again. Bounded by the exchange's own deadline.
+const TAKEOVER_ACK_WAIT: Duration = Duration::from_millis(100);
+
 /// The timing of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -590,9 +596,10 @@ where
         write_frame(io, frame, alarm, clock, config.exchange_timeout).await?;
         if expect_ack {
             let deadline = deadline_after(clock, config.exchange_timeout);
+            sess.session_channel().set_awaiting_ack(true);
             let answer = {
-                // A newer registration of the device ends the wait at once: the ACK
-                // would be the older connection's, and the newer one is served now.
+                // A newer registration of the device ends the wait: the newer connection
+                // is served now.
                 let queue = sess.session_channel();
                 let mut read = pin!(read_message(io, buf, alarm, clock, deadline, Waiting::Ack));
                 poll_fn(|cx| {
@@ -601,7 +608,26 @@ where
                     }
                     read.as_mut().poll(cx)
                 })
-                .await?
+                .await
+            };
+            let answer = match answer {
+                Err(SessionEnd::Terminated) => {
+                    // The device may have ACKed and then reconnected: its ACK is then on
+                    // this connection, already arrived or about to. The newer session
+                    // reads what is pending only once this one ended, so the ACK has a
+                    // short while to come in before the message would go out again.
+                    let grace = deadline.min(deadline_after(clock, TAKEOVER_ACK_WAIT));
+                    let late = read_message(io, buf, alarm, clock, grace, Waiting::Ack).await;
+                    sess.session_channel().set_awaiting_ack(false);
+                    if let Ok(Message::Ack) = late {
+                        exchange.acked(sess, done)?;
+                    }
+                    return Err(SessionEnd::Terminated);
+                }
+                answer => {
+                    sess.session_channel().set_awaiting_ack(false);
+                    answer?
+                }
             };
             match answer {
                 Message::Ack => exchange.acked(sess, done)?,

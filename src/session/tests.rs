@@ -972,14 +972,21 @@ fn connwarn_goes_on_and_connbroken_ends_the_session() {
 }
 
 #[test]
-fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_at_once() {
+fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_after_the_takeover_wait() {
     run_local(|| async {
         let env = Env::new();
         env.notify("dev-1", "m1", r#""hello""#);
         let mut older = env.connected("s1", "dev-1").await;
         assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
-        // No ACK, and no time passes: only the newer registration can end it.
+        // No ACK: the older session gives it the takeover wait, not its exchange timeout,
+        // and the newer one sends nothing meanwhile.
         let mut newer = env.connected("s2", "dev-1").await;
+        older.assert_running().await;
+        newer.quiet().await;
+        env.clock.advance(TAKEOVER_ACK_WAIT - MS);
+        older.assert_running().await;
+        newer.quiet().await;
+        env.clock.advance(MS);
         let end = older.closed().await;
         assert!(end.is_terminated(), "{end:?}");
         // The newer connection gets what the older never acknowledged.
@@ -987,6 +994,25 @@ fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_at_once() {
         newer.device.write_frame(ACK);
         newer.quiet().await;
         assert!(env.pending("dev-1").is_empty(), "the ACK dropped it");
+    });
+}
+
+#[test]
+fn an_ack_on_the_older_connection_after_a_reconnection_is_taken_and_not_sent_again() {
+    run_local(|| async {
+        let env = Env::new();
+        env.notify("dev-1", "m1", r#""hello""#);
+        let mut older = env.connected("s1", "dev-1").await;
+        assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
+        // The device ACKed and reconnected at once: the newer registration is taken
+        // before the ACK is read.
+        let mut newer = env.connected("s2", "dev-1").await;
+        older.device.write_frame(ACK);
+        let end = older.closed().await;
+        assert!(end.is_terminated(), "{end:?}");
+        assert!(env.pending("dev-1").is_empty(), "the older ACK dropped it");
+        newer.quiet().await;
+        assert_eq!(env.session_of("dev-1"), Some(2));
     });
 }
 
