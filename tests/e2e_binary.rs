@@ -1132,6 +1132,35 @@ fn a_second_instance_on_the_same_ports_fails_and_the_first_keeps_serving() {
     assert_eq!(http_get(first.http_addr, "/health").status, 200);
 }
 
+/// A restarted server binds its ports again at once, although the connections the
+/// previous one closed at shutdown still hold them (TIME_WAIT, for a minute): only a
+/// listening server makes a port in use.
+#[test]
+fn a_server_restarted_on_its_ports_right_after_a_shutdown_starts() {
+    let first = ServerProcess::start(&config(json!({})));
+    let (device_addr, http_addr) = (first.device_addr, first.http_addr);
+    let mut devices: Vec<Device> = (0..3)
+        .map(|i| {
+            let mut d = Device::connect(device_addr);
+            d.hello(&format!("restart-{i}"), json!({}), json!({}));
+            d
+        })
+        .collect();
+    // The server closes the sessions first, so the closed connections wait on its side.
+    assert!(first.terminate().is_some_and(|s| s.success()));
+    for d in &mut devices {
+        assert!(d.closed(), "the shutdown closed the session");
+    }
+    let second = ServerProcess::start(&config(json!({
+        "addr": device_addr.to_string(),
+        "http_addr": http_addr.to_string(),
+    })));
+    assert_eq!(second.device_addr, device_addr);
+    assert_eq!(http_get(second.http_addr, "/health").status, 200);
+    let mut d = Device::connect(device_addr);
+    d.hello("restart-0", json!({}), json!({}));
+}
+
 #[test]
 fn addr_equal_to_http_addr_is_a_configuration_error() {
     for (addr, http_addr) in [

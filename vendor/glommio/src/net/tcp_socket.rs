@@ -125,6 +125,10 @@ impl TcpListener {
         let sk = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
         let addr = socket2::SockAddr::from(addr);
         sk.set_reuse_port(true)?;
+        // pushbroker: and SO_REUSEADDR, which the accepted connections inherit: the
+        // connections a stopped server closed (TIME_WAIT, for a minute) then no longer
+        // keep a restarted server, or any bind that sets SO_REUSEADDR, off the port.
+        sk.set_reuse_address(true)?;
         sk.bind(&addr)?;
         sk.listen(1024)?;
         let listener = sk.into();
