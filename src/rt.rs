@@ -16,15 +16,17 @@
 //! # A `Send` sleep without `unsafe`
 //!
 //! `hyper::rt::Sleep` must be `Send + Sync`; glommio's `Timer` is neither (it holds an
-//! `Rc`). [`HyperSleep`] holds only its deadline and a key; the glommio `Timer` it waits
-//! on lives in a per-thread table under that key, created at the first poll and dropped
-//! with the sleep. The connection future that owns the sleep is not `Send` (its stream is
+//! `Rc`). [`HyperSleep`] holds only its deadline and a key; its waker lives in a
+//! per-thread table under that key, entered at the first poll and removed with the
+//! sleep, and one task per thread wakes the sleeps that are due on a single glommio
+//! timer. The connection future that owns the sleep is not `Send` (its stream is
 //! glommio's), so the sleep is polled and dropped on the thread that armed it.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use ahash::AHashMap;
@@ -42,13 +44,9 @@ thread_local! {
     /// The shard's read buffer, borrowed only inside one `poll_read`.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_LEN]);
 
-    /// The glommio timers of this thread's armed [`HyperSleep`]s, by key. Borrowed only
-    /// inside one poll or drop, never across an `.await`.
-    static TIMERS: RefCell<AHashMap<u64, glommio::timer::Timer>> =
-        RefCell::new(AHashMap::new());
-
-    /// The last [`HyperSleep`] key handed out on this thread.
-    static LAST_KEY: Cell<u64> = const { Cell::new(0) };
+    /// This thread's armed [`HyperSleep`]s. Borrowed only inside one poll or drop, never
+    /// across an `.await`.
+    static SLEEPS: RefCell<Sleeps> = RefCell::new(Sleeps::default());
 }
 
 /// A futures-io stream as hyper's I/O (`hyper::rt::Read` + `hyper::rt::Write`).
@@ -138,7 +136,7 @@ impl hyper::rt::Timer for HyperTimer {
 pub struct HyperSleep {
     /// `None`: too far to represent; never fires.
     deadline: Option<Instant>,
-    /// The key of this sleep's timer in [`TIMERS`], once armed.
+    /// The key of this sleep in [`SLEEPS`], once armed.
     key: Option<u64>,
 }
 
@@ -150,15 +148,19 @@ impl HyperSleep {
         }
     }
 
-    /// Drops this sleep's timer, if armed.
+    /// Takes this sleep out of the thread's table, if armed.
     fn disarm(&mut self) {
         if let Some(key) = self.key.take() {
-            let timer = TIMERS
-                .try_with(|t| t.try_borrow_mut().ok().and_then(|mut t| t.remove(&key)))
+            let entry = SLEEPS
+                .try_with(|s| {
+                    s.try_borrow_mut()
+                        .ok()
+                        .and_then(|mut s| s.armed.remove(&key))
+                })
                 .ok()
                 .flatten();
-            // Dropped outside the table's borrow.
-            drop(timer);
+            // Its waker is dropped outside the table's borrow.
+            drop(entry);
         }
     }
 }
@@ -173,31 +175,153 @@ impl std::future::Future for HyperSleep {
         let Some(deadline) = this.deadline else {
             return Poll::Pending;
         };
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             this.disarm();
             return Poll::Ready(());
         }
-        let key = *this.key.get_or_insert_with(|| {
-            LAST_KEY.with(|k| {
-                k.set(k.get() + 1);
-                k.get()
-            })
+        let spawn = SLEEPS.with(|s| {
+            let mut s = s.borrow_mut();
+            let key = *this.key.get_or_insert_with(|| {
+                s.last_key += 1;
+                s.last_key
+            });
+            match s.armed.entry(key) {
+                Entry::Occupied(mut e) => {
+                    if !e.get().1.will_wake(cx.waker()) {
+                        e.get_mut().1 = cx.waker().clone();
+                    }
+                }
+                Entry::Vacant(e) => {
+                    e.insert((deadline, cx.waker().clone()));
+                }
+            }
+            s.watch(deadline)
         });
-        let fired = TIMERS.with(|timers| {
-            let mut timers = timers.borrow_mut();
-            let timer = timers
-                .entry(key)
-                .or_insert_with(|| glommio::timer::Timer::new(deadline - now));
-            Pin::new(timer).poll(cx).is_ready()
-        });
-        if fired {
-            this.disarm();
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        if spawn {
+            glommio::spawn_local(drive()).detach();
+        }
+        Poll::Pending
+    }
+}
+
+/// A thread's armed [`HyperSleep`]s, and the task that wakes them.
+///
+/// hyper arms a sleep for every request head it waits for (`header_read_timeout`) and
+/// drops it once the head came, almost always long before its deadline. A reactor timer
+/// per sleep would cost an insertion into and a removal from glommio's timer tree, and
+/// two allocations, per request. Here a sleep is an entry in a table, and one task per
+/// thread keeps a single glommio timer set for the earliest deadline it saw: a later
+/// sleep leaves the timer where it is, a dropped one leaves it to ring early, find
+/// nothing due and move on. Under steady requests the timer moves about once per
+/// timeout, whatever the request rate.
+#[derive(Default)]
+struct Sleeps {
+    /// Armed sleeps by key: deadline, and the waker of the task that polled it last.
+    armed: AHashMap<u64, (Instant, Waker)>,
+    /// The last key handed out.
+    last_key: u64,
+    /// The task waking the sleeps, if one runs.
+    driver: Option<Driver>,
+    /// Glommio timers the drivers made (a count for tests).
+    timers_made: u64,
+}
+
+/// What the table knows of its driver task.
+struct Driver {
+    /// The executor it runs on (a thread may run executors one after another).
+    executor: usize,
+    /// The deadline its timer is set for; `None` until it first ran.
+    target: Option<Instant>,
+    /// Its waker, to make it look again when an earlier sleep is armed.
+    waker: Option<Waker>,
+}
+
+impl Sleeps {
+    /// Makes sure a driver will wake the sleep due at `deadline`: wakes it when its timer
+    /// is set for later. Returns whether a driver must be spawned.
+    fn watch(&mut self, deadline: Instant) -> bool {
+        let executor = glommio::executor().id();
+        match &mut self.driver {
+            Some(d) if d.executor == executor => {
+                if d.target.is_none_or(|t| deadline < t)
+                    && let Some(w) = d.waker.take()
+                {
+                    w.wake();
+                }
+                false
+            }
+            _ => {
+                self.driver = Some(Driver {
+                    executor,
+                    target: None,
+                    waker: None,
+                });
+                true
+            }
         }
     }
+
+    /// Wakes and removes the sleeps due by `now`; returns the earliest deadline left.
+    fn fire(&mut self, now: Instant) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        self.armed.retain(|_, (deadline, waker)| {
+            if *deadline <= now {
+                waker.wake_by_ref();
+                false
+            } else {
+                next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
+                true
+            }
+        });
+        next
+    }
+}
+
+/// The driver task of a thread's sleeps: wakes each sleep when its deadline passes, and
+/// ends when none is armed.
+async fn drive() {
+    let mut timer: Option<(Instant, glommio::timer::Timer)> = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            let now = Instant::now();
+            let next = SLEEPS.with(|s| {
+                let mut s = s.borrow_mut();
+                let next = s.fire(now);
+                let made = match (&mut s.driver, next) {
+                    (Some(d), Some(next)) => {
+                        d.target = Some(next);
+                        d.waker = Some(cx.waker().clone());
+                        timer.as_ref().is_none_or(|(at, _)| *at != next)
+                    }
+                    (driver, _) => {
+                        *driver = None;
+                        false
+                    }
+                };
+                if made {
+                    s.timers_made += 1;
+                }
+                next.map(|n| (n, made))
+            });
+            let Some((next, made)) = next else {
+                return Poll::Ready(());
+            };
+            if made {
+                let wait = next.saturating_duration_since(now);
+                timer = Some((next, glommio::timer::Timer::new(wait)));
+            }
+            let rung = match &mut timer {
+                Some((_, t)) => Pin::new(t).poll(cx).is_ready(),
+                None => true,
+            };
+            if !rung {
+                return Poll::Pending;
+            }
+            // Rung: fire what is due and set the timer for what is left.
+            timer = None;
+        }
+    })
+    .await;
 }
 
 impl hyper::rt::Sleep for HyperSleep {}
@@ -222,7 +346,67 @@ mod tests {
     }
 
     fn armed() -> usize {
-        TIMERS.with(|t| t.borrow().len())
+        SLEEPS.with(|s| s.borrow().armed.len())
+    }
+
+    fn timers_made() -> u64 {
+        SLEEPS.with(|s| s.borrow().timers_made)
+    }
+
+    /// Lets the driver task run.
+    async fn settle() {
+        for _ in 0..8 {
+            futures_lite::future::yield_now().await;
+        }
+    }
+
+    #[test]
+    fn sleeps_armed_and_dropped_one_after_another_share_one_timer() {
+        run_local(|| async {
+            let made = timers_made();
+            for _ in 0..100 {
+                // What hyper does per request: a sleep for the next head, polled while
+                // the head is awaited, dropped once it came.
+                let mut sleep = HyperTimer.sleep(Duration::from_secs(5));
+                assert!(futures_lite::future::poll_once(&mut sleep).await.is_none());
+                settle().await;
+                drop(sleep);
+            }
+            assert_eq!(armed(), 0);
+            assert_eq!(timers_made() - made, 1, "one timer, not one per sleep");
+        });
+    }
+
+    #[test]
+    fn an_earlier_sleep_armed_after_a_later_one_fires_on_time() {
+        run_local(|| async {
+            let mut later = HyperTimer.sleep(Duration::from_secs(60));
+            assert!(futures_lite::future::poll_once(&mut later).await.is_none());
+            settle().await;
+            let start = Instant::now();
+            HyperTimer.sleep(Duration::from_millis(20)).await;
+            let took = start.elapsed();
+            assert!(took >= Duration::from_millis(20), "{took:?}");
+            assert!(took < Duration::from_secs(10), "{took:?}");
+            assert_eq!(armed(), 1, "the later one is still armed");
+            drop(later);
+            assert_eq!(armed(), 0);
+        });
+    }
+
+    #[test]
+    fn sleeps_due_together_all_fire() {
+        run_local(|| async {
+            let at = Instant::now() + Duration::from_millis(20);
+            let sleeps: Vec<_> = (0..10)
+                .map(|_| glommio::spawn_local(HyperTimer.sleep_until(at)))
+                .collect();
+            for s in sleeps {
+                s.await;
+            }
+            assert!(Instant::now() >= at);
+            assert_eq!(armed(), 0);
+        });
     }
 
     #[test]

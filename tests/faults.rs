@@ -275,6 +275,39 @@ fn slowloris_on_either_port_is_cut_off_at_its_deadline() {
     );
 }
 
+/// A request whose head came whole but whose declared body stops short is answered 400
+/// (not held open) once `http_read_timeout` has passed, and the server goes on.
+#[test]
+fn a_body_that_stops_short_is_cut_off_at_the_read_timeout() {
+    let server = ServerProcess::start(&json!({
+        "addr": "127.0.0.1:0",
+        "http_addr": "127.0.0.1:0",
+        "http_read_timeout": "1s",
+    }));
+    let mut s = connect_tcp(server.http_addr);
+    let started = Instant::now();
+    std::io::Write::write_all(
+        &mut s,
+        b"POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n{\"deviceid\"",
+    )
+    .expect("write");
+    s.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut answer);
+    let took = started.elapsed();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "answered after {took:?}"
+    );
+    assert!(took < Duration::from_secs(4), "answered after {took:?}");
+    assert_eq!(
+        http(server.http_addr, "GET", "/health", &[], b"").status,
+        200
+    );
+}
+
 #[test]
 fn a_reconnect_storm_with_last_wins_kicks_delivers_every_pending_notification_once() {
     const DEVICES: usize = 2000;

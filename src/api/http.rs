@@ -103,12 +103,14 @@ async fn read_body(
             .map(|c| c.to_bytes())
             .map_err(|e| e.to_string())
     };
-    let read = if read_timeout.is_zero() {
-        collect.await
-    } else {
-        glommio::timer::timeout(read_timeout, async { Ok(collect.await) })
+    let mut collect = std::pin::pin!(collect);
+    // A small request's body came with its head: taken without arming a timer.
+    let read = match futures_lite::future::poll_once(&mut collect).await {
+        Some(read) => read,
+        None if read_timeout.is_zero() => collect.await,
+        None => glommio::timer::timeout(read_timeout, async { Ok(collect.await) })
             .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()))
+            .unwrap_or_else(|_| Err("timed out".to_owned())),
     };
     read.map_err(|e| {
         debug!(target: target::API, "cannot read a request body: {e}");
