@@ -24,14 +24,13 @@ use std::task::{Context, Poll};
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
-use rustls::ServerConnection;
 use tracing::{debug, warn};
 
 use super::ServerShard;
 use super::limits::{Backoff, Throttle};
 use super::migrate;
 use super::tally::Tally;
-use super::tls::TlsStream;
+use super::tls::{TlsSession, TlsStream};
 use crate::api::{ConnectionCounters, Listener};
 use crate::broker::SessionTracker;
 use crate::broker::sharded::{Shard, owner_of_device};
@@ -265,7 +264,7 @@ pub(crate) async fn serve_devices(
 /// The state of a connection that leaves its shard for the owner's.
 struct Migrant {
     fd: OwnedFd,
-    tls: Option<Box<ServerConnection>>,
+    tls: Option<Box<TlsSession>>,
     connect: Box<ConnectMsg>,
     buf: Vec<u8>,
     id: u64,
@@ -278,8 +277,8 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
     let clock = GlommioClock;
     let mut io = match &settings.tls {
         None => DeviceStream::Plain(stream),
-        Some(config) => match ServerConnection::new(Arc::clone(config)) {
-            Ok(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, Box::new(conn)))),
+        Some(config) => match TlsSession::new(Arc::clone(config)) {
+            Ok(tls) => DeviceStream::Tls(Box::new(TlsStream::new(stream, tls))),
             Err(e) => {
                 debug!(target: target::SESSION, "session({id}) ended with: tls: {e}");
                 return;
