@@ -207,14 +207,19 @@ impl ExchangeQueue {
 
     /// Waits for what the session should do next.
     pub async fn next(&self) -> Next {
-        poll_fn(|cx| match self.try_next() {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// What the session should do next, or `Pending` with the task woken when there is
+    /// something: [`ExchangeQueue::next`] as a poll, for a wait that keeps no future.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
+        match self.try_next() {
             Some(next) => Poll::Ready(next),
             None => {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-        })
-        .await
+        }
     }
 
     /// Wakes the session's task waiting in [`ExchangeQueue::next`].
