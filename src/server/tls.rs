@@ -606,6 +606,13 @@ mod tests {
     use super::*;
 
     fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        configs_for(rustls::DEFAULT_VERSIONS)
+    }
+
+    /// The server's configuration, and a client's speaking only `versions`.
+    fn configs_for(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let key = rcgen::KeyPair::generate().expect("key");
         let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
             .expect("params")
@@ -625,7 +632,7 @@ mod tests {
         roots.add(cert.der().clone()).expect("root");
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .expect("versions")
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -646,7 +653,22 @@ mod tests {
     /// close_notify reads as EOF.
     #[test]
     fn an_idle_session_holds_no_buffers() {
-        let (server, client) = configs();
+        idle_session_holds_no_buffers(configs(), rustls::ProtocolVersion::TLSv1_3);
+    }
+
+    /// The same over TLS 1.2, which devices may still speak.
+    #[test]
+    fn an_idle_tls12_session_holds_no_buffers() {
+        idle_session_holds_no_buffers(
+            configs_for(&[&rustls::version::TLS12]),
+            rustls::ProtocolVersion::TLSv1_2,
+        );
+    }
+
+    fn idle_session_holds_no_buffers(
+        (server, client): (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>),
+        expected: rustls::ProtocolVersion,
+    ) {
         let (addr_tx, addr_rx) = mpsc::channel();
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let peer = std::thread::spawn(move || {
@@ -657,6 +679,7 @@ mod tests {
             while conn.is_handshaking() {
                 conn.complete_io(&mut sock).expect("handshake");
             }
+            let version = conn.protocol_version();
             go_rx.recv().expect("go");
             conn.writer().write_all(b"hello world").expect("plaintext");
             let mut raw = Vec::new();
@@ -679,6 +702,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = rustls::Stream::new(&mut conn, &mut sock).read_to_end(&mut rest);
             assert!(rest.is_empty());
+            version
         });
         on_executor(move || async move {
             let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -715,6 +739,66 @@ mod tests {
 
             assert_eq!(tls.read(&mut buf).await.expect("close_notify"), 0);
             tls.close().await.expect("close");
+        });
+        let version = peer.join().expect("the peer ran");
+        assert_eq!(version, Some(expected));
+    }
+
+    /// A client sending tiny records, a few bytes per segment: handshake messages span
+    /// records and reads, so the server keeps and joins partial input; the handshake
+    /// completes and data crosses.
+    #[test]
+    fn handshake_messages_spanning_reads_are_joined() {
+        let (server, client) = configs();
+        let mut client = Arc::unwrap_or_clone(client);
+        client.max_fragment_size = Some(64);
+        let client = Arc::new(client);
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let peer = std::thread::spawn(move || {
+            let addr = addr_rx.recv().expect("address");
+            let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+            sock.set_nodelay(true).expect("nodelay");
+            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+            let mut conn = rustls::ClientConnection::new(client, name).expect("client");
+            let trickle = |conn: &mut rustls::ClientConnection, sock: &mut std::net::TcpStream| {
+                let mut raw = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut raw).expect("encode");
+                }
+                for piece in raw.chunks(37) {
+                    sock.write_all(piece).expect("send");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            while conn.is_handshaking() {
+                trickle(&mut conn, &mut sock);
+                if conn.is_handshaking() {
+                    conn.read_tls(&mut sock).expect("read");
+                    conn.process_new_packets().expect("process");
+                }
+            }
+            trickle(&mut conn, &mut sock);
+            conn.writer().write_all(&[7u8; 300]).expect("plaintext");
+            trickle(&mut conn, &mut sock);
+        });
+        on_executor(move || async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("send");
+            let stream = listener.accept().await.expect("accept");
+            let session = TlsSession::new(server).expect("session");
+            let mut tls = TlsStream::new(stream, session);
+            tls.handshake().await.expect("handshake");
+            let mut got = Vec::new();
+            let mut buf = [0u8; 512];
+            while got.len() < 300 {
+                let n = tls.read(&mut buf).await.expect("read");
+                assert!(n > 0, "EOF too soon");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, vec![7u8; 300]);
+            assert_eq!(tls.session().buffered_capacity(), 0);
         });
         peer.join().expect("the peer ran");
     }
