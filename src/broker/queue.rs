@@ -117,7 +117,15 @@ impl ExchangeQueue {
             match same {
                 Some(i) => items[i] = exchange,
                 None if items.len() >= self.capacity => return Err(exchange),
-                None => items.push_back(exchange),
+                None => {
+                    // Most sessions never hold more than one exchange at a time, and
+                    // keep the queue's buffer while idle: room for one to begin with,
+                    // not the four a first push reserves.
+                    if items.capacity() == 0 {
+                        items.reserve_exact(1);
+                    }
+                    items.push_back(exchange);
+                }
             }
         }
         self.wake();
@@ -484,6 +492,18 @@ mod tests {
             None
         })
         .await
+    }
+
+    #[test]
+    fn a_first_exchange_takes_room_for_one() {
+        run_local(|| async {
+            let q = ExchangeQueue::new(10);
+            assert_eq!(q.items.borrow().capacity(), 0);
+            q.feed(unicast("d1")).expect("room");
+            assert_eq!(q.items.borrow().capacity(), 1, "room for the one exchange");
+            q.feed(unicast("d2")).expect("room");
+            assert_eq!(q.items.borrow().len(), 2, "and it grows past one");
+        });
     }
 
     #[test]
