@@ -117,7 +117,15 @@ impl ExchangeQueue {
             match same {
                 Some(i) => items[i] = exchange,
                 None if items.len() >= self.capacity => return Err(exchange),
-                None => items.push_back(exchange),
+                None => {
+                    // Most sessions never hold more than one exchange at a time, and
+                    // keep the queue's buffer while idle: room for one to begin with,
+                    // not the four a first push reserves.
+                    if items.capacity() == 0 {
+                        items.reserve_exact(1);
+                    }
+                    items.push_back(exchange);
+                }
             }
         }
         self.wake();
@@ -207,14 +215,19 @@ impl ExchangeQueue {
 
     /// Waits for what the session should do next.
     pub async fn next(&self) -> Next {
-        poll_fn(|cx| match self.try_next() {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// What the session should do next, or `Pending` with the task woken when there is
+    /// something: [`ExchangeQueue::next`] as a poll, for a wait that keeps no future.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
+        match self.try_next() {
             Some(next) => Poll::Ready(next),
             None => {
                 *self.waker.borrow_mut() = Some(cx.waker().clone());
                 Poll::Pending
             }
-        })
-        .await
+        }
     }
 
     /// Wakes the session's task waiting in [`ExchangeQueue::next`].
@@ -479,6 +492,18 @@ mod tests {
             None
         })
         .await
+    }
+
+    #[test]
+    fn a_first_exchange_takes_room_for_one() {
+        run_local(|| async {
+            let q = ExchangeQueue::new(10);
+            assert_eq!(q.items.borrow().capacity(), 0);
+            q.feed(unicast("d1")).expect("room");
+            assert_eq!(q.items.borrow().capacity(), 1, "room for the one exchange");
+            q.feed(unicast("d2")).expect("room");
+            assert_eq!(q.items.borrow().len(), 2, "and it grows past one");
+        });
     }
 
     #[test]

@@ -491,37 +491,45 @@ where
         // is most of every session's life (an allocation per exchange is noise beside its
         // two system calls).
         loop {
-            match idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await? {
-                Idle::Ping => {
-                    let pinged = Box::pin(async {
+            let woke = idle(io, &mut buf, &*sess, ping_at, &mut alarm, clock).await;
+            // What `idle` returned is consumed before the step's wait, and the step is one
+            // boxed future: nothing else of a step is held across an await, so none of it
+            // takes room in the idle wait's state.
+            let step: Pin<Box<dyn Future<Output = Result<Option<Instant>, SessionEnd>> + '_>> =
+                match woke? {
+                    Idle::Ping => Box::pin(async {
                         write_frame(io, PING_FRAME, &mut alarm, clock, config.exchange_timeout)
                             .await?;
-                        // The next PING is due one interval after this one went out, not after
-                        // the PONG came: the server is never silent longer than the interval.
+                        // The next PING is due one interval after this one went out, not
+                        // after the PONG came: the server is never silent longer than the
+                        // interval.
                         let next_ping = deadline_after(clock, config.ping_interval);
                         let deadline = deadline_after(clock, config.exchange_timeout);
                         match read_message(io, &mut buf, &mut alarm, clock, deadline, Waiting::Pong)
                             .await?
                         {
-                            Message::Pong => Ok(next_ping),
+                            Message::Pong => Ok(Some(next_ping)),
                             _ => Err(SessionEnd::ExpectedPong),
                         }
-                    });
-                    ping_at = pinged.await?;
-                }
-                Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
-                Idle::Next(Next::Exchange(exchange)) => {
-                    match Box::pin(perform(
-                        io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
-                    ))
-                    .await?
-                    {
-                        // The ping timer resumes where it was; a spent interval pings at once.
-                        Outcome::Nop => {}
-                        Outcome::Sent => ping_at = deadline_after(clock, config.ping_interval),
-                        Outcome::Close => return Err(SessionEnd::ConnBroken),
-                    }
-                }
+                    }),
+                    Idle::Next(Next::Terminated) => return Err(SessionEnd::Terminated),
+                    Idle::Next(Next::Exchange(exchange)) => Box::pin(async {
+                        let exchange = exchange;
+                        match perform(
+                            io, &mut buf, &mut *sess, &*exchange, &mut alarm, config, clock,
+                        )
+                        .await?
+                        {
+                            // The ping timer resumes where it was; a spent interval pings at
+                            // once.
+                            Outcome::Nop => Ok(None),
+                            Outcome::Sent => Ok(Some(deadline_after(clock, config.ping_interval))),
+                            Outcome::Close => Err(SessionEnd::ConnBroken),
+                        }
+                    }),
+                };
+            if let Some(next_ping) = step.await? {
+                ping_at = next_ping;
             }
         }
     }
@@ -529,22 +537,25 @@ where
 
 /// Waits for the ping timer or the session's queue, reading from the device meanwhile:
 /// what arrives is kept in `buf`, and a close ends the wait at once.
-async fn idle<S, C>(
-    io: &mut S,
-    buf: &mut Vec<u8>,
-    sess: &dyn BrokerSession,
+///
+/// A plain function over a `poll_fn` rather than an `async fn`: an idle session's task
+/// holds this wait for most of its life, and an `async fn` would keep a second copy of
+/// its arguments and the queue's own wait beside the closure.
+fn idle<'a, S, C>(
+    io: &'a mut S,
+    buf: &'a mut Vec<u8>,
+    sess: &'a dyn BrokerSession,
     ping_at: Instant,
-    alarm: &mut Alarm<C::Sleep>,
-    clock: &C,
-) -> Result<Idle, SessionEnd>
+    alarm: &'a mut Alarm<C::Sleep>,
+    clock: &'a C,
+) -> impl Future<Output = Result<Idle, SessionEnd>> + 'a
 where
     S: AsyncRead + Unpin,
     C: SessionClock,
 {
-    let mut next = pin!(sess.session_channel().next());
-    poll_fn(|cx| {
+    poll_fn(move |cx| {
         // The queue first: a termination or an exchange wins over a due ping.
-        if let Poll::Ready(next) = next.as_mut().poll(cx) {
+        if let Poll::Ready(next) = sess.session_channel().poll_next(cx) {
             return Poll::Ready(Ok(Idle::Next(next)));
         }
         if alarm.poll_until(clock, ping_at, cx).is_ready() {
@@ -563,7 +574,6 @@ where
             }
         }
     })
-    .await
 }
 
 /// Performs one exchange: prepares it, writes its parts, and for an ACKed exchange reads
