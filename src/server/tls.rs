@@ -640,6 +640,20 @@ mod tests {
     }
 
     /// Runs `test` on an executor of its own.
+    /// Listens on a free port, tells `addr_tx` where, and wraps the first connection in
+    /// a server-side TLS stream (its handshake not yet done).
+    async fn accept_one(
+        addr_tx: &mpsc::Sender<std::net::SocketAddr>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> TlsStream<glommio::net::TcpStream> {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        addr_tx
+            .send(listener.local_addr().expect("addr"))
+            .expect("send");
+        let stream = listener.accept().await.expect("accept");
+        TlsStream::new(stream, TlsSession::new(server).expect("session"))
+    }
+
     fn on_executor<F: Future<Output = ()> + 'static>(test: impl FnOnce() -> F + Send + 'static) {
         glommio::LocalExecutorBuilder::default()
             .spawn(test)
@@ -705,13 +719,7 @@ mod tests {
             version
         });
         on_executor(move || async move {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            addr_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("send");
-            let stream = listener.accept().await.expect("accept");
-            let session = TlsSession::new(server).expect("session");
-            let mut tls = TlsStream::new(stream, session);
+            let mut tls = accept_one(&addr_tx, server).await;
             tls.handshake().await.expect("handshake");
             assert!(!tls.session().is_handshaking());
             assert_eq!(tls.session().buffered_capacity(), 0, "after the handshake");
@@ -782,13 +790,7 @@ mod tests {
             trickle(&mut conn, &mut sock);
         });
         on_executor(move || async move {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            addr_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("send");
-            let stream = listener.accept().await.expect("accept");
-            let session = TlsSession::new(server).expect("session");
-            let mut tls = TlsStream::new(stream, session);
+            let mut tls = accept_one(&addr_tx, server).await;
             tls.handshake().await.expect("handshake");
             let mut got = Vec::new();
             let mut buf = [0u8; 512];
@@ -817,13 +819,7 @@ mod tests {
             answer
         });
         on_executor(move || async move {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-            addr_tx
-                .send(listener.local_addr().expect("addr"))
-                .expect("send");
-            let stream = listener.accept().await.expect("accept");
-            let session = TlsSession::new(server).expect("session");
-            let mut tls = TlsStream::new(stream, session);
+            let mut tls = accept_one(&addr_tx, server).await;
             let e = tls.handshake().await.expect_err("not TLS");
             assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         });

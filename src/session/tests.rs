@@ -971,16 +971,23 @@ fn connwarn_goes_on_and_connbroken_ends_the_session() {
     });
 }
 
+/// `dev-1`'s older session, written a notification and waiting for its ACK, and the
+/// newer session that took over meanwhile.
+async fn taken_over_waiting_for_an_ack(env: &Env) -> (Conn, Conn) {
+    env.notify("dev-1", "m1", r#""hello""#);
+    let older = env.connected("s1", "dev-1").await;
+    assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
+    let newer = env.connected("s2", "dev-1").await;
+    (older, newer)
+}
+
 #[test]
 fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_after_the_takeover_wait() {
     run_local(|| async {
         let env = Env::new();
-        env.notify("dev-1", "m1", r#""hello""#);
-        let mut older = env.connected("s1", "dev-1").await;
-        assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
+        let (mut older, mut newer) = taken_over_waiting_for_an_ack(&env).await;
         // No ACK: the older session gives it the takeover wait, not its exchange timeout,
         // and the newer one sends nothing meanwhile.
-        let mut newer = env.connected("s2", "dev-1").await;
         older.assert_running().await;
         newer.quiet().await;
         env.clock.advance(TAKEOVER_ACK_WAIT - MS);
@@ -1001,12 +1008,9 @@ fn a_newer_registration_ends_an_older_session_waiting_for_an_ack_after_the_takeo
 fn an_ack_on_the_older_connection_after_a_reconnection_is_taken_and_not_sent_again() {
     run_local(|| async {
         let env = Env::new();
-        env.notify("dev-1", "m1", r#""hello""#);
-        let mut older = env.connected("s1", "dev-1").await;
-        assert!(older.frame().await.starts_with(r#"{"T":"notifications""#));
         // The device ACKed and reconnected at once: the newer registration is taken
         // before the ACK is read.
-        let mut newer = env.connected("s2", "dev-1").await;
+        let (mut older, mut newer) = taken_over_waiting_for_an_ack(&env).await;
         older.device.write_frame(ACK);
         let end = older.closed().await;
         assert!(end.is_terminated(), "{end:?}");
