@@ -139,6 +139,8 @@ pub struct TlsSession {
     peer_closed: bool,
     /// We queued close_notify.
     close_sent: bool,
+    /// rustls failed: it is not driven again.
+    failed: bool,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -227,6 +229,7 @@ impl TlsSession {
             out_written: 0,
             peer_closed: false,
             close_sent: false,
+            failed: false,
         }))
     }
 
@@ -301,6 +304,9 @@ impl TlsSession {
         input: &mut [u8],
         mut want: Want<'_>,
     ) -> Result<(usize, bool), rustls::Error> {
+        if self.failed {
+            return Err(rustls::Error::General("TLS session failed".into()));
+        }
         let mut used = 0;
         loop {
             let UnbufferedStatus { discard, state } =
@@ -310,20 +316,18 @@ impl TlsSession {
                 Err(e) => {
                     // Encode the alert rustls queued for the peer, so the caller can send
                     // it before failing (best effort).
-                    for _ in 0..4 {
-                        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-                        match state {
-                            Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                                let _ = encode_into(
-                                    &mut self.outgoing,
-                                    64,
-                                    |out| e.encode(out),
-                                    encode_needs,
-                                );
-                            }
-                            Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
-                            _ => break,
-                        }
+                    // Asked again on the same buffer, past what it said to discard (its
+                    // handshake reassembly keeps offsets into that buffer; an empty one
+                    // would make it index out of bounds), and once: a queued alert comes
+                    // out before rustls reads input again. After that rustls is never
+                    // driven again, as its own unbuffered examples do.
+                    used += discard;
+                    self.failed = true;
+                    let UnbufferedStatus { state, .. } =
+                        self.conn.process_tls_records(&mut input[used..]);
+                    if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+                        let _ =
+                            encode_into(&mut self.outgoing, 64, |out| e.encode(out), encode_needs);
                     }
                     return Err(e);
                 }
@@ -609,6 +613,15 @@ mod tests {
         configs_for(rustls::DEFAULT_VERSIONS)
     }
 
+    /// [`configs`], made once for the whole test binary (for property tests' many cases).
+    fn configs_once() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        static CONFIGS: std::sync::OnceLock<(
+            Arc<rustls::ServerConfig>,
+            Arc<rustls::ClientConfig>,
+        )> = std::sync::OnceLock::new();
+        CONFIGS.get_or_init(configs).clone()
+    }
+
     /// The server's configuration, and a client's speaking only `versions`.
     fn configs_for(
         versions: &[&'static rustls::SupportedProtocolVersion],
@@ -803,6 +816,74 @@ mod tests {
             assert_eq!(tls.session().buffered_capacity(), 0);
         });
         peer.join().expect("the peer ran");
+    }
+
+    /// What a peer sends: a handshake record holding only the 4-byte header of a
+    /// ClientHello that announces 256 bytes, then a record of `content_type`.
+    fn fragment_then(content_type: u8) -> [u8; 15] {
+        [22, 3, 1, 0, 4, 1, 0, 1, 0, content_type, 3, 3, 0, 1, 1]
+    }
+
+    /// A handshake that fails while rustls holds part of a handshake message fails with
+    /// an error, and closing the stream afterwards (as every session end does) does not
+    /// panic: rustls is not driven again.
+    fn a_failure_in_a_partial_handshake_message_is_an_error(content_type: u8) {
+        let (server, _) = configs();
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let peer = std::thread::spawn(move || {
+            let addr = addr_rx.recv().expect("address");
+            let mut sock = std::net::TcpStream::connect(addr).expect("connect");
+            sock.write_all(&fragment_then(content_type)).expect("send");
+            let mut answer = Vec::new();
+            let _ = sock.read_to_end(&mut answer);
+        });
+        on_executor(move || async move {
+            let mut tls = accept_one(&addr_tx, server).await;
+            let e = tls.handshake().await.expect_err("refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            let _ = tls.close().await;
+        });
+        peer.join().expect("the peer ran");
+    }
+
+    #[test]
+    fn a_record_interleaved_with_a_partial_handshake_message_is_an_error() {
+        // change_cipher_spec in the middle of the ClientHello.
+        a_failure_in_a_partial_handshake_message_is_an_error(20);
+    }
+
+    #[test]
+    fn an_unknown_record_type_after_a_partial_handshake_message_is_an_error() {
+        a_failure_in_a_partial_handshake_message_is_an_error(99);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever a peer sends before or instead of a handshake, in whatever pieces,
+        /// the session answers with an error or waits for more; it never panics, and
+        /// closing it afterwards does not either.
+        #[test]
+        fn any_bytes_from_a_peer_never_panic(
+            pieces in proptest::collection::vec(
+                proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), 1..8),
+            prefix in 0usize..4,
+        ) {
+            let (server, _) = configs_once();
+            let mut session = TlsSession::new(server).expect("session");
+            // Most random bytes are refused at the record header: start some runs with
+            // a plausible handshake record header, so the reassembly is reached too.
+            let headers: [&[u8]; 4] = [&[], &[22, 3, 1, 0, 4], &[22, 3, 1, 0, 40, 1], &[22, 3, 3]];
+            let mut first = headers[prefix].to_vec();
+            first.extend_from_slice(&pieces[0]);
+            for piece in std::iter::once(first).chain(pieces.into_iter().skip(1)) {
+                let mut piece = piece;
+                if session.receive(&mut piece).is_err() {
+                    break;
+                }
+            }
+            let _ = session.act(Want::Close);
+        }
     }
 
     /// A peer that does not speak TLS fails the handshake and is told why with an alert.
