@@ -158,6 +158,10 @@ impl LocalBroker {
             // sent again.
             if previous.is_awaiting_ack() {
                 queue.wait_behind(previous);
+            } else if let Some(older) = previous.take_behind() {
+                // The previous one was itself waiting behind an older session: so does
+                // this one.
+                queue.wait_behind(older);
             }
         }
         let mut sess = LocalSession {

@@ -160,6 +160,11 @@ impl ExchangeQueue {
         self.behind.set(Some(older));
     }
 
+    /// The older session this queue waits behind, taken out of it.
+    pub(crate) fn take_behind(&self) -> Option<Rc<ExchangeQueue>> {
+        self.behind.take()
+    }
+
     /// Tells the queue its session ended; a newer session waiting
     /// [behind](Self::wait_behind) it must then be [woken](Self::wake).
     pub(crate) fn end(&self) {

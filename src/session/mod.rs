@@ -535,6 +535,35 @@ where
     }
 }
 
+/// Waits until what the session's last ACK dropped is durable, for one exchange timeout
+/// at most (a disk that hangs ends the session, so the device reconnects and gets what
+/// is still pending). At once for a store that keeps nothing on disk.
+async fn until_durable<C: SessionClock>(
+    sess: &dyn BrokerSession,
+    alarm: &mut Alarm<C::Sleep>,
+    clock: &C,
+    config: &SessionConfig,
+) -> Result<(), SessionEnd> {
+    let Some(mut durable) = sess.durable() else {
+        return Ok(());
+    };
+    let deadline = deadline_after(clock, config.exchange_timeout);
+    poll_fn(|cx| {
+        if let Poll::Ready(done) = durable.as_mut().poll(cx) {
+            return Poll::Ready(
+                done.map_err(|e| SessionEnd::from(ErrAbort::caused_by("the store", e))),
+            );
+        }
+        if alarm.poll_until(clock, deadline, cx).is_ready() {
+            return Poll::Ready(Err(SessionEnd::from(ErrAbort::new(
+                "the store did not make the ACK durable in time",
+            ))));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
 /// Waits for the ping timer or the session's queue, reading from the device meanwhile:
 /// what arrives is kept in `buf`, and a close ends the wait at once.
 ///
@@ -631,6 +660,9 @@ where
                     sess.session_channel().set_awaiting_ack(false);
                     if let Ok(Message::Ack) = late {
                         exchange.acked(sess, done)?;
+                        // The newer session goes on once this one ended: not before
+                        // what the ACK dropped is durable.
+                        until_durable(&*sess, alarm, clock, config).await?;
                     }
                     return Err(SessionEnd::Terminated);
                 }
@@ -643,26 +675,8 @@ where
                 Message::Ack => exchange.acked(sess, done)?,
                 _ => return Err(ErrAbort::expected_ack().into()),
             }
-            // Nothing more goes to the device until what its ACK dropped is durable,
-            // for one exchange timeout at most (a disk that hangs ends the session, so
-            // the device reconnects and gets what is still pending).
-            if let Some(mut durable) = sess.durable() {
-                let deadline = deadline_after(clock, config.exchange_timeout);
-                poll_fn(|cx| {
-                    if let Poll::Ready(done) = durable.as_mut().poll(cx) {
-                        return Poll::Ready(
-                            done.map_err(|e| SessionEnd::from(ErrAbort::caused_by("the store", e))),
-                        );
-                    }
-                    if alarm.poll_until(clock, deadline, cx).is_ready() {
-                        return Poll::Ready(Err(SessionEnd::from(ErrAbort::new(
-                            "the store did not make the ACK durable in time",
-                        ))));
-                    }
-                    Poll::Pending
-                })
-                .await?;
-            }
+            // Nothing more goes to the device until what its ACK dropped is durable.
+            until_durable(&*sess, alarm, clock, config).await?;
         }
         if !sess.exchange_scratch_area().advance() {
             break;

@@ -1021,6 +1021,25 @@ fn an_ack_on_the_older_connection_after_a_reconnection_is_taken_and_not_sent_aga
 }
 
 #[test]
+fn a_third_registration_also_waits_for_the_first_sessions_ack() {
+    run_local(|| async {
+        let env = Env::new();
+        let (mut older, mut second) = taken_over_waiting_for_an_ack(&env).await;
+        // The device reconnects once more before the first connection's ACK is read.
+        let mut third = env.connected("s3", "dev-1").await;
+        let end = second.closed().await;
+        assert!(end.is_terminated(), "{end:?}");
+        third.quiet().await;
+        older.device.write_frame(ACK);
+        let end = older.closed().await;
+        assert!(end.is_terminated(), "{end:?}");
+        assert!(env.pending("dev-1").is_empty(), "the first ACK dropped it");
+        third.quiet().await;
+        assert_eq!(env.session_of("dev-1"), Some(3));
+    });
+}
+
+#[test]
 fn a_newer_registration_terminates_the_older_session_and_stays_registered() {
     run_local(|| async {
         let env = Env::new();
