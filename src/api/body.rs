@@ -11,10 +11,12 @@
 //! - `data` is kept as the raw JSON text received, `null` included (`"data": null` is
 //!   present; only a missing `data` is missing).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 
 use crate::protocol::Payload;
 
@@ -22,8 +24,41 @@ use crate::protocol::Payload;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Malformed;
 
-/// A JSON object's members as received, in order: names decoded, values raw.
-struct Members<'a>(Vec<(String, &'a RawValue)>);
+/// A JSON object's members as received, in order: names decoded (borrowed from the body
+/// unless they hold an escape), values raw. Room for the members of a usual body inline:
+/// a request's parse allocates nothing for them.
+struct Members<'a>(SmallVec<[(Name<'a>, &'a RawValue); 10]>);
+
+/// A member name: the body's own text when it has no escape, else decoded.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Name<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NameVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+        impl<'de: 'a, 'a> Visitor<'de> for NameVisitor<'a> {
+            type Value = Name<'a>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a member name")
+            }
+
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v)))
+            }
+        }
+
+        deserializer.deserialize_str(NameVisitor(std::marker::PhantomData))
+    }
+}
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -37,8 +72,8 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut members = Vec::new();
-                while let Some((name, value)) = map.next_entry::<String, &'de RawValue>()? {
+                let mut members = SmallVec::new();
+                while let Some((name, value)) = map.next_entry::<Name<'a>, &'de RawValue>()? {
                     members.push((name, value));
                 }
                 Ok(Members(members))
@@ -58,17 +93,19 @@ impl<'a> Members<'a> {
     fn all(&self, field: &'a str) -> impl Iterator<Item = &'a RawValue> + '_ {
         self.0
             .iter()
-            .filter(move |(name, _)| name.eq_ignore_ascii_case(field))
+            .filter(move |(name, _)| name.0.eq_ignore_ascii_case(field))
             .map(|&(_, value)| value)
     }
 
     /// A string field: `""` when absent. Members are assigned in order, as Go does: a
-    /// `null` leaves the value as it was, a later string overwrites it.
-    fn string(&self, field: &'a str) -> Result<String, Malformed> {
-        let mut value = String::new();
+    /// `null` leaves the value as it was, a later string overwrites it. Borrowed from
+    /// the body unless the string holds an escape.
+    fn string(&self, field: &'a str) -> Result<Cow<'a, str>, Malformed> {
+        let mut value = Cow::Borrowed("");
         for raw in self.all(field) {
-            if raw.get() != "null" {
-                value = serde_json::from_str::<String>(raw.get()).map_err(|_| Malformed)?;
+            let text = raw.get();
+            if text != "null" {
+                value = json_string(text)?;
             }
         }
         Ok(value)
@@ -96,19 +133,35 @@ impl<'a> Members<'a> {
     }
 }
 
+/// The string a raw JSON value (valid JSON, as parsed) holds: its text between the
+/// quotes when it has no escape, else decoded; anything but a string is malformed.
+fn json_string(text: &str) -> Result<Cow<'_, str>, Malformed> {
+    match text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
+        // Valid JSON: a string without a backslash is its own text.
+        Some(inner) if !inner.contains('\\') => Ok(Cow::Borrowed(inner)),
+        Some(_) => serde_json::from_str::<String>(text)
+            .map(Cow::Owned)
+            .map_err(|_| Malformed),
+        None => Err(Malformed),
+    }
+}
+
 /// A `/broadcast` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Broadcast {
+pub(crate) struct Broadcast<'a> {
     /// The channel's name (`system`).
-    pub(crate) channel: String,
+    pub(crate) channel: Cow<'a, str>,
     /// RFC 3339, checked later.
-    pub(crate) expire_on: String,
+    pub(crate) expire_on: Cow<'a, str>,
     /// The payload as received; `None` when absent.
     pub(crate) data: Option<Payload>,
 }
 
-impl Broadcast {
-    pub(crate) fn parse(body: &[u8]) -> Result<Self, Malformed> {
+impl<'a> Broadcast<'a> {
+    pub(crate) fn parse(body: &'a [u8]) -> Result<Self, Malformed> {
         let m = Members::parse(body)?;
         Ok(Self {
             channel: m.string("channel")?,
@@ -120,27 +173,27 @@ impl Broadcast {
 
 /// A `/notify` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Unicast {
+pub(crate) struct Unicast<'a> {
     /// The token `/register` returned, or `""`.
-    pub(crate) token: String,
+    pub(crate) token: Cow<'a, str>,
     /// With `device_id`, the channel when there is no token (not in the official API).
-    pub(crate) user_id: String,
+    pub(crate) user_id: Cow<'a, str>,
     /// With `user_id`, the channel when there is no token (not in the official API).
-    pub(crate) device_id: String,
+    pub(crate) device_id: Cow<'a, str>,
     /// The sending application.
-    pub(crate) app_id: String,
+    pub(crate) app_id: Cow<'a, str>,
     /// RFC 3339, checked later.
-    pub(crate) expire_on: String,
+    pub(crate) expire_on: Cow<'a, str>,
     /// The payload as received; `None` when absent.
     pub(crate) data: Option<Payload>,
     /// First remove every pending notification of the app for the device.
     pub(crate) clear_pending: bool,
     /// `""` means none.
-    pub(crate) replace_tag: String,
+    pub(crate) replace_tag: Cow<'a, str>,
 }
 
-impl Unicast {
-    pub(crate) fn parse(body: &[u8]) -> Result<Self, Malformed> {
+impl<'a> Unicast<'a> {
+    pub(crate) fn parse(body: &'a [u8]) -> Result<Self, Malformed> {
         let m = Members::parse(body)?;
         Ok(Self {
             token: m.string("token")?,
@@ -157,15 +210,15 @@ impl Unicast {
 
 /// A `/register` or `/unregister` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Registration {
+pub(crate) struct Registration<'a> {
     /// The device.
-    pub(crate) device_id: String,
+    pub(crate) device_id: Cow<'a, str>,
     /// The application.
-    pub(crate) app_id: String,
+    pub(crate) app_id: Cow<'a, str>,
 }
 
-impl Registration {
-    pub(crate) fn parse(body: &[u8]) -> Result<Self, Malformed> {
+impl<'a> Registration<'a> {
+    pub(crate) fn parse(body: &'a [u8]) -> Result<Self, Malformed> {
         let m = Members::parse(body)?;
         Ok(Self {
             device_id: m.string("deviceid")?,
@@ -178,7 +231,7 @@ impl Registration {
 mod tests {
     use super::*;
 
-    fn unicast(json: &str) -> Result<Unicast, Malformed> {
+    fn unicast(json: &str) -> Result<Unicast<'_>, Malformed> {
         Unicast::parse(json.as_bytes())
     }
 
@@ -192,7 +245,7 @@ mod tests {
         .expect("well formed");
         assert_eq!(u.token, "dG9r");
         assert_eq!(u.app_id, "app");
-        assert_eq!((u.user_id.as_str(), u.device_id.as_str()), ("u", "d"));
+        assert_eq!((&*u.user_id, &*u.device_id), ("u", "d"));
         assert_eq!(u.expire_on, "2030-01-01T00:00:00Z");
         assert_eq!(
             u.data.as_ref().map(Payload::get),
@@ -268,5 +321,45 @@ mod tests {
         let r = Registration::parse(br#"{"device\u0069d":"a\"b","appid":"\u263a"}"#).expect("ok");
         assert_eq!(r.device_id, "a\"b");
         assert_eq!(r.app_id, "\u{263a}");
+    }
+
+    #[test]
+    fn strings_and_names_without_escapes_are_borrowed_from_the_body() {
+        let body = br#"{"token":"dG9r","appid":"a\u0062c","expire_on":"2030-01-01T00:00:00Z"}"#;
+        let u = Unicast::parse(body).expect("ok");
+        assert!(matches!(u.token, Cow::Borrowed("dG9r")));
+        assert!(matches!(u.expire_on, Cow::Borrowed(_)));
+        assert!(
+            matches!(u.app_id, Cow::Owned(ref s) if s == "abc"),
+            "an escape is decoded"
+        );
+        let m = Members::parse(br#"{"a":1,"\u0062":2}"#).expect("ok");
+        assert!(matches!(m.0[0].0.0, Cow::Borrowed("a")));
+        assert!(matches!(m.0[1].0.0, Cow::Owned(ref s) if s == "b"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_string_field_decodes_as_serde_json_decodes_it(s in ".*", escape in proptest::bool::ANY) {
+            let text = if escape {
+                // Every character escaped the long way, as some encoders do.
+                let mut t = String::from("\"");
+                for unit in s.encode_utf16() {
+                    t.push_str(&format!("\\u{unit:04x}"));
+                }
+                t.push('"');
+                t
+            } else {
+                serde_json::to_string(&s).expect("a string encodes")
+            };
+            proptest::prop_assert_eq!(json_string(&text).map(Cow::into_owned), Ok(s));
+        }
+
+        #[test]
+        fn a_value_that_is_not_a_string_is_malformed(v in proptest::prelude::any::<i64>()) {
+            for text in [v.to_string(), format!("[\"{v}\"]"), format!("{{\"a\":\"{v}\"}}"), "true".into()] {
+                proptest::prop_assert_eq!(json_string(&text), Err(Malformed));
+            }
+        }
     }
 }

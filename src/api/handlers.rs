@@ -12,11 +12,13 @@
 //! (invalid, past), then the store and the broker. `/broadcast` data is bounded only by
 //! the body's limit.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::time::SystemTime;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
@@ -311,10 +313,12 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
     }
     let unicast = UnicastRequest {
         chan_id: chan,
-        app_id: req.app_id,
+        app_id: req.app_id.into_owned(),
         payload,
         expiration,
-        replace_tag: Some(req.replace_tag).filter(|tag| !tag.is_empty()),
+        replace_tag: Some(req.replace_tag)
+            .filter(|tag| !tag.is_empty())
+            .map(Cow::into_owned),
         clear_pending: req.clear_pending,
     };
     match ctx.shard().sending().notify(unicast).await {
@@ -330,7 +334,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
     }
 }
 
-fn registration(body: &[u8]) -> Result<Registration, ApiError> {
+fn registration(body: &[u8]) -> Result<Registration<'_>, ApiError> {
     let reg = Registration::parse(body).map_err(|_| ApiError::MalformedJson)?;
     if reg.device_id.is_empty() || reg.app_id.is_empty() {
         return Err(ApiError::MissingId);
