@@ -276,6 +276,29 @@ fn post_head_errors_over_http() {
 }
 
 #[test]
+fn a_body_written_in_pieces_is_read_whole() {
+    let server = serve(settings());
+    let mut client = Client::connect(&server);
+    let body = r#"{"deviceid":"piecemeal","appid":"app"}"#;
+    client.send(
+        format!(
+            "POST /register HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    // Three writes, each after the server has had time to read the one before: the
+    // body reaches the server in several pieces.
+    for piece in [&body[..5], &body[5..20], &body[20..]] {
+        std::thread::sleep(Duration::from_millis(30));
+        client.send(piece.as_bytes());
+    }
+    let reg = client.answer();
+    assert_eq!(reg.status, 200, "{reg:?}");
+    assert_eq!(reg.json()["token"], token("piecemeal", "app"));
+}
+
+#[test]
 fn a_body_cut_short_is_an_io_error() {
     let server = serve(settings());
     let mut client = Client::connect(&server);

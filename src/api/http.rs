@@ -5,7 +5,8 @@ use std::convert::Infallible;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use bytes::BytesMut;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, Response};
@@ -96,13 +97,7 @@ async fn read_body(
     max_body: usize,
     read_timeout: std::time::Duration,
 ) -> Result<Bytes, BodyReadError> {
-    let collect = async {
-        Limited::new(body, max_body)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .map_err(|e| e.to_string())
-    };
+    let collect = collect(body, max_body);
     let mut collect = std::pin::pin!(collect);
     // A small request's body came with its head: taken without arming a timer.
     let read = match futures_lite::future::poll_once(&mut collect).await {
@@ -116,4 +111,33 @@ async fn read_body(
         debug!(target: target::API, "cannot read a request body: {e}");
         BodyReadError
     })
+}
+
+/// The body's data, at most `max_body` bytes: a body that came in one piece (the usual
+/// case) is handed on as it is, without a copy or a list of pieces.
+async fn collect(mut body: Incoming, max_body: usize) -> Result<Bytes, String> {
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|e| e.to_string())?.into_data() else {
+            // Trailers: not part of the body.
+            continue;
+        };
+        len = len.saturating_add(data.len());
+        if len > max_body {
+            return Err("length limit exceeded".to_owned());
+        }
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut buf = BytesMut::with_capacity(earlier.len() + data.len());
+                buf.extend_from_slice(&earlier);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
+    }
+    Ok(joined.map_or_else(|| first.unwrap_or_default(), BytesMut::freeze))
 }

@@ -36,12 +36,16 @@ pub enum ChannelIdError {
 }
 
 impl InternalChannelId {
-    /// The unicast channel of `user` on `device`.
+    /// The unicast channel of `user` on `device` (one shared string when they are the
+    /// same, as for every channel a token names).
     pub fn unicast(user: &str, device: &str) -> Self {
-        InternalChannelId::Unicast {
-            user: Arc::from(user),
-            device: Arc::from(device),
-        }
+        let user: Arc<str> = Arc::from(user);
+        let device = if *device == *user {
+            Arc::clone(&user)
+        } else {
+            Arc::from(device)
+        };
+        InternalChannelId::Unicast { user, device }
     }
 
     /// Parses a channel's hex id as a device gives it in `Levels`: `"0"` or 32 hex digits

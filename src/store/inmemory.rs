@@ -16,6 +16,9 @@ use super::{
 };
 use crate::protocol::{Notification, Payload};
 
+/// The longest decoded token read on the stack (`app::device` of a usual app and device).
+const TOKEN_ON_STACK: usize = 256;
+
 /// One channel's state.
 #[derive(Default)]
 struct Channel {
@@ -316,8 +319,19 @@ impl PendingStore for InMemoryPendingStore {
         device_id: &str,
     ) -> Result<InternalChannelId, StoreError> {
         if !token.is_empty() && !app_id.is_empty() {
-            let decoded = BASE64.decode(token).map_err(|_| StoreError::UnknownToken)?;
-            let decoded = String::from_utf8(decoded).map_err(|_| StoreError::UnknownToken)?;
+            // A usual token decodes on the stack; a longer one into the heap.
+            let mut stack = [0u8; TOKEN_ON_STACK];
+            let heap;
+            let decoded = if base64::decoded_len_estimate(token.len()) <= TOKEN_ON_STACK {
+                let n = BASE64
+                    .decode_slice(token, &mut stack)
+                    .map_err(|_| StoreError::UnknownToken)?;
+                &stack[..n]
+            } else {
+                heap = BASE64.decode(token).map_err(|_| StoreError::UnknownToken)?;
+                &heap[..]
+            };
+            let decoded = std::str::from_utf8(decoded).map_err(|_| StoreError::UnknownToken)?;
             // Strip the request's app id as a prefix instead of splitting at the first
             // `::`, so app ids containing `::` work too (device ids already did). Given
             // the app id the device is unambiguous, but one token can belong to two
@@ -609,6 +623,27 @@ mod tests {
             resolve(&s, "YXBwMTo6ZGV2MQ==", "app1", "", ""),
             Ok(InternalChannelId::unicast("dev1", "dev1"))
         );
+    }
+
+    #[test]
+    fn tokens_of_any_length_resolve() {
+        let (s, _) = store();
+        // Around the length decoded on the stack, and far beyond it.
+        for len in [
+            1,
+            TOKEN_ON_STACK - 8,
+            TOKEN_ON_STACK - 7,
+            TOKEN_ON_STACK,
+            4 * TOKEN_ON_STACK,
+        ] {
+            let device = "d".repeat(len);
+            let token = s.register(&device, "app1").expect("register");
+            assert_eq!(
+                resolve(&s, &token, "app1", "", ""),
+                Ok(InternalChannelId::unicast(&device, &device)),
+                "{len}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -268,7 +268,11 @@ impl Shard {
     fn next_msg_id(&self) -> String {
         let n = self.core.next_msg.get() + 1;
         self.core.next_msg.set(n);
-        format!("{}{n:x}", self.core.msg_prefix)
+        // Sized at once: `format!` would grow it twice.
+        let mut id = String::with_capacity(self.core.msg_prefix.len() + 16);
+        id.push_str(&self.core.msg_prefix);
+        let _ = write!(id, "{n:x}");
+        id
     }
 
     /// Applies a notify to this shard's store and delivers it if the device is here.
