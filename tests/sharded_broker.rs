@@ -334,14 +334,19 @@ fn unicasts_are_applied_and_delivered_on_the_owner_wherever_they_come_from() {
             replace_tag: None,
             clear_pending: false,
         };
-        let verdict = if i % 2 == 0 {
-            block_on(b.sending().notify(req))
-        } else {
-            // From a task on shard 0, as an API handler there would.
-            block_on(b.sending().run_task_on(ShardId(0), move |s| async move {
+        let verdict = match i % 3 {
+            0 => block_on(b.sending().notify(req)),
+            // From a task on shard 0, through the inbox of the owner.
+            1 => block_on(b.sending().run_task_on(ShardId(0), move |s| async move {
                 s.sending().notify(req).await
             }))
-            .expect("shard 0 answers")
+            .expect("shard 0 answers"),
+            // From a task on shard 0 as an API handler does: applied there when shard 0
+            // owns the device, else on the owner.
+            _ => block_on(b.sending().run_task_on(ShardId(0), move |s| async move {
+                s.notify_from_here(req).await
+            }))
+            .expect("shard 0 answers"),
         };
         assert!(
             matches!(verdict, Ok(NotifyVerdict::Accepted { .. })),
@@ -420,7 +425,16 @@ fn a_notify_whose_commit_never_comes_is_answered_unavailable_not_left_hanging() 
     };
     // The answer waits for the commit for a few seconds at most, then says the store
     // is unavailable (a 503 from the API) instead of waiting for ever.
-    match block_on(b.sending().notify(req)) {
+    match block_on(b.sending().notify(req.clone())) {
+        Err(BrokerError::Store(e)) => assert!(e.is_unavailable(), "{e:?}"),
+        other => panic!("expected the store unavailable, got {other:?}"),
+    }
+    // The same when the notify is applied on the shard that asks.
+    let here = block_on(b.sending().run_task_on(ShardId(0), move |s| async move {
+        s.notify_from_here(req).await
+    }))
+    .expect("shard 0 answers");
+    match here {
         Err(BrokerError::Store(e)) => assert!(e.is_unavailable(), "{e:?}"),
         other => panic!("expected the store unavailable, got {other:?}"),
     }

@@ -321,7 +321,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
             .map(Cow::into_owned),
         clear_pending: req.clear_pending,
     };
-    match ctx.shard().sending().notify(unicast).await {
+    match ctx.shard().notify_from_here(unicast).await {
         Ok(NotifyVerdict::Accepted { .. }) => Ok(ok()),
         Ok(NotifyVerdict::TooManyPending { newest }) => Err(ApiError::TooManyPending { newest }),
         Err(e) => {

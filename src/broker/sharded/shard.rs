@@ -14,7 +14,7 @@ use tracing::{debug, warn};
 
 use super::{
     Delivery, MeshBatch, MeshMsg, Request, ShardConfig, ShardId, ShardJob, ShardReceivers,
-    ShardedSending, owner_of_device,
+    ShardedSending, owner_of_channel, owner_of_device,
 };
 use crate::broker::DeliveryStats;
 use crate::broker::local::{LocalBroker, LocalSession};
@@ -290,6 +290,27 @@ impl Shard {
         Ok(verdict)
     }
 
+    /// Applies a notify and answers as [`ShardedSending::notify`] does: at once on this
+    /// shard when it owns the device (no inbox message, no reply channel, no wake-up),
+    /// else on the owner through its inbox.
+    ///
+    /// # Errors
+    /// As [`ShardedSending::notify`].
+    pub async fn notify_from_here(
+        &self,
+        req: UnicastRequest,
+    ) -> Result<NotifyVerdict, BrokerError> {
+        if self.cluster().is_some() || owner_of_channel(&req.chan_id, self.nr_shards()) != self.id()
+        {
+            return self.sending().notify(req).await;
+        }
+        let verdict = self.notify(&req)?;
+        match self.store().durable() {
+            None => Ok(verdict),
+            Some(durable) => once_durable(durable, verdict).await,
+        }
+    }
+
     /// Appends a broadcast notification as its sequencer and replicates it.
     fn publish(
         &self,
@@ -560,19 +581,23 @@ fn answer_when_durable<T: 'static>(
         return;
     };
     glommio::spawn_local(async move {
-        let answered = futures_lite::future::or(
-            async { durable.await.map(|()| answer).map_err(BrokerError::from) },
-            async {
-                glommio::timer::sleep(COMMIT_DEADLINE).await;
-                Err(BrokerError::from(crate::store::StoreError::Unavailable(
-                    "the store did not commit in time".into(),
-                )))
-            },
-        )
-        .await;
-        let _ = reply.send(answered);
+        let _ = reply.send(once_durable(durable, answer).await);
     })
     .detach();
+}
+
+/// `answer` once what it answers for is durable, or unavailable past [`COMMIT_DEADLINE`].
+async fn once_durable<T>(durable: crate::store::DurableWait, answer: T) -> Result<T, BrokerError> {
+    futures_lite::future::or(
+        async { durable.await.map(|()| answer).map_err(BrokerError::from) },
+        async {
+            glommio::timer::sleep(COMMIT_DEADLINE).await;
+            Err(BrokerError::from(crate::store::StoreError::Unavailable(
+                "the store did not commit in time".into(),
+            )))
+        },
+    )
+    .await
 }
 
 /// How long an answer waits for its commit before it says unavailable (a disk that
