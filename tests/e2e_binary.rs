@@ -1242,6 +1242,59 @@ fn devices_past_max_sessions_are_closed_counted_and_http_still_answers() {
     }
 }
 
+/// `max_sessions` is a limit for the whole server: devices that all hash to one shard get
+/// every slot of it (the other shard lends its own), and only the one past the limit is
+/// refused.
+#[test]
+fn max_sessions_holds_for_the_whole_server_whichever_shard_owns_the_devices() {
+    use pushbroker::broker::sharded::{ShardId, owner_of_device};
+    let mut server = ServerProcess::start(&config(json!({"max_sessions": 40, "shards": 2})));
+    let ids: Vec<String> = (0..)
+        .map(|i| format!("lend-{i}"))
+        .filter(|id| owner_of_device(id, 2) == ShardId(0))
+        .take(41)
+        .collect();
+    // Each held open: 40 sessions on shard 0, twice its even part.
+    let mut devices = Vec::new();
+    for id in &ids[..40] {
+        let mut d = Device::connect(server.device_addr);
+        if let Err(e) = hello(&mut d, id, json!({})) {
+            panic!(
+                "{id} refused with {} sessions held of 40: {e:?}\n{:#?}",
+                devices.len(),
+                server.log
+            );
+        }
+        devices.push(d);
+    }
+    let mut extra = Device::connect(server.device_addr);
+    assert!(
+        hello(&mut extra, &ids[40], json!({})).is_err(),
+        "a 41st session past a limit of 40"
+    );
+    let stats = http_get(server.http_addr, "/stats");
+    let rejected = stats.json()["totals"]["rejected_device_connections"].as_u64();
+    assert_eq!(rejected, Some(1), "{}", stats.body.as_str());
+    assert!(
+        server
+            .wait_log(|l| l.contains("WARN device connections at the limit (40 on the server)"))
+            .is_some(),
+        "no warning: {:#?}",
+        server.log
+    );
+    // One leaves: its slot is the next one's, whichever shard accepts it.
+    drop(devices.pop());
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut d = Device::connect(server.device_addr);
+        if hello(&mut d, &ids[40], json!({})).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no slot came back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn http_connections_past_their_limit_are_closed_and_counted() {
     let server = ServerProcess::start(&config(json!({"max_http_connections": 2, "shards": 2})));

@@ -1,5 +1,6 @@
 //! What keeps a shard's listeners from taking every descriptor or spinning: a per-shard
-//! share of a connection limit, a warning at most every few seconds, and a growing pause
+//! share of the HTTP connection limit (the device limit is the whole server's, see
+//! [`slots`](super::slots)), a warning at most every few seconds, and a growing pause
 //! after failed accepts.
 
 use std::cell::Cell;

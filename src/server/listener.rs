@@ -12,8 +12,16 @@
 //! rustls session and the parsed CONNECT travel over the mesh, and the owner runs the
 //! session on its own reactor. From then on the session's reads, writes, timers and
 //! exchanges all run on its owner.
+//!
+//! # The connection limit
+//!
+//! `max_sessions` is a limit for the whole server, kept by the shards' [`slots`](super::slots)
+//! without anything shared: a connection takes a slot on the shard that accepts it; one
+//! that moves to its owner takes its slot along; a shard at its cap borrows slots from its
+//! peers by message while the connection waits (in a task of its own, never in the accept
+//! loop), and refuses it only when every peer is full.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -21,6 +29,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
@@ -29,11 +38,12 @@ use tracing::{debug, warn};
 use super::ServerShard;
 use super::limits::{Backoff, Throttle};
 use super::migrate;
+use super::slots::{Changed, Out, Slots};
 use super::tally::Tally;
 use super::tls::{TlsSession, TlsStream};
 use crate::api::{ConnectionCounters, Listener};
 use crate::broker::SessionTracker;
-use crate::broker::sharded::{Shard, owner_of_device};
+use crate::broker::sharded::{Shard, ShardId, owner_of_device};
 use crate::logging::target;
 use crate::protocol::ConnectMsg;
 use crate::session::{self, GlommioClock, SessionConfig};
@@ -92,9 +102,21 @@ impl AsyncWrite for DeviceStream {
 pub(crate) struct DeviceConfig {
     pub(crate) session: SessionConfig,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// Device connections this shard may hold (its share of `max_sessions`).
-    pub(crate) max_connections: usize,
+    /// Device connections the whole server may hold (`max_sessions`): the shards' slots
+    /// add up to it.
+    pub(crate) max_sessions: usize,
 }
+
+/// How long a shard waits for a peer's answer to an ask for slots before it counts the
+/// peer as full (a peer stopping, or stalled).
+const ASK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// The most connections that may wait for a slot on a shard. Each holds a descriptor past
+/// the limit (out of `reserved_descriptors`' margin), so beyond this the shard accepts no
+/// more until some are settled; they wait in the listen backlog meanwhile. An answer takes
+/// one message each way and brings at least [`BATCH`](super::slots::BATCH) slots when a
+/// peer has them, so a few suffice.
+const MAX_WAITING: usize = 8;
 
 /// One shard's device side: its settings, its shutdown signal, its session ids.
 pub(crate) struct DeviceContext {
@@ -107,8 +129,15 @@ pub(crate) struct DeviceContext {
     pub(crate) live: Tally,
     /// What the shard's listeners count (in the shard's service slot, shown by /metrics).
     pub(crate) counters: Rc<ConnectionCounters>,
-    /// Device connections this shard holds, from accept (or arrival) to close.
-    held: Cell<usize>,
+    /// This shard's part of the device connection limit: connections held here, from
+    /// accept (or arrival) to close, and the slots for them. Borrowed only inside a
+    /// method, never across `.await`.
+    slots: RefCell<Slots>,
+    /// Wakes the connections waiting for a slot, and the listener when they are too many.
+    slots_changed: Changed,
+    /// Set once the shard's device side stops: slots are no longer sent to peers (they
+    /// may be gone, and so may this shard's executor).
+    stopped: Cell<bool>,
     limit_warning: Throttle,
     accept_warning: Throttle,
     backoff: Backoff,
@@ -120,6 +149,7 @@ impl DeviceContext {
         settings: DeviceConfig,
         shutdown: Rc<glommio::sync::Semaphore>,
     ) -> Self {
+        let slots = Slots::new(shard.id().0, shard.nr_shards(), settings.max_sessions);
         Self {
             counters: shard.service_or_default::<ConnectionCounters>(),
             shard,
@@ -127,31 +157,163 @@ impl DeviceContext {
             shutdown,
             next_session: Cell::new(0),
             live: Tally::default(),
-            held: Cell::new(0),
+            slots: RefCell::new(slots),
+            slots_changed: Changed::default(),
+            stopped: Cell::new(false),
             limit_warning: Throttle::default(),
             accept_warning: Throttle::default(),
             backoff: Backoff::default(),
         }
     }
 
-    /// Takes one of this shard's device connection slots, or counts and (at most every
-    /// few seconds) logs a refusal when they are all taken.
+    /// Takes one of this shard's free slots for a connection, if it has one.
     fn hold(self: &Rc<Self>) -> Option<Held> {
-        if self.held.get() >= self.settings.max_connections {
-            self.counters.count_rejected(Listener::Devices);
-            if let Some(more) = self.limit_warning.pass() {
-                warn!(
-                    target: target::SERVER,
-                    "device connections at the limit ({} on shard {}); closing new ones \
-                     ({more} more since the last warning)",
-                    self.settings.max_connections,
-                    self.shard.id()
-                );
-            }
-            return None;
+        let taken = self.slots.borrow_mut().take();
+        taken.then(|| Held(Some(Rc::clone(self))))
+    }
+
+    /// Holds a connection that arrived from shard `from` with its slot.
+    fn immigrate(self: &Rc<Self>, from: ShardId) -> Held {
+        self.slots.borrow_mut().immigrate(from.0);
+        Held(Some(Rc::clone(self)))
+    }
+
+    /// Counts and (at most every few seconds) logs a connection refused because the
+    /// server holds as many as it may.
+    fn refuse(&self) {
+        self.counters.count_rejected(Listener::Devices);
+        if let Some(more) = self.limit_warning.pass() {
+            warn!(
+                target: target::SERVER,
+                "device connections at the limit ({} on the server); closing new ones \
+                 ({more} more since the last warning)",
+                self.settings.max_sessions,
+            );
         }
-        self.held.set(self.held.get() + 1);
-        Some(Held(Rc::clone(self)))
+    }
+
+    /// Whether a connection this shard has no free slot for must be refused: every peer
+    /// said it is full (the server holds `max_sessions`).
+    fn server_full(&self) -> bool {
+        self.slots.borrow().all_full()
+    }
+
+    /// A slot for a connection this shard has none free for: one freed here or lent by a
+    /// peer. `None` when every peer turned out full, or when no slot came within the
+    /// hello's time (`exchange_timeout`) or the server stops.
+    async fn wait_for_slot(self: &Rc<Self>) -> Option<Held> {
+        self.slots.borrow_mut().begin_wait();
+        let _waiting = Waiting(self);
+        let wait = async {
+            loop {
+                let seen = self.slots_changed.seen();
+                if let Some(held) = self.hold() {
+                    return Some(held);
+                }
+                if self.server_full() {
+                    return None;
+                }
+                self.slots.borrow_mut().ask();
+                self.flush();
+                self.slots_changed.after(seen).await;
+            }
+        };
+        let patience = self.settings.session.exchange_timeout;
+        futures_lite::future::or(
+            async {
+                glommio::timer::timeout(patience, async { Ok(wait.await) })
+                    .await
+                    .ok()
+                    .flatten()
+            },
+            async {
+                shutdown(&self.shutdown).await;
+                None
+            },
+        )
+        .await
+    }
+
+    /// Resolves once fewer than [`MAX_WAITING`] connections wait for a slot here.
+    async fn room_to_wait(&self) {
+        loop {
+            let seen = self.slots_changed.seen();
+            if self.slots.borrow().waiting() < MAX_WAITING {
+                return;
+            }
+            self.slots_changed.after(seen).await;
+        }
+    }
+
+    /// The slots changed: sends what they queued and wakes whoever waits on them.
+    fn changed(self: &Rc<Self>) {
+        self.flush();
+        if !self.stopped.get() {
+            self.slots_changed.notify();
+        }
+    }
+
+    /// Sends the messages the slots queued for peers (none once stopped).
+    fn flush(self: &Rc<Self>) {
+        let outgoing = self.slots.borrow_mut().outgoing();
+        if self.stopped.get() {
+            return;
+        }
+        for out in outgoing {
+            self.send(out);
+        }
+    }
+
+    fn send(self: &Rc<Self>, out: Out) {
+        let me = self.shard.id();
+        let to = match out {
+            Out::Ask { to, .. } | Out::Give { to, .. } | Out::Room { to } => ShardId(to),
+        };
+        match out {
+            Out::Give { n, .. } => self.shard.post(to, move |peer| {
+                if let Some(ctx) = devices_of(peer) {
+                    ctx.slots.borrow_mut().received(me.0, n);
+                    ctx.changed();
+                }
+            }),
+            Out::Room { .. } => self.shard.post(to, move |peer| {
+                if let Some(ctx) = devices_of(peer) {
+                    ctx.slots.borrow_mut().room(me.0);
+                    ctx.changed();
+                }
+            }),
+            Out::Ask { id, want, .. } => {
+                self.shard.post(to, move |peer| {
+                    let Some(ctx) = devices_of(peer) else {
+                        // The asker's patience ends the ask.
+                        return;
+                    };
+                    let lent = if ctx.stopped.get() {
+                        0
+                    } else {
+                        ctx.slots.borrow_mut().lend(me.0, want)
+                    };
+                    peer.post(me, move |asker| {
+                        if let Some(ctx) = devices_of(asker) {
+                            ctx.slots.borrow_mut().answered(to.0, id, lent);
+                            ctx.changed();
+                        }
+                    });
+                });
+                let ctx = Rc::clone(self);
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(ASK_PATIENCE).await;
+                    ctx.slots.borrow_mut().silent(id);
+                    ctx.changed();
+                })
+                .detach();
+            }
+        }
+    }
+
+    /// The device side stops: no more slots go to peers.
+    pub(crate) fn stop(&self) {
+        self.stopped.set(true);
     }
 
     /// A session id unique across shards: a per-shard counter interleaved by shard.
@@ -162,12 +324,39 @@ impl DeviceContext {
     }
 }
 
-/// A device connection slot of a shard, given back when dropped.
-struct Held(Rc<DeviceContext>);
+/// This shard's device side, on `shard`, if it has one (not when it stops).
+fn devices_of(shard: &Shard) -> Option<Rc<DeviceContext>> {
+    shard.service::<ServerShard>().map(|s| s.devices())
+}
+
+/// A device connection's slot on a shard, given back when dropped.
+struct Held(Option<Rc<DeviceContext>>);
+
+impl Held {
+    /// The connection leaves for shard `to` and takes its slot along.
+    fn emigrate(mut self, to: ShardId) {
+        if let Some(ctx) = self.0.take() {
+            ctx.slots.borrow_mut().emigrate(to.0);
+        }
+    }
+}
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.held.set(self.0.held.get().saturating_sub(1));
+        if let Some(ctx) = self.0.take() {
+            ctx.slots.borrow_mut().release();
+            ctx.changed();
+        }
+    }
+}
+
+/// A connection waiting for a slot, counted as one until dropped.
+struct Waiting<'a>(&'a Rc<DeviceContext>);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.slots.borrow_mut().end_wait();
+        self.0.changed();
     }
 }
 
@@ -220,10 +409,16 @@ pub(crate) async fn serve_devices(
     accepting: Rc<glommio::sync::Semaphore>,
 ) {
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shutdown(&accepting).await;
-            None
-        })
+        let accepted = futures_lite::future::or(
+            async {
+                ctx.room_to_wait().await;
+                Some(listener.accept().await)
+            },
+            async {
+                shutdown(&accepting).await;
+                None
+            },
+        )
         .await;
         let stream = match accepted {
             None => break,
@@ -245,20 +440,43 @@ pub(crate) async fn serve_devices(
                 continue;
             }
         };
-        // Closed at once past the limit: the descriptor is freed now.
-        let Some(held) = ctx.hold() else {
-            drop(stream);
-            continue;
-        };
-        let id = ctx.session_id();
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string());
-        debug!(target: target::SESSION, "session({id}) connected {peer}");
-        let _ = stream.set_nodelay(true);
-        glommio::spawn_local(accept_session(Rc::clone(&ctx), stream, id, held)).detach();
+        match ctx.hold() {
+            Some(held) => start_session(&ctx, stream, held),
+            // The server holds as many as it may: closed at once, the descriptor freed
+            // now.
+            None if ctx.server_full() => {
+                ctx.refuse();
+                drop(stream);
+            }
+            // A peer may have room: the connection's own task waits for a slot while the
+            // listener goes on.
+            None => {
+                let ctx = Rc::clone(&ctx);
+                glommio::spawn_local(async move {
+                    match ctx.wait_for_slot().await {
+                        Some(held) => start_session(&ctx, stream, held),
+                        None => {
+                            ctx.refuse();
+                            drop(stream);
+                        }
+                    }
+                })
+                .detach();
+            }
+        }
     }
     debug!(target: target::SERVER, shard = %ctx.shard.id(), "device listener stopped");
+}
+
+/// Starts the session of an accepted connection that holds its slot.
+fn start_session(ctx: &Rc<DeviceContext>, stream: TcpStream, held: Held) {
+    let id = ctx.session_id();
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    debug!(target: target::SESSION, "session({id}) connected {peer}");
+    let _ = stream.set_nodelay(true);
+    glommio::spawn_local(accept_session(Rc::clone(ctx), stream, id, held)).detach();
 }
 
 /// The state of a connection that leaves its shard for the owner's.
@@ -271,7 +489,7 @@ struct Migrant {
 }
 
 /// Handshake, hello, then run here or move to the owner. `held` is the connection's slot
-/// on this shard; the owner takes one of its own.
+/// on this shard; it moves to the owner with the connection.
 async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held: Held) {
     let settings = &ctx.settings;
     let clock = GlommioClock;
@@ -316,7 +534,6 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
         glommio::spawn_local(run_session(ctx, io, connect, buf, id, held)).detach();
         return;
     }
-    drop(held);
     let (stream, tls) = match io {
         DeviceStream::Plain(s) => (s, None),
         DeviceStream::Tls(t) => {
@@ -334,7 +551,11 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
             return;
         }
     };
+    // The slot goes along and is the owner's on arrival: a connection that said hello is
+    // never refused for its move.
+    held.emigrate(owner);
     ctx.counters.count_migration_out();
+    let from = ctx.shard.id();
     let migrant = Migrant {
         fd,
         tls,
@@ -352,29 +573,20 @@ async fn accept_session(ctx: Rc<DeviceContext>, stream: TcpStream, id: u64, held
             return;
         };
         ctx.counters.count_migration_in();
-        if let Some(session) = resume(ctx, migrant) {
-            glommio::spawn_local(session).detach();
-        }
+        let held = ctx.immigrate(from);
+        glommio::spawn_local(resume(ctx, migrant, held)).detach();
     });
 }
 
-/// Rebuilds a migrated connection on its owner: its session, if the owner has a slot for
-/// it (else the connection closes, counted as refused).
-fn resume(ctx: Rc<DeviceContext>, m: Migrant) -> Option<impl Future<Output = ()>> {
-    let Some(held) = ctx.hold() else {
-        debug!(
-            target: target::SESSION,
-            "session({}) ended with: device connections at the limit",
-            m.id
-        );
-        return None;
-    };
+/// Rebuilds a migrated connection on its owner, holding the slot it came with: its
+/// session.
+fn resume(ctx: Rc<DeviceContext>, m: Migrant, held: Held) -> impl Future<Output = ()> {
     let stream = migrate::attach(m.fd);
     let io = match m.tls {
         None => DeviceStream::Plain(stream),
         Some(conn) => DeviceStream::Tls(Box::new(TlsStream::new(stream, conn))),
     };
-    Some(run_session(ctx, io, m.connect, m.buf, m.id, held))
+    run_session(ctx, io, m.connect, m.buf, m.id, held)
 }
 
 /// A registered session's task, until it ends and its connection is closed.

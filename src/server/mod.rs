@@ -10,6 +10,7 @@
 mod limits;
 mod listener;
 mod migrate;
+mod slots;
 mod tally;
 pub mod tls;
 
@@ -245,7 +246,7 @@ impl Server {
                 exchange_timeout: config.exchange_timeout,
             },
             tls,
-            max_connections: limits::share(config.session_limit(), n),
+            max_sessions: config.session_limit(),
         };
         let max_http = limits::share(config.max_http_connections, n);
         // Shard 0 binds first: a configured port 0 is picked there, and the other shards
@@ -540,12 +541,21 @@ impl ServerShard {
     /// Step 2 of the stop: ends every session (unacknowledged notifications stay
     /// pending), waiting up to `grace` for them to close.
     async fn end_sessions(&self, grace: Duration) {
+        self.devices.stop();
         self.devices.shutdown.close();
         let _ = glommio::timer::timeout(grace, async {
             self.devices.live.zero().await;
             Ok(())
         })
         .await;
+    }
+}
+
+impl Drop for ServerShard {
+    /// A shard that stops without the server's steps (its services dropped with it) sends
+    /// no more slots either.
+    fn drop(&mut self) {
+        self.devices.stop();
     }
 }
 
