@@ -35,7 +35,7 @@ use super::metrics::{self, PROMETHEUS_TEXT, Stats};
 use super::{ApiContext, ApiError, MAX_DATA_BYTES, SHARD_ANSWER_TIMEOUT};
 use crate::logging::{Untrusted, target};
 use crate::protocol::Payload;
-use crate::store::{NotifyVerdict, UnicastRequest};
+use crate::store::{InternalChannelId, NotifyVerdict, UnicastRequest};
 
 /// What the core needs of a request besides its body.
 #[derive(Debug, Clone, Copy)]
@@ -140,8 +140,17 @@ where
         return Err(ApiError::NotFound);
     };
     match endpoint {
-        Endpoint::Broadcast => broadcast(ctx, &read_post(ctx, head, body).await?).await,
-        Endpoint::Notify => notify(ctx, &read_post(ctx, head, body).await?).await,
+        // The body is parsed, then dropped before the broker is awaited (it shares
+        // hyper's read buffer).
+        Endpoint::Broadcast => {
+            let (chan, payload, expiration) =
+                broadcast_request(ctx, &read_post(ctx, head, body).await?)?;
+            broadcast(ctx, chan, payload, expiration).await
+        }
+        Endpoint::Notify => {
+            let req = notify_request(ctx, &read_post(ctx, head, body).await?)?;
+            notify(ctx, req).await
+        }
         Endpoint::Register => register(ctx, &read_post(ctx, head, body).await?),
         Endpoint::Unregister => unregister(ctx, &read_post(ctx, head, body).await?),
         Endpoint::DeliveryHosts => {
@@ -269,7 +278,11 @@ fn parse_expiration(expire_on: &str) -> Result<SystemTime, ApiError> {
         .map_err(|_| ApiError::InvalidExpiration)
 }
 
-async fn broadcast(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+/// A `/broadcast` body's channel, payload and expiration, checked.
+fn broadcast_request(
+    ctx: &ApiContext,
+    body: &[u8],
+) -> Result<(InternalChannelId, Payload, SystemTime), ApiError> {
     let req = Broadcast::parse(body).map_err(|_| ApiError::MalformedJson)?;
     // Bounded by the body alone, as in the original.
     let (payload, expiration) = check_cast(req.data, None, &req.expire_on)?;
@@ -281,6 +294,15 @@ async fn broadcast(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>
     if !chan.is_broadcast() {
         return Err(ApiError::Internal);
     }
+    Ok((chan, payload, expiration))
+}
+
+async fn broadcast(
+    ctx: &ApiContext,
+    chan: InternalChannelId,
+    payload: Payload,
+    expiration: SystemTime,
+) -> Result<Response<Full<Bytes>>, ApiError> {
     ctx.shard()
         .sending()
         .publish(chan, payload, expiration)
@@ -292,7 +314,8 @@ async fn broadcast(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>
     Ok(ok())
 }
 
-async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, ApiError> {
+/// A `/notify` body as the broker takes it, checked.
+fn notify_request(ctx: &ApiContext, body: &[u8]) -> Result<UnicastRequest, ApiError> {
     let req = Unicast::parse(body).map_err(|_| ApiError::MalformedJson)?;
     if req.app_id.is_empty()
         || (req.token.is_empty() && (req.user_id.is_empty() || req.device_id.is_empty()))
@@ -311,7 +334,7 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
     if !chan.is_unicast() {
         return Err(ApiError::Internal);
     }
-    let unicast = UnicastRequest {
+    Ok(UnicastRequest {
         chan_id: chan,
         app_id: req.app_id.into_owned(),
         payload,
@@ -320,8 +343,11 @@ async fn notify(ctx: &ApiContext, body: &[u8]) -> Result<Response<Full<Bytes>>, 
             .filter(|tag| !tag.is_empty())
             .map(Cow::into_owned),
         clear_pending: req.clear_pending,
-    };
-    match ctx.shard().notify_from_here(unicast).await {
+    })
+}
+
+async fn notify(ctx: &ApiContext, req: UnicastRequest) -> Result<Response<Full<Bytes>>, ApiError> {
+    match ctx.shard().notify_from_here(req).await {
         Ok(NotifyVerdict::Accepted { .. }) => Ok(ok()),
         Ok(NotifyVerdict::TooManyPending { newest }) => Err(ApiError::TooManyPending { newest }),
         Err(e) => {

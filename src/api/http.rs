@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Request, Response};
+use smallvec::SmallVec;
 use tracing::debug;
 
 use super::ApiContext;
@@ -78,16 +79,42 @@ pub async fn serve_connection_until(
 /// endpoint's checks pass, and never beyond the configured `max_body`.
 pub async fn handle(ctx: &ApiContext, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
+    // What the endpoints look at, copied out (on the stack for a usual request) so that
+    // hyper's head goes now: its header values share hyper's read buffer, which hyper
+    // reuses for the next request only once nothing else holds it, and a notify for
+    // another shard's device awaits that shard's answer.
+    let method = parts.method.clone();
+    let path = Copied::of(Some(parts.uri.path().as_bytes()));
+    let content_type = Copied::of(parts.headers.get(CONTENT_TYPE).map(|v| v.as_bytes()));
+    let authorization = Copied::of(parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes()));
+    drop(parts);
     let head = RequestHead {
-        method: &parts.method,
-        path: parts.uri.path(),
-        content_type: parts.headers.get(CONTENT_TYPE).map(|v| v.as_bytes()),
+        method: &method,
+        // A copy of a `&str`, so always UTF-8.
+        path: path
+            .as_deref()
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or_default(),
+        content_type: content_type.as_deref(),
         content_length: body.size_hint().exact(),
-        authorization: parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes()),
+        authorization: authorization.as_deref(),
     };
     let max_body = ctx.settings().max_body;
     let read_timeout = ctx.settings().http_read_timeout;
     respond(ctx, &head, read_body(body, max_body, read_timeout)).await
+}
+
+/// A part of a request head, copied: inline up to the size of a usual path or header.
+struct Copied(Option<SmallVec<[u8; 64]>>);
+
+impl Copied {
+    fn of(bytes: Option<&[u8]>) -> Self {
+        Self(bytes.map(SmallVec::from_slice))
+    }
+
+    fn as_deref(&self) -> Option<&[u8]> {
+        self.0.as_deref()
+    }
 }
 
 /// The whole body, at most `max_body` bytes, within `read_timeout` (zero: no limit): a
