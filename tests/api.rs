@@ -11,7 +11,10 @@ use base64::Engine as _;
 use futures_lite::future::block_on;
 use pushbroker::api::testing::HttpAnswer;
 use pushbroker::api::{ApiConfig, ApiContext, serve_connection};
-use pushbroker::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
+use pushbroker::broker::sharded::{
+    ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder, owner_of_channel,
+};
+use pushbroker::store::InternalChannelId;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -296,6 +299,39 @@ fn a_body_written_in_pieces_is_read_whole() {
     let reg = client.answer();
     assert_eq!(reg.status, 200, "{reg:?}");
     assert_eq!(reg.json()["token"], token("piecemeal", "app"));
+}
+
+#[test]
+fn a_client_that_closes_its_side_after_a_request_still_gets_the_answer() {
+    let server = serve(settings());
+    // A device of the other shard: the answer waits for that shard.
+    let device = (0..)
+        .map(|i| format!("half-{i}"))
+        .find(|d| owner_of_channel(&InternalChannelId::unicast(d, d), 2) == ShardId(1))
+        .expect("some device is shard 1's");
+    let mut client = Client::connect(&server);
+    let body = format!(
+        r#"{{"appid":"app","token":"{}","expire_on":"{}","data":{{"m":1}}}}"#,
+        token(&device, "app"),
+        later()
+    );
+    client.send(
+        format!(
+            "POST /notify HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    client
+        .reader
+        .get_ref()
+        .shutdown(Shutdown::Write)
+        .expect("half close");
+    let answer = client.answer();
+    assert_eq!(
+        (answer.status, answer.body.as_str()),
+        (200, r#"{"ok":true}"#)
+    );
 }
 
 #[test]

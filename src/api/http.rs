@@ -48,6 +48,10 @@ pub async fn serve_connection_until(
     builder
         .timer(HyperTimer)
         .keep_alive(true)
+        // A client may close its side once its request is sent and still gets the
+        // answer. hyper otherwise reads while a request is served, to notice such a
+        // close, and reserves a fresh read buffer for it on every request.
+        .half_close(true)
         .header_read_timeout(read_timeout);
     let service = hyper::service::service_fn(move |req| {
         let ctx = Rc::clone(&ctx);
