@@ -198,12 +198,19 @@ impl DeviceContext {
         self.slots.borrow().all_full()
     }
 
-    /// A slot for a connection this shard has none free for: one freed here or lent by a
-    /// peer. `None` when every peer turned out full, or when no slot came within the
-    /// hello's time (`exchange_timeout`) or the server stops.
-    async fn wait_for_slot(self: &Rc<Self>) -> Option<Held> {
+    /// A connection starts waiting for a slot here: it counts as waiting from now on (so the
+    /// listener's [`MAX_WAITING`] check sees it before its task runs), until the guard is
+    /// dropped.
+    fn begin_wait(self: &Rc<Self>) -> Waiting {
         self.slots.borrow_mut().begin_wait();
-        let _waiting = Waiting(self);
+        Waiting(Rc::clone(self))
+    }
+
+    /// A slot for a connection this shard has none free for, which `waiting` counts: one
+    /// freed here or lent by a peer. `None` when every peer turned out full, or when no
+    /// slot came within the hello's time (`exchange_timeout`) or the server stops.
+    async fn wait_for_slot(self: &Rc<Self>, waiting: Waiting) -> Option<Held> {
+        let _waiting = waiting;
         let wait = async {
             loop {
                 let seen = self.slots_changed.seen();
@@ -351,9 +358,9 @@ impl Drop for Held {
 }
 
 /// A connection waiting for a slot, counted as one until dropped.
-struct Waiting<'a>(&'a Rc<DeviceContext>);
+struct Waiting(Rc<DeviceContext>);
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
         self.0.slots.borrow_mut().end_wait();
         self.0.changed();
@@ -448,24 +455,29 @@ pub(crate) async fn serve_devices(
                 ctx.refuse();
                 drop(stream);
             }
-            // A peer may have room: the connection's own task waits for a slot while the
-            // listener goes on.
-            None => {
-                let ctx = Rc::clone(&ctx);
-                glommio::spawn_local(async move {
-                    match ctx.wait_for_slot().await {
-                        Some(held) => start_session(&ctx, stream, held),
-                        None => {
-                            ctx.refuse();
-                            drop(stream);
-                        }
-                    }
-                })
-                .detach();
-            }
+            // A peer may have room.
+            None => wait_in_task(&ctx, stream),
         }
     }
     debug!(target: target::SERVER, shard = %ctx.shard.id(), "device listener stopped");
+}
+
+/// A connection this shard has no free slot for, when a peer may have one: it counts as
+/// waiting at once, and waits in a task of its own while the listener goes on; then its
+/// session starts, or it is closed.
+fn wait_in_task(ctx: &Rc<DeviceContext>, stream: TcpStream) {
+    let waiting = ctx.begin_wait();
+    let ctx = Rc::clone(ctx);
+    glommio::spawn_local(async move {
+        match ctx.wait_for_slot(waiting).await {
+            Some(held) => start_session(&ctx, stream, held),
+            None => {
+                ctx.refuse();
+                drop(stream);
+            }
+        }
+    })
+    .detach();
 }
 
 /// Starts the session of an accepted connection that holds its slot.
@@ -640,8 +652,76 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::config::ServerConfig;
+    use crate::server::Server;
+
+    /// A two-shard server in this process holding `max_sessions: 2` (one slot on each
+    /// shard at start), with hellos given `exchange_timeout`.
+    fn two_shards(exchange_timeout: Duration) -> Server {
+        let config = ServerConfig {
+            addr: "127.0.0.1:0".into(),
+            http_addr: "127.0.0.1:0".into(),
+            shards: 2,
+            max_sessions: 2,
+            exchange_timeout,
+            ..ServerConfig::default()
+        };
+        Server::start(&config).unwrap()
+    }
+
+    /// Runs the future `job` makes with shard `shard`'s device side, as a task on that
+    /// shard, and returns its output.
+    fn on_shard<R, F, Fut>(server: &Server, shard: usize, job: F) -> R
+    where
+        R: Send + 'static,
+        F: FnOnce(Rc<DeviceContext>) -> Fut + Send + 'static,
+        Fut: Future<Output = R> + 'static,
+    {
+        let sending = server.broker().sending();
+        let run = sending.run_task_on(ShardId(shard), move |s| async move {
+            job(devices_of(&s).unwrap()).await
+        });
+        futures_lite::future::block_on(run).unwrap()
+    }
+
+    /// A connection to a listener on this shard: the accepted end, and the connecting one.
+    async fn connection() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (listener.accept().await.unwrap(), client)
+    }
+
+    /// The listener hands on connections that must wait for a slot without yielding in
+    /// between: each counts as waiting at once, whenever its task first runs (glommio 0.9
+    /// happens to run a task it spawns up to its first await at once; the count does not
+    /// rely on that), so the listener's check against [`MAX_WAITING`] sees all of them.
+    #[test]
+    fn a_connection_counts_as_waiting_as_soon_as_the_listener_hands_it_on() {
+        let server = two_shards(Duration::from_secs(5));
+        let counted = on_shard(&server, 0, |ctx| async move {
+            let own = ctx.hold().unwrap();
+            let mut pairs = Vec::new();
+            for _ in 0..3 {
+                pairs.push(connection().await);
+            }
+            let mut clients = Vec::new();
+            let mut counted = Vec::new();
+            for (accepted, client) in pairs {
+                wait_in_task(&ctx, accepted);
+                counted.push(ctx.slots.borrow().waiting());
+                clients.push(client);
+            }
+            drop(own);
+            counted
+        });
+        assert_eq!(counted, [1, 2, 3]);
+        server.shutdown(Duration::from_secs(1));
+    }
 
     fn future_size4<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
