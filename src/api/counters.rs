@@ -65,7 +65,7 @@ pub struct ConnectionCounters {
 /// A copy of [`ConnectionCounters`] that can leave the shard.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConnectionCounts {
-    /// Device connections closed at once: the shard held its share of the sessions.
+    /// Device connections refused: the server held `max_sessions` (every shard full).
     pub rejected_devices: u64,
     /// HTTP connections closed at once: the shard held its share of them.
     pub rejected_http: u64,

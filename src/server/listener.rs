@@ -19,7 +19,9 @@
 //! without anything shared: a connection takes a slot on the shard that accepts it; one
 //! that moves to its owner takes its slot along; a shard at its cap borrows slots from its
 //! peers by message while the connection waits (in a task of its own, never in the accept
-//! loop), and refuses it only when every peer is full.
+//! loop), and refuses it only when every peer is full. A connection that gets no slot within
+//! its hello's time (a peer slow to answer), or before the server stops, is closed without
+//! counting as refused: the server was not found full.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -206,19 +208,19 @@ impl DeviceContext {
         Waiting(Rc::clone(self))
     }
 
-    /// A slot for a connection this shard has none free for, which `waiting` counts: one
-    /// freed here or lent by a peer. `None` when every peer turned out full, or when no
-    /// slot came within the hello's time (`exchange_timeout`) or the server stops.
-    async fn wait_for_slot(self: &Rc<Self>, waiting: Waiting) -> Option<Held> {
+    /// Waits for a slot for a connection this shard has none free for, which `waiting`
+    /// counts: one freed here or lent by a peer, for at most the hello's time
+    /// (`exchange_timeout`).
+    async fn wait_for_slot(self: &Rc<Self>, waiting: Waiting) -> Waited {
         let _waiting = waiting;
         let wait = async {
             loop {
                 let seen = self.slots_changed.seen();
                 if let Some(held) = self.hold() {
-                    return Some(held);
+                    return Waited::Slot(held);
                 }
                 if self.server_full() {
-                    return None;
+                    return Waited::Full;
                 }
                 self.slots.borrow_mut().ask();
                 self.flush();
@@ -230,12 +232,11 @@ impl DeviceContext {
             async {
                 glommio::timer::timeout(patience, async { Ok(wait.await) })
                     .await
-                    .ok()
-                    .flatten()
+                    .unwrap_or(Waited::TimedOut)
             },
             async {
                 shutdown(&self.shutdown).await;
-                None
+                Waited::Stopped
             },
         )
         .await
@@ -357,6 +358,19 @@ impl Drop for Held {
     }
 }
 
+/// How a connection's wait for a slot ended.
+enum Waited {
+    /// It holds a slot: one freed on its shard, or lent by a peer.
+    Slot(Held),
+    /// Every peer is full: the server holds `max_sessions`. Refused.
+    Full,
+    /// No slot came within the hello's time: a peer was slow to answer. The server was not
+    /// found full.
+    TimedOut,
+    /// The server stops.
+    Stopped,
+}
+
 /// A connection waiting for a slot, counted as one until dropped.
 struct Waiting(Rc<DeviceContext>);
 
@@ -470,14 +484,30 @@ fn wait_in_task(ctx: &Rc<DeviceContext>, stream: TcpStream) {
     let ctx = Rc::clone(ctx);
     glommio::spawn_local(async move {
         match ctx.wait_for_slot(waiting).await {
-            Some(held) => start_session(&ctx, stream, held),
-            None => {
+            Waited::Slot(held) => start_session(&ctx, stream, held),
+            Waited::Full => {
                 ctx.refuse();
                 drop(stream);
             }
+            Waited::TimedOut => give_up(stream, "no slot came within exchange_timeout"),
+            Waited::Stopped => give_up(stream, "the server stops"),
         }
     })
     .detach();
+}
+
+/// Closes a connection that gave up waiting for a slot before the server was found full:
+/// logged at DEBUG, and not counted as refused (the server may hold fewer than
+/// `max_sessions`).
+fn give_up(stream: TcpStream, why: &str) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    debug!(
+        target: target::SERVER,
+        "device connection from {peer} gave up waiting for a slot ({why}); closed"
+    );
+    drop(stream);
 }
 
 /// Starts the session of an accepted connection that holds its slot.
@@ -694,6 +724,68 @@ mod tests {
             .await
             .unwrap();
         (listener.accept().await.unwrap(), client)
+    }
+
+    /// A shard's server part set aside: messages to its device side find none, so asks to
+    /// it go unanswered, as a stalled shard's would.
+    struct SetAside(Rc<ServerShard>);
+
+    /// Sets shard `shard`'s server part aside (see [`SetAside`]).
+    fn silence(server: &Server, shard: usize) {
+        let sending = server.broker().sending();
+        let run = sending.run_on(ShardId(shard), |s| {
+            let part = s.remove_service::<ServerShard>().unwrap();
+            s.install_service(Rc::new(SetAside(part)));
+        });
+        futures_lite::future::block_on(run).unwrap();
+    }
+
+    /// Puts shard `shard`'s server part back.
+    fn restore(server: &Server, shard: usize) {
+        let sending = server.broker().sending();
+        let run = sending.run_on(ShardId(shard), |s| {
+            let aside = s.remove_service::<SetAside>().unwrap();
+            s.install_service(Rc::clone(&aside.0));
+        });
+        futures_lite::future::block_on(run).unwrap();
+    }
+
+    /// Reads from `client` until the server closes it, for at most `within`: whether it
+    /// did.
+    async fn closed_by_server(client: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        let read = glommio::timer::timeout(within, async {
+            loop {
+                match futures_lite::io::AsyncReadExt::read(client, &mut buf).await {
+                    Ok(0) | Err(_) => return Ok(true),
+                    Ok(_) => {}
+                }
+            }
+        });
+        read.await.unwrap_or(false)
+    }
+
+    /// A connection that waits for a slot while its peer does not answer (the server is
+    /// not full: the peer has a slot free) is closed at the hello's timeout, but neither
+    /// counted nor logged as refused at the limit.
+    #[test]
+    fn a_connection_that_gives_up_waiting_is_not_counted_as_refused() {
+        let server = two_shards(Duration::from_millis(300));
+        silence(&server, 1);
+        let (closed, rejected) = on_shard(&server, 0, |ctx| async move {
+            let own = ctx.hold().unwrap();
+            let (accepted, mut client) = connection().await;
+            wait_in_task(&ctx, accepted);
+            // Closed at the hello's timeout, long before ASK_PATIENCE would count the
+            // silent peer as full.
+            let closed = closed_by_server(&mut client, Duration::from_secs(10)).await;
+            drop(own);
+            (closed, ctx.counters.counts().rejected_devices)
+        });
+        restore(&server, 1);
+        assert!(closed, "the connection is closed at the hello's timeout");
+        assert_eq!(rejected, 0, "counted as refused");
+        server.shutdown(Duration::from_secs(1));
     }
 
     /// The listener hands on connections that must wait for a slot without yielding in
