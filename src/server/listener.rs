@@ -20,8 +20,8 @@
 //! that moves to its owner takes its slot along; a shard at its cap borrows slots from its
 //! peers by message while the connection waits (in a task of its own, never in the accept
 //! loop), and refuses it only when every peer is full. A connection that gets no slot within
-//! its hello's time (a peer slow to answer), or before the server stops, is closed without
-//! counting as refused: the server was not found full.
+//! its hello's time (a peer slow to answer), or before the server stops accepting, is closed
+//! without counting as refused: the server was not found full.
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
+use glommio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::ServerShard;
@@ -210,8 +211,9 @@ impl DeviceContext {
 
     /// Waits for a slot for a connection this shard has none free for, which `waiting`
     /// counts: one freed here or lent by a peer, for at most the hello's time
-    /// (`exchange_timeout`).
-    async fn wait_for_slot(self: &Rc<Self>, waiting: Waiting) -> Waited {
+    /// (`exchange_timeout`), and only until `accepting` closes (the server stops
+    /// accepting: no session starts after that).
+    async fn wait_for_slot(self: &Rc<Self>, waiting: Waiting, accepting: &Semaphore) -> Waited {
         let _waiting = waiting;
         let wait = async {
             loop {
@@ -235,7 +237,7 @@ impl DeviceContext {
                     .unwrap_or(Waited::TimedOut)
             },
             async {
-                shutdown(&self.shutdown).await;
+                futures_lite::future::or(shutdown(accepting), shutdown(&self.shutdown)).await;
                 Waited::Stopped
             },
         )
@@ -367,7 +369,7 @@ enum Waited {
     /// No slot came within the hello's time: a peer was slow to answer. The server was not
     /// found full.
     TimedOut,
-    /// The server stops.
+    /// The server stops accepting.
     Stopped,
 }
 
@@ -470,7 +472,7 @@ pub(crate) async fn serve_devices(
                 drop(stream);
             }
             // A peer may have room.
-            None => wait_in_task(&ctx, stream),
+            None => wait_in_task(&ctx, stream, &accepting),
         }
     }
     debug!(target: target::SERVER, shard = %ctx.shard.id(), "device listener stopped");
@@ -479,18 +481,19 @@ pub(crate) async fn serve_devices(
 /// A connection this shard has no free slot for, when a peer may have one: it counts as
 /// waiting at once, and waits in a task of its own while the listener goes on; then its
 /// session starts, or it is closed.
-fn wait_in_task(ctx: &Rc<DeviceContext>, stream: TcpStream) {
+fn wait_in_task(ctx: &Rc<DeviceContext>, stream: TcpStream, accepting: &Rc<Semaphore>) {
     let waiting = ctx.begin_wait();
     let ctx = Rc::clone(ctx);
+    let accepting = Rc::clone(accepting);
     glommio::spawn_local(async move {
-        match ctx.wait_for_slot(waiting).await {
+        match ctx.wait_for_slot(waiting, &accepting).await {
             Waited::Slot(held) => start_session(&ctx, stream, held),
             Waited::Full => {
                 ctx.refuse();
                 drop(stream);
             }
             Waited::TimedOut => give_up(stream, "no slot came within exchange_timeout"),
-            Waited::Stopped => give_up(stream, "the server stops"),
+            Waited::Stopped => give_up(stream, "the server stops accepting"),
         }
     })
     .detach();
@@ -775,7 +778,7 @@ mod tests {
         let (closed, rejected) = on_shard(&server, 0, |ctx| async move {
             let own = ctx.hold().unwrap();
             let (accepted, mut client) = connection().await;
-            wait_in_task(&ctx, accepted);
+            wait_in_task(&ctx, accepted, &Rc::new(Semaphore::new(0)));
             // Closed at the hello's timeout, long before ASK_PATIENCE would count the
             // silent peer as full.
             let closed = closed_by_server(&mut client, Duration::from_secs(10)).await;
@@ -785,6 +788,34 @@ mod tests {
         restore(&server, 1);
         assert!(closed, "the connection is closed at the hello's timeout");
         assert_eq!(rejected, 0, "counted as refused");
+        server.shutdown(Duration::from_secs(1));
+    }
+
+    /// A connection waiting for a slot stops waiting once the server stops accepting (the
+    /// first step of its stop), not only once it ends the sessions: no session starts
+    /// after accepting stopped.
+    #[test]
+    fn a_waiting_connection_stops_when_the_server_stops_accepting() {
+        let server = two_shards(Duration::from_secs(5));
+        // The wait would end only at ASK_PATIENCE, the silent peer then counting as full.
+        silence(&server, 1);
+        let stopped = on_shard(&server, 0, |ctx| async move {
+            let own = ctx.hold().unwrap();
+            let accepting = Rc::new(Semaphore::new(0));
+            let stop = glommio::spawn_local({
+                let accepting = Rc::clone(&accepting);
+                async move {
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    accepting.close();
+                }
+            });
+            let waited = ctx.wait_for_slot(ctx.begin_wait(), &accepting).await;
+            stop.await;
+            drop(own);
+            matches!(waited, Waited::Stopped)
+        });
+        restore(&server, 1);
+        assert!(stopped, "the wait went on after accepting stopped");
         server.shutdown(Duration::from_secs(1));
     }
 
@@ -801,10 +832,11 @@ mod tests {
             for _ in 0..3 {
                 pairs.push(connection().await);
             }
+            let accepting = Rc::new(Semaphore::new(0));
             let mut clients = Vec::new();
             let mut counted = Vec::new();
             for (accepted, client) in pairs {
-                wait_in_task(&ctx, accepted);
+                wait_in_task(&ctx, accepted, &accepting);
                 counted.push(ctx.slots.borrow().waiting());
                 clients.push(client);
             }
