@@ -138,6 +138,11 @@ pub(crate) struct DeviceContext {
     slots: RefCell<Slots>,
     /// Wakes the connections waiting for a slot, and the listener when they are too many.
     slots_changed: Changed,
+    /// The timer of the ask under way, with the ask's id: it counts the peer as full when
+    /// no answer comes within [`ASK_PATIENCE`]. Dropped, and so cancelled, as soon as the
+    /// answer comes, so a shard keeps one such timer at most, not one for every ask of the
+    /// last [`ASK_PATIENCE`].
+    ask_timer: RefCell<Option<(u64, glommio::Task<()>)>>,
     /// Set once the shard's device side stops: slots are no longer sent to peers (they
     /// may be gone, and so may this shard's executor).
     stopped: Cell<bool>,
@@ -162,6 +167,7 @@ impl DeviceContext {
             live: Tally::default(),
             slots: RefCell::new(slots),
             slots_changed: Changed::default(),
+            ask_timer: RefCell::new(None),
             stopped: Cell::new(false),
             limit_warning: Throttle::default(),
             accept_warning: Throttle::default(),
@@ -305,25 +311,61 @@ impl DeviceContext {
                     };
                     peer.post(me, move |asker| {
                         if let Some(ctx) = devices_of(asker) {
+                            ctx.ask_answered(id);
                             ctx.slots.borrow_mut().answered(to.0, id, lent);
                             ctx.changed();
                         }
                     });
                 });
-                let ctx = Rc::clone(self);
-                glommio::spawn_local(async move {
-                    glommio::timer::sleep(ASK_PATIENCE).await;
-                    ctx.slots.borrow_mut().silent(id);
-                    ctx.changed();
-                })
-                .detach();
+                self.time_ask(id);
             }
         }
     }
 
-    /// The device side stops: no more slots go to peers.
+    /// Starts the timer of ask `id` (see `ask_timer`). It holds no strong reference to
+    /// the device side: a stopped shard's is not kept alive by it.
+    fn time_ask(self: &Rc<Self>, id: u64) {
+        let ctx = Rc::downgrade(self);
+        let timer = glommio::spawn_local(async move {
+            glommio::timer::sleep(ASK_PATIENCE).await;
+            if let Some(ctx) = ctx.upgrade() {
+                ctx.ask_unanswered(id);
+            }
+        });
+        // One ask is under way at a time: a timer left from an earlier one is cancelled.
+        let earlier = self.ask_timer.replace(Some((id, timer)));
+        drop(earlier);
+    }
+
+    /// Ask `id` was answered: its timer is cancelled (a late answer, after the timer
+    /// fired, finds none).
+    fn ask_answered(&self, id: u64) {
+        let timer = self
+            .ask_timer
+            .borrow_mut()
+            .take_if(|(timed, _)| *timed == id);
+        drop(timer);
+    }
+
+    /// Ask `id` got no answer within [`ASK_PATIENCE`]: its peer counts as full.
+    fn ask_unanswered(self: &Rc<Self>, id: u64) {
+        // Called from the timer's own task, which ends here: let it, rather than cancel it.
+        let timer = self
+            .ask_timer
+            .borrow_mut()
+            .take_if(|(timed, _)| *timed == id);
+        if let Some((_, timer)) = timer {
+            timer.detach();
+        }
+        self.slots.borrow_mut().silent(id);
+        self.changed();
+    }
+
+    /// The device side stops: no more slots go to peers, and no ask is timed.
     pub(crate) fn stop(&self) {
         self.stopped.set(true);
+        let timer = self.ask_timer.take();
+        drop(timer);
     }
 
     /// A session id unique across shards: a per-shard counter interleaved by shard.
@@ -788,6 +830,39 @@ mod tests {
         restore(&server, 1);
         assert!(closed, "the connection is closed at the hello's timeout");
         assert_eq!(rejected, 0, "counted as refused");
+        server.shutdown(Duration::from_secs(1));
+    }
+
+    /// An ask answered at once leaves nothing behind: its timer is cancelled with the
+    /// answer, not left to sleep out [`ASK_PATIENCE`] holding on to the device side.
+    #[test]
+    fn an_answered_ask_leaves_no_timer_behind() {
+        let server = two_shards(Duration::from_secs(5));
+        let (before, after, lent) = on_shard(&server, 0, |ctx| async move {
+            let refs = |ctx: &Rc<DeviceContext>| (Rc::strong_count(ctx), Rc::weak_count(ctx));
+            let before = refs(&ctx);
+            let own = ctx.hold().unwrap();
+            let waited = ctx
+                .wait_for_slot(ctx.begin_wait(), &Semaphore::new(0))
+                .await;
+            let lent = matches!(waited, Waited::Slot(_));
+            drop(waited);
+            drop(own);
+            // A cancelled task's future is dropped at its next turn: give it turns, all
+            // well within ASK_PATIENCE.
+            for _ in 0..50 {
+                if refs(&ctx) == before {
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+            (before, refs(&ctx), lent)
+        });
+        assert!(lent, "shard 1 lends its free slot");
+        assert_eq!(
+            after, before,
+            "(strong, weak) references to the device side"
+        );
         server.shutdown(Duration::from_secs(1));
     }
 
