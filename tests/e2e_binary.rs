@@ -1295,6 +1295,62 @@ fn max_sessions_holds_for_the_whole_server_whichever_shard_owns_the_devices() {
     }
 }
 
+/// A connection holds a slot from its accept, through its hello; one whose hello times out
+/// gives its slot back. With every slot taken by connections that send nothing, devices
+/// connect again once those time out.
+#[test]
+fn slots_held_by_hellos_that_time_out_come_back() {
+    let mut server = ServerProcess::start(&config(json!({
+        "max_sessions": 2,
+        "shards": 2,
+        "exchange_timeout": "300ms",
+        // No PING (and so no PONG timeout freeing a slot) while the test runs.
+        "ping_interval": "60s",
+    })));
+    // Connections that send nothing: those that get a slot hold it until their hello
+    // times out; the rest are closed at once.
+    let silent: Vec<Device> = (0..6)
+        .map(|_| Device::connect(server.device_addr))
+        .collect();
+    for (i, mut d) in silent.into_iter().enumerate() {
+        assert!(closed(&mut d), "silent connection {i} still open");
+    }
+    // At least the whole limit's worth of them held a slot until their hello timed out.
+    let timeouts = std::cell::Cell::new(0);
+    let two_timed_out = server.wait_log(|l| {
+        let timed_out = message_at(l, "DEBUG").is_some_and(|m| {
+            m.starts_with("session(") && m.ends_with(") ended with: hello timeout")
+        });
+        timeouts.set(timeouts.get() + usize::from(timed_out));
+        timeouts.get() >= 2
+    });
+    assert!(
+        two_timed_out.is_some(),
+        "fewer than 2 hellos timed out: {:#?}",
+        server.log
+    );
+    // Both slots are free again: two devices connect and hold them. A shard may not have
+    // heard yet that its peer has room again (word goes by message), so each device tries
+    // again until a bounded deadline.
+    let mut devices = Vec::new();
+    for i in 0..2 {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let mut d = Device::connect(server.device_addr);
+            if hello(&mut d, &format!("after-timeouts-{i}"), json!({})).is_ok() {
+                devices.push(d);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot {i} did not come back: {:#?}",
+                server.log
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 #[test]
 fn http_connections_past_their_limit_are_closed_and_counted() {
     let server = ServerProcess::start(&config(json!({"max_http_connections": 2, "shards": 2})));
