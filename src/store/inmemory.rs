@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::durable::record::{self, Record};
 use super::{
-    Clock, DropPlan, InternalChannelId, Metadata, PendingStore, ScrubCriteria, StoreError,
-    SystemClock, filter_out_obsolete, plan_drop_by_msg_id,
+    AppPending, Clock, DropPlan, InternalChannelId, Metadata, PendingStore, ScrubCriteria,
+    StoreError, SystemClock, filter_out_obsolete, plan_drop_by_msg_id,
 };
 use crate::protocol::{Notification, Payload};
 
@@ -410,6 +410,19 @@ impl PendingStore for InMemoryPendingStore {
             || (0, Vec::new(), Vec::new()),
             |c| (c.top_level, c.notifications.clone(), c.meta.clone()),
         ))
+    }
+
+    fn app_pending(
+        &self,
+        chan: &InternalChannelId,
+        app_id: &str,
+        replace_tag: Option<&str>,
+    ) -> Result<AppPending, StoreError> {
+        // Counted in place: a notify does not copy the channel it is checked against.
+        let channels = self.channels.borrow();
+        Ok(channels.get(chan).map_or_else(AppPending::default, |c| {
+            AppPending::count(c.notifications.iter().zip(&c.meta), app_id, replace_tag)
+        }))
     }
 
     fn scrub(
@@ -1161,5 +1174,45 @@ mod tests {
         assert_eq!(top, 2);
         assert_eq!(ns.len(), 1);
         assert!(format!("{s:?}").contains("InMemoryPendingStore"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn app_pending_counts_what_the_channel_holds(
+            entries in proptest::collection::vec((0..3usize, proptest::option::of(0..3usize)), 0..20),
+            app in 0..3usize,
+            tag in proptest::option::of(0..3usize),
+        ) {
+            let (s, _) = store();
+            for (i, (a, tg)) in entries.iter().enumerate() {
+                s.append_to_unicast_channel(
+                    &dev(),
+                    n(&format!("app{a}"), &format!("m{i}")),
+                    Metadata {
+                        expiration: t(3600),
+                        replace_tag: tg.map(|tg| Arc::from(format!("tag{tg}"))),
+                    },
+                )
+                .expect("appended");
+            }
+            let app = format!("app{app}");
+            let tag = tag.map(|t| format!("tag{t}"));
+            let (_, ns, meta) = s.get_channel_unfiltered(&dev()).expect("read");
+            let expected = AppPending::count(ns.iter().zip(&meta), &app, tag.as_deref());
+            let counted = s.app_pending(&dev(), &app, tag.as_deref()).expect("counted");
+            proptest::prop_assert_eq!(&counted, &expected);
+            // And by hand: the app's entries, those with the tag, the newest payload.
+            let mine: Vec<usize> = (0..entries.len()).filter(|&i| format!("app{}", entries[i].0) == app).collect();
+            proptest::prop_assert_eq!(counted.for_app, mine.len());
+            let tagged = mine
+                .iter()
+                .filter(|&&i| tag.is_some() && entries[i].1.map(|t| format!("tag{t}")) == tag)
+                .count();
+            proptest::prop_assert_eq!(counted.replaceable, tagged);
+            proptest::prop_assert_eq!(
+                counted.newest.as_ref().map(|p| p.get().to_owned()),
+                mine.last().map(|i| format!(r#"{{"m":"m{i}"}}"#))
+            );
+        }
     }
 }

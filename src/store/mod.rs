@@ -48,6 +48,15 @@ macro_rules! forward_reads_to {
         ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError> {
             self.$inner.get_channel_unfiltered(chan)
         }
+
+        fn app_pending(
+            &self,
+            chan: &InternalChannelId,
+            app_id: &str,
+            replace_tag: Option<&str>,
+        ) -> Result<$crate::store::AppPending, StoreError> {
+            self.$inner.app_pending(chan, app_id, replace_tag)
+        }
     };
 }
 pub(crate) use forward_reads_to;
@@ -70,7 +79,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use durable::{DataDir, DataDirError, Durability, DurableStore, DurableWait, RecoveryReport};
 pub(crate) use inmemory::ChannelState;
 pub use inmemory::{DEFAULT_BROADCAST_BACKLOG, InMemoryPendingStore};
-pub use notify::{NotifyVerdict, UnicastRequest, apply_notify};
+pub use notify::{AppPending, NotifyVerdict, UnicastRequest, apply_notify};
 
 use crate::protocol::Notification;
 
@@ -270,6 +279,27 @@ pub trait PendingStore: std::fmt::Debug {
         &self,
         chan: &InternalChannelId,
     ) -> Result<(i64, Vec<Notification>, Vec<Metadata>), StoreError>;
+
+    /// What unicast channel `chan` holds of app `app_id` (expired entries included): a
+    /// notify's limit and replacement are decided on it. The default reads
+    /// [`get_channel_unfiltered`](Self::get_channel_unfiltered); a store that can count
+    /// in place need not copy the channel.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] on a backend fault.
+    fn app_pending(
+        &self,
+        chan: &InternalChannelId,
+        app_id: &str,
+        replace_tag: Option<&str>,
+    ) -> Result<AppPending, StoreError> {
+        let (_, notifications, meta) = self.get_channel_unfiltered(chan)?;
+        Ok(AppPending::count(
+            notifications.iter().zip(&meta),
+            app_id,
+            replace_tag,
+        ))
+    }
 
     /// Removes the expired notifications of the channel and those matching `criteria`.
     ///

@@ -25,6 +25,41 @@ pub struct UnicastRequest {
     pub clear_pending: bool,
 }
 
+/// What a unicast channel holds of one app ([`PendingStore::app_pending`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AppPending {
+    /// How many notifications of the app it holds.
+    pub for_app: usize,
+    /// How many of those carry the replace tag asked about.
+    pub replaceable: usize,
+    /// The payload of the app's newest notification.
+    pub newest: Option<Payload>,
+}
+
+impl AppPending {
+    /// Counts `entries` (a channel's notifications with their metadata, oldest first).
+    pub fn count<'a>(
+        entries: impl IntoIterator<Item = (&'a Notification, &'a Metadata)>,
+        app_id: &str,
+        replace_tag: Option<&str>,
+    ) -> Self {
+        let mut pending = AppPending::default();
+        let mut newest = None;
+        for (n, m) in entries {
+            if *n.app_id != *app_id {
+                continue;
+            }
+            pending.for_app += 1;
+            newest = Some(&n.payload);
+            if replace_tag.is_some() && m.replace_tag.as_deref() == replace_tag {
+                pending.replaceable += 1;
+            }
+        }
+        pending.newest = newest.cloned();
+        pending
+    }
+}
+
 /// What became of a [`UnicastRequest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotifyVerdict {
@@ -65,20 +100,11 @@ pub fn apply_notify(
             },
         )?;
     } else {
-        let (_, notifications, meta) = store.get_channel_unfiltered(chan)?;
-        let mut for_app = 0;
-        let mut replaceable = 0;
-        let mut newest = None;
-        for (n, m) in notifications.iter().zip(&meta) {
-            if *n.app_id != *req.app_id {
-                continue;
-            }
-            for_app += 1;
-            newest = Some(&n.payload);
-            if req.replace_tag.is_some() && m.replace_tag.as_deref() == req.replace_tag.as_deref() {
-                replaceable += 1;
-            }
-        }
+        let AppPending {
+            for_app,
+            replaceable,
+            newest,
+        } = store.app_pending(chan, &req.app_id, req.replace_tag.as_deref())?;
         if replaceable > 0 {
             store.scrub(
                 chan,
@@ -89,7 +115,7 @@ pub fn apply_notify(
             )?;
         } else if for_app >= max_per_app {
             return Ok(NotifyVerdict::TooManyPending {
-                newest: newest.cloned().unwrap_or_else(Payload::null),
+                newest: newest.unwrap_or_else(Payload::null),
             });
         }
     }
