@@ -1,0 +1,726 @@
+#![allow(clippy::print_stderr)] // it logs its ports and its failures to stderr
+//! The floor of pushbroker's runtime: the least a push server built the way pushbroker is
+//! built can cost per delivery. A measuring tool, not a server to deploy.
+//!
+//! ```sh
+//! cargo build --release --example glommio_floor
+//! target/release/pushload --server target/release/examples/glommio_floor --scenario broadcast
+//! target/release/examples/glommio_floor [-threads N] CONFIG.json
+//! ```
+//!
+//! It speaks the least of the wire protocol and of the HTTP API a load generator needs,
+//! with no TLS, pings, store, timeouts or exchange bookkeeping, exactly as a minimal epoll
+//! server in C would (so that the two can be driven alike and compared), but its shape is
+//! pushbroker's:
+//!
+//! - one glommio executor (io_uring) per CPU (or `-threads N`), pinned as pushbroker's
+//!   shards are, with the same executor settings;
+//! - a device listener and an HTTP listener on every executor (SO_REUSEPORT);
+//! - a device belongs to executor [`owner_of_device`]: after its CONNECT, a connection
+//!   accepted elsewhere moves to its owner, as a descriptor sent over flume;
+//! - **one task per device connection**, which waits on its connection's queue of frames,
+//!   writes them, and reads (and skips) the ACKs;
+//! - a broadcast is encoded once, by the executor that took the POST, and handed to every
+//!   other executor as one `Arc<[u8]>` over flume; each executor pushes it into its own
+//!   connections' queues and wakes their tasks;
+//! - a notify is encoded by the executor that took the POST; a device owned elsewhere is
+//!   handed to its owner over flume, which answers over flume whether it holds the device.
+//!
+//! The configuration is a JSON object of which only `addr` and `http_addr` are read
+//! (port 0: any free port). Once both are bound on every executor it logs
+//! `… INFO listening for http on HOST:PORT`, then `… INFO listening for devices on
+//! HOST:PORT`, as pushbroker does.
+//!
+//! Protocol subset: version byte 0, CONNECT (only `DeviceId` is read) → a fixed CONNACK
+//! (`PingInterval` "60s"); whole frames from the device afterwards (ACK, PONG) are
+//! skipped by their length, unread. `POST /broadcast {"data":D,…}` → `{"T":"broadcast",
+//! "ChanId":"0","TopLevel":K,"Payloads":[D]}` to every connection (K counts broadcasts);
+//! `POST /notify {"deviceid":X,"appid":A,"data":D,…}` →
+//! `{"T":"notifications","Notifications":[{"A":A,"M":"m<n>","P":D}]}` to the newest
+//! connection of X, 404 when there is none. JSON values are taken raw, never decoded.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::io::Write as _;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use ahash::AHashMap;
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use pushbroker::broker::sharded::{
+    DEFAULT_IO_MEMORY, DEFAULT_PREEMPT_TIMER, DEFAULT_RING_DEPTH, owner_of_device,
+};
+use pushbroker::glommio::net::{TcpListener, TcpStream};
+use pushbroker::glommio::{self, CpuSet, LocalExecutorBuilder, Placement};
+
+/// A frame as written to devices: length prefix and body. One allocation per broadcast,
+/// shared by every connection of every executor.
+type Frame = Arc<[u8]>;
+
+const CONNACK: &[u8] = b"\x00\x2f{\"T\":\"connack\",\"Params\":{\"PingInterval\":\"60s\"}}";
+const R200: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+const R400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 34\r\n\r\n{\"ok\":false,\"error\":\"bad-request\"}";
+const R404: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+Content-Length: 37\r\n\r\n{\"ok\":false,\"error\":\"unknown-device\"}";
+
+/// Bytes read from a device at once, through one buffer per executor.
+const RBUF: usize = 64 << 10;
+
+/// Broadcasts so far, process-wide: the `TopLevel` of the next one.
+static TOP_LEVEL: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// The executor's device read buffer: ACKs are skipped in it, never kept.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; RBUF]);
+}
+
+/// What executors send each other.
+enum Msg {
+    /// A broadcast frame, for every connection of the receiver.
+    Broadcast(Frame),
+    /// A notification frame for `device`, owned by the receiver; it answers whether it
+    /// holds a connection of that device.
+    Notify {
+        device: Box<str>,
+        frame: Frame,
+        reply: flume::Sender<bool>,
+    },
+    /// A connection that said CONNECT for `device`, owned by the receiver; `rest` is what
+    /// it sent after its CONNECT.
+    Adopt {
+        fd: OwnedFd,
+        device: Box<str>,
+        rest: Vec<u8>,
+    },
+}
+
+/// A device connection, as its executor sees it: the frames its task is to write.
+struct Conn {
+    queue: RefCell<VecDeque<Frame>>,
+    /// The task's waker, kept from its first wait on: a task's waker does not change.
+    waker: RefCell<Option<Waker>>,
+    /// Its place in [`Shard::conns`].
+    idx: Cell<usize>,
+}
+
+impl Conn {
+    fn push(&self, frame: Frame) {
+        self.queue.borrow_mut().push_back(frame);
+        if let Some(w) = &*self.waker.borrow() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// One executor's state.
+struct Shard {
+    id: usize,
+    /// Every executor's inbox, this one's included.
+    peers: Vec<flume::Sender<Msg>>,
+    conns: RefCell<Vec<Rc<Conn>>>,
+    /// The newest connection of each device this executor owns.
+    devices: RefCell<AHashMap<Box<str>, Rc<Conn>>>,
+    /// Notifications encoded here so far.
+    notified: Cell<u64>,
+}
+
+impl Shard {
+    fn fanout(&self, frame: &Frame) {
+        for c in self.conns.borrow().iter() {
+            c.push(Arc::clone(frame));
+        }
+    }
+
+    /// Queues `frame` to the newest connection of `device`; whether there is one.
+    fn deliver(&self, device: &str, frame: Frame) -> bool {
+        let conn = self.devices.borrow().get(device).cloned();
+        conn.map(|c| c.push(frame)).is_some()
+    }
+
+    fn handle(self: &Rc<Self>, msg: Msg) {
+        match msg {
+            Msg::Broadcast(frame) => self.fanout(&frame),
+            Msg::Notify {
+                device,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.deliver(&device, frame));
+            }
+            Msg::Adopt { fd, device, rest } => {
+                glommio::spawn_local(session(Rc::clone(self), attach(fd), device, rest)).detach();
+            }
+        }
+    }
+
+    /// Registers a connection of `device` (the newest wins) and queues its CONNACK.
+    fn register(&self, device: Box<str>) -> Rc<Conn> {
+        let mut conns = self.conns.borrow_mut();
+        let conn = Rc::new(Conn {
+            queue: RefCell::new(VecDeque::from([Frame::from(CONNACK)])),
+            waker: RefCell::new(None),
+            idx: Cell::new(conns.len()),
+        });
+        conns.push(Rc::clone(&conn));
+        self.devices.borrow_mut().insert(device, Rc::clone(&conn));
+        conn
+    }
+
+    fn unregister(&self, device: &str, conn: &Rc<Conn>) {
+        let mut conns = self.conns.borrow_mut();
+        let idx = conn.idx.get();
+        conns.swap_remove(idx);
+        if let Some(moved) = conns.get(idx) {
+            moved.idx.set(idx);
+        }
+        let mut devices = self.devices.borrow_mut();
+        if devices.get(device).is_some_and(|c| Rc::ptr_eq(c, conn)) {
+            devices.remove(device);
+        }
+    }
+
+    /// Answers `POST /broadcast`.
+    fn broadcast(&self, body: &[u8], out: &mut Vec<u8>) {
+        let Some(data) = json_get(body, b"data").filter(|d| d.len() <= 60_000) else {
+            return out.extend_from_slice(R400);
+        };
+        let k = TOP_LEVEL.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut f = Vec::with_capacity(data.len() + 80);
+        f.extend_from_slice(b"\0\0{\"T\":\"broadcast\",\"ChanId\":\"0\",\"TopLevel\":");
+        let _ = write!(f, "{k}");
+        f.extend_from_slice(b",\"Payloads\":[");
+        f.extend_from_slice(data);
+        f.extend_from_slice(b"]}");
+        let frame = finish(f);
+        for (i, peer) in self.peers.iter().enumerate() {
+            if i != self.id {
+                let _ = peer.send(Msg::Broadcast(Arc::clone(&frame)));
+            }
+        }
+        self.fanout(&frame);
+        out.extend_from_slice(R200);
+    }
+
+    /// Answers `POST /notify`.
+    async fn notify(&self, body: &[u8], out: &mut Vec<u8>) {
+        let (Some(device), Some(app), Some(data)) = (
+            json_str(body, b"deviceid").and_then(|d| std::str::from_utf8(d).ok()),
+            json_str(body, b"appid"),
+            json_get(body, b"data"),
+        ) else {
+            return out.extend_from_slice(R400);
+        };
+        if app.len() + data.len() > 60_000 {
+            return out.extend_from_slice(R400);
+        }
+        let n = self.notified.get();
+        self.notified.set(n + 1);
+        // Unique over the executors without sharing a counter.
+        let m = n * self.peers.len() as u64 + self.id as u64 + 1;
+        let mut f = Vec::with_capacity(app.len() + data.len() + 80);
+        f.extend_from_slice(b"\0\0{\"T\":\"notifications\",\"Notifications\":[{\"A\":\"");
+        f.extend_from_slice(app);
+        f.extend_from_slice(b"\",\"M\":\"m");
+        let _ = write!(f, "{m}");
+        f.extend_from_slice(b"\",\"P\":");
+        f.extend_from_slice(data);
+        f.extend_from_slice(b"}]}");
+        let frame = finish(f);
+        let owner = owner_of_device(device, self.peers.len()).0;
+        let found = if owner == self.id {
+            self.deliver(device, frame)
+        } else {
+            let (reply, answer) = flume::bounded(1);
+            let msg = Msg::Notify {
+                device: device.into(),
+                frame,
+                reply,
+            };
+            self.peers[owner].send(msg).is_ok() && answer.recv_async().await.unwrap_or(false)
+        };
+        out.extend_from_slice(if found { R200 } else { R404 });
+    }
+}
+
+/// A frame from `f`: its body after two bytes kept for the length, written here.
+fn finish(mut f: Vec<u8>) -> Frame {
+    let len = (f.len() - 2) as u16;
+    f[..2].copy_from_slice(&len.to_be_bytes());
+    f.into()
+}
+
+// ---------------------------------------------------------------- devices
+
+/// Skips whole frames (ACKs, PONGs) by their length prefix, across reads.
+#[derive(Default)]
+struct Skipper {
+    /// Body bytes still to skip.
+    skip: usize,
+    /// The first byte of a length prefix whose second has not come yet.
+    half: Option<u8>,
+}
+
+impl Skipper {
+    fn feed(&mut self, mut p: &[u8]) {
+        while !p.is_empty() {
+            if self.skip > 0 {
+                let k = p.len().min(self.skip);
+                self.skip -= k;
+                p = &p[k..];
+            } else if let Some(h0) = self.half.take() {
+                self.skip = usize::from(u16::from_be_bytes([h0, p[0]]));
+                p = &p[1..];
+            } else if let [a, b, rest @ ..] = p {
+                self.skip = usize::from(u16::from_be_bytes([*a, *b]));
+                p = rest;
+            } else {
+                self.half = Some(p[0]);
+                p = &[];
+            }
+        }
+    }
+}
+
+async fn accept_devices(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(hello(Rc::clone(&shard), stream)).detach();
+            }
+            // Out of descriptors, say: back off rather than spin.
+            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Reads the version byte and CONNECT, then runs the session here or moves the
+/// connection to its owner.
+async fn hello(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let len = loop {
+        if buf.len() >= 3 {
+            let len = 3 + usize::from(u16::from_be_bytes([buf[1], buf[2]]));
+            if buf[0] != 0 {
+                return;
+            }
+            if buf.len() >= len {
+                break len;
+            }
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let Some(device) = json_str(&buf[3..len], b"DeviceId")
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .map(Box::<str>::from)
+    else {
+        return;
+    };
+    let rest = buf.split_off(len);
+    let owner = owner_of_device(&device, shard.peers.len()).0;
+    if owner == shard.id {
+        return session(shard, stream, device, rest).await;
+    }
+    if let Ok(fd) = detach(stream) {
+        let _ = shard.peers[owner].send(Msg::Adopt { fd, device, rest });
+    }
+}
+
+/// Takes the socket out of `stream`: a duplicate descriptor that owns the connection
+/// once `stream` is dropped (glommio cannot give its descriptor up).
+#[allow(unsafe_code)]
+fn detach(stream: TcpStream) -> std::io::Result<OwnedFd> {
+    // SAFETY: `stream` is alive for the whole borrow, so its descriptor is open; the
+    // borrow ends before `stream` is dropped.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    borrowed.try_clone_to_owned()
+}
+
+/// A stream on this executor's reactor over a descriptor made by [`detach`].
+#[allow(unsafe_code)]
+fn attach(fd: OwnedFd) -> TcpStream {
+    // SAFETY: `fd` owns an open, connected TCP socket; `into_raw_fd` gives that ownership
+    // up and the stream takes it over, once.
+    unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// A registered connection's task: writes what its queue gets, reads and skips what the
+/// device sends, until the device closes.
+async fn session(shard: Rc<Shard>, mut stream: TcpStream, device: Box<str>, rest: Vec<u8>) {
+    let conn = shard.register(device.clone());
+    let mut skipper = Skipper::default();
+    skipper.feed(&rest);
+    drop(rest);
+    // The frame being written and how much of it is out.
+    let mut writing: Option<(Frame, usize)> = None;
+    poll_fn(|cx| {
+        // Writes first: a wake-up is most often a frame to write.
+        loop {
+            if writing.is_none() {
+                writing = conn.queue.borrow_mut().pop_front().map(|f| (f, 0));
+            }
+            let Some((frame, done)) = &mut writing else {
+                break;
+            };
+            match Pin::new(&mut stream).poll_write(cx, &frame[*done..]) {
+                Poll::Ready(Ok(n)) => {
+                    *done += n;
+                    if *done == frame.len() {
+                        writing = None;
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                // Woken when the socket takes more.
+                Poll::Pending => break,
+            }
+        }
+        if poll_skip(&mut stream, &mut skipper, cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let mut waker = conn.waker.borrow_mut();
+        if waker.is_none() {
+            *waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    })
+    .await;
+    shard.unregister(&device, &conn);
+}
+
+/// Reads and skips until a read would block (pending) or the stream ends (ready).
+fn poll_skip(stream: &mut TcpStream, skipper: &mut Skipper, cx: &mut Context<'_>) -> Poll<()> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        loop {
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(n)) => skipper.feed(&scratch[..n]),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(serve_http(Rc::clone(&shard), stream)).detach();
+            }
+            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Serves one HTTP/1.1 connection: every whole request in what arrived, answered in one
+/// write.
+async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut inb = vec![0u8; 16 << 10];
+    let (mut len, mut out) = (0, Vec::new());
+    loop {
+        if inb.len() - len < 4096 {
+            if inb.len() >= 1 << 24 {
+                return;
+            }
+            inb.resize(inb.len() * 2, 0);
+        }
+        match stream.read(&mut inb[len..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        let mut off = 0;
+        loop {
+            let Ok(parsed) = request(&inb[off..len]) else {
+                return;
+            };
+            let Some((path, body, used)) = parsed else {
+                break;
+            };
+            match path {
+                b"/broadcast" => shard.broadcast(body, &mut out),
+                b"/notify" => shard.notify(body, &mut out).await,
+                _ => out.extend_from_slice(R404),
+            }
+            off += used;
+        }
+        inb.copy_within(off..len, 0);
+        len -= off;
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// The first request in `p`: its path, its body and its length; `None` until it is whole,
+/// an error when it has no path.
+#[allow(clippy::type_complexity)]
+fn request(p: &[u8]) -> Result<Option<(&[u8], &[u8], usize)>, ()> {
+    let Some(he) = p.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = &p[..he];
+    let mut words = head.splitn(3, |&c| c == b' ');
+    let (_, Some(path), Some(_)) = (words.next(), words.next(), words.next()) else {
+        return Err(());
+    };
+    let mut cl = 0;
+    for line in head.split(|&c| c == b'\n').skip(1) {
+        if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+            let v = line[15..].trim_ascii_start();
+            let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
+            cl = std::str::from_utf8(&v[..digits])
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    let hl = he + 4;
+    if p.len() < hl + cl {
+        return Ok(None);
+    }
+    Ok(Some((path, &p[hl..hl + cl], hl + cl)))
+}
+
+// ---------------------------------------------------------------- tiny JSON
+
+fn ws(p: &[u8]) -> &[u8] {
+    p.trim_ascii_start()
+}
+
+/// The length of the JSON value `p` starts with (after whitespace), and where it starts.
+fn skip_value(p: &[u8]) -> Option<(usize, usize)> {
+    let start = p.len() - ws(p).len();
+    let v = &p[start..];
+    let end = match v.first()? {
+        b'"' => {
+            let mut i = 1;
+            loop {
+                match v.get(i)? {
+                    b'\\' => i += 2,
+                    b'"' => break i + 1,
+                    _ => i += 1,
+                }
+            }
+        }
+        b'{' | b'[' => {
+            let (mut depth, mut i) = (0usize, 0);
+            loop {
+                match v.get(i)? {
+                    b'"' => i += skip_value(&v[i..])?.1,
+                    b'{' | b'[' => (depth, i) = (depth + 1, i + 1),
+                    b'}' | b']' if depth == 1 => break i + 1,
+                    b'}' | b']' => (depth, i) = (depth - 1, i + 1),
+                    _ => i += 1,
+                }
+            }
+        }
+        _ => v
+            .iter()
+            .position(|c| b",}] \t\r\n".contains(c))
+            .unwrap_or(v.len()),
+    };
+    Some((start, start + end))
+}
+
+/// The raw value of top-level key `key` in the object `p` (keys compared raw).
+fn json_get<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut p = ws(p).strip_prefix(b"{")?;
+    loop {
+        let (ks, ke) = skip_value(p)?;
+        let k = p.get(ks..ke)?.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+        p = ws(&p[ke..]).strip_prefix(b":")?;
+        let (vs, ve) = skip_value(p)?;
+        if k == key {
+            return Some(&p[vs..ve]);
+        }
+        p = ws(&p[ve..]).strip_prefix(b",")?;
+    }
+}
+
+/// The raw contents of a string value (still escaped, without its quotes).
+fn json_str<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    json_get(p, key)?.strip_prefix(b"\"")?.strip_suffix(b"\"")
+}
+
+// ---------------------------------------------------------------- start
+
+fn config_addr(config: &[u8], key: &str) -> Result<SocketAddr, String> {
+    json_str(config, key.as_bytes())
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| a.to_socket_addrs().ok()?.next())
+        .ok_or_else(|| format!("config: bad or missing {key}"))
+}
+
+fn log_listening(what: &str, addr: SocketAddr) {
+    let format = time::macros::format_description!(
+        "[year]/[month]/[day] [hour]:[minute]:[second].[subsecond digits:6]"
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let ts = now.format(&format).unwrap_or_default();
+    eprintln!("{ts} INFO listening for {what} on {addr}");
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("glommio_floor: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let (mut threads, mut path) = (0, None);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-threads" => threads = args.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            _ => path = Some(a),
+        }
+    }
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let Some(path) = path else {
+        return Err("usage: glommio_floor [-threads N] CONFIG.json".into());
+    };
+    let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mut devices = config_addr(&config, "addr")?;
+    let mut http = config_addr(&config, "http_addr")?;
+
+    // Pinned to one CPU each when there are as many CPUs as executors, as pushbroker's
+    // shards are.
+    let cpus = CpuSet::online()
+        .ok()
+        .map(|s| {
+            let mut c: Vec<usize> = s.iter().map(|l| l.cpu).collect();
+            c.sort_unstable();
+            c
+        })
+        .filter(|c| c.len() >= n);
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::unbounded()).unzip();
+    let mut threads = Vec::new();
+    // One executor after the other: the first picks the ports (port 0), the others join
+    // them (SO_REUSEPORT).
+    for (id, rx) in receivers.drain(..).enumerate() {
+        let placement = cpus
+            .as_ref()
+            .map_or(Placement::Unbound, |c| Placement::Fixed(c[id]));
+        let peers = inboxes.clone();
+        let (bound_tx, bound_rx) = flume::bounded(1);
+        let spawned = LocalExecutorBuilder::new(placement)
+            .name(&format!("floor-{id}"))
+            .io_memory(DEFAULT_IO_MEMORY)
+            .ring_depth(DEFAULT_RING_DEPTH)
+            .preempt_timer(DEFAULT_PREEMPT_TIMER)
+            .spawn(move || async move {
+                let bound = TcpListener::bind(devices).and_then(|d| {
+                    let h = TcpListener::bind(http)?;
+                    Ok((d, h))
+                });
+                let (dl, hl) = match bound {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let addrs = (dl.local_addr(), hl.local_addr());
+                let _ = bound_tx.send(match addrs {
+                    (Ok(d), Ok(h)) => Ok((d, h)),
+                    _ => Err("cannot read a bound address".to_owned()),
+                });
+                let shard = Rc::new(Shard {
+                    id,
+                    peers,
+                    conns: RefCell::default(),
+                    devices: RefCell::default(),
+                    notified: Cell::new(0),
+                });
+                glommio::spawn_local(accept_devices(Rc::clone(&shard), dl)).detach();
+                glommio::spawn_local(accept_http(Rc::clone(&shard), hl)).detach();
+                while let Ok(msg) = rx.recv_async().await {
+                    shard.handle(msg);
+                }
+            })
+            .map_err(|e| format!("cannot start executor {id}: {e}"))?;
+        threads.push(spawned);
+        (devices, http) = bound_rx
+            .recv()
+            .map_err(|_| format!("executor {id} did not start"))??;
+    }
+    log_listening("http", http);
+    log_listening("devices", devices);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_found_raw_at_the_top_level() {
+        let body = br#" {"appid":"a\"b", "x":{"data":1,"s":"}"}, "data" : [1,{"k":"v"}] ,"n":12}"#;
+        assert_eq!(json_str(body, b"appid"), Some(&br#"a\"b"#[..]));
+        assert_eq!(json_get(body, b"data"), Some(&br#"[1,{"k":"v"}]"#[..]));
+        assert_eq!(json_get(body, b"n"), Some(&b"12"[..]));
+        assert_eq!(json_get(body, b"none"), None);
+        assert_eq!(json_str(body, b"n"), None);
+        assert_eq!(json_get(b"[1]", b"data"), None);
+        assert_eq!(json_get(br#"{"data":"#, b"data"), None);
+    }
+
+    #[test]
+    fn requests_are_split_by_content_length() {
+        let two = b"POST /notify HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST /x HTTP/1.1\r\n\r\n";
+        let (path, body, used) = request(two).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/notify"[..], &b"{}"[..]));
+        let (path, body, _) = request(&two[used..]).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/x"[..], &b""[..]));
+        assert_eq!(request(&two[..45]).unwrap(), None, "the body is not whole");
+        assert!(request(b"GARBAGE\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn frames_are_skipped_across_reads() {
+        let mut s = Skipper::default();
+        let acks = b"\x00\x0b{\"T\":\"ack\"}\x00\x0b{\"T\":\"ack\"}";
+        s.feed(&acks[..1]);
+        s.feed(&acks[1..14]);
+        s.feed(&acks[14..]);
+        assert_eq!((s.skip, s.half), (0, None));
+    }
+
+    #[test]
+    fn canned_frames_and_answers_carry_their_lengths() {
+        assert_eq!(usize::from(CONNACK[1]), CONNACK.len() - 2);
+        for r in [R200, R400, R404] {
+            let text = std::str::from_utf8(r).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.ends_with(&format!("Content-Length: {}", body.len())));
+        }
+        let frame = finish(b"\0\0{}".to_vec());
+        assert_eq!(&frame[..], b"\x00\x02{}");
+    }
+}
