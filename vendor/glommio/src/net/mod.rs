@@ -112,7 +112,7 @@ mod tcp_socket;
 mod udp_socket;
 mod unix;
 pub use self::{
-    stream::{rx_poll_arms, Buffered, Preallocated},
+    stream::{rx_poll_arms, Buffered, Preallocated, Readiness},
     tcp_socket::{AcceptedTcpStream, TcpListener, TcpStream},
     udp_socket::UdpSocket,
     unix::{AcceptedUnixStream, UnixDatagram, UnixListener, UnixStream},

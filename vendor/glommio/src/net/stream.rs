@@ -233,6 +233,72 @@ pub fn rx_poll_arms() -> u64 {
     RX_POLL_ARMS.with(Cell::get)
 }
 
+/// pushbroker: the read readiness of a descriptor the caller owns and reads itself (an
+/// epoll descriptor, say), on the calling executor's ring: one multishot poll armed until
+/// this is dropped (re-armed if the kernel ends it; one-shot polls where the kernel has no
+/// multishot poll). Edge-triggered: [`Readiness::poll_ready`] is ready once per batch of
+/// reports, so the caller must take everything the descriptor has before waiting again.
+/// The descriptor must stay open while this lives.
+#[derive(Debug)]
+pub struct Readiness {
+    fd: RawFd,
+    source: Option<Source>,
+}
+
+impl Readiness {
+    /// Arms the poll on `fd` (on the calling executor's ring).
+    pub fn new(fd: RawFd) -> Self {
+        let mut r = Self { fd, source: None };
+        r.arm();
+        r
+    }
+
+    fn arm(&mut self) {
+        let reactor = crate::executor().reactor();
+        self.source = Some(
+            if MULTISHOT_POLL.load(std::sync::atomic::Ordering::Relaxed) {
+                reactor.poll_read_ready_multishot(self.fd)
+            } else {
+                reactor.poll_read_ready(self.fd)
+            },
+        );
+    }
+
+    /// Ready when the poll has reported since the last ready return (or was re-armed: the
+    /// descriptor may have become readable while it was not).
+    pub fn poll_ready(&mut self, cx: &Context<'_>) -> Poll<()> {
+        let Some(source) = self.source.as_ref() else {
+            self.arm();
+            return Poll::Ready(());
+        };
+        let reported = match source.take_result() {
+            None => false,
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                if e.raw_os_error() == Some(libc::EINVAL) && source.is_multishot_poll() {
+                    MULTISHOT_POLL.store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                true
+            }
+        };
+        if !source.is_armed() {
+            self.source = None;
+            self.arm();
+            return Poll::Ready(());
+        }
+        if reported {
+            return Poll::Ready(());
+        }
+        source.add_waiter_single(cx.waker());
+        Poll::Pending
+    }
+
+    /// Waits for [`Readiness::poll_ready`].
+    pub async fn ready(&mut self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+}
+
 // pushbroker: the events of a read-readiness poll after which a read never blocks again
 // (end of stream, hangup, error), so they are kept.
 const RX_CLOSED_EVENTS: usize = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as usize;

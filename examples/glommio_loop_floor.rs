@@ -1,0 +1,896 @@
+#![allow(clippy::print_stderr)] // it logs its ports and its failures to stderr
+//! [`glommio_floor`](glommio_floor.rs) without a task per device connection: the same
+//! server, seen from outside, whose executors each drive all their device connections from
+//! one loop, as the floor server `perf/run.sh` builds does. A measuring tool, not a server
+//! to deploy.
+//!
+//! ```sh
+//! cargo build --release --example glommio_loop_floor
+//! target/release/pushload --server target/release/examples/glommio_loop_floor --scenario broadcast
+//! target/release/examples/glommio_loop_floor [-threads N] CONFIG.json
+//! ```
+//!
+//! Everything glommio_floor does outside the device connections it does alike: the same
+//! configuration keys, port log lines, wire frames and HTTP answers, executors (io_uring,
+//! pinned, the shards' settings), SO_REUSEPORT listeners, device placement
+//! ([`owner_of_device`]) and flume hand-offs (a broadcast as one `Arc<[u8]>` per other
+//! executor, a notify to the device's owner and its answer back, a connection to its
+//! owner after CONNECT as a descriptor), and a task per HTTP connection. What differs:
+//!
+//! - an accepted device connection leaves glommio at once: the executor keeps a duplicate
+//!   of its descriptor, in an edge-triggered epoll set of its own;
+//! - **one task per executor** drives all of its device connections: it waits (through
+//!   glommio, [`Readiness`]: one multishot poll on the epoll descriptor) until the epoll
+//!   set has something, takes the ready connections with `epoll_wait(…, 0)`, reads the
+//!   CONNECTs and ACKs with `recv`, and flushes what a short write left behind;
+//! - a frame is written with `send(MSG_NOSIGNAL | MSG_DONTWAIT)` straight from the
+//!   broadcast fan-out loop (or the notify's delivery), one per connection; a
+//!   connection keeps an output buffer only after a short write, written on `EPOLLOUT`.
+//!
+//! So the two servers differ only by the task and wake per delivery (and a connection's
+//! glommio stream with its armed poll): what that costs is glommio_floor against this,
+//! and what the runtime costs otherwise (io_uring executors, flume, two executors) is this
+//! against the floor server.
+
+use std::cell::{Cell, RefCell};
+use std::io::Write as _;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ahash::AHashMap;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use pushbroker::broker::sharded::{
+    DEFAULT_IO_MEMORY, DEFAULT_PREEMPT_TIMER, DEFAULT_RING_DEPTH, owner_of_device,
+};
+use pushbroker::glommio::net::{Readiness, TcpListener, TcpStream};
+use pushbroker::glommio::{self, CpuSet, LocalExecutorBuilder, Placement};
+
+/// A frame as written to devices: length prefix and body. One allocation per broadcast,
+/// shared by every executor.
+type Frame = Arc<[u8]>;
+
+const CONNACK: &[u8] = b"\x00\x2f{\"T\":\"connack\",\"Params\":{\"PingInterval\":\"60s\"}}";
+const R200: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+const R400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 34\r\n\r\n{\"ok\":false,\"error\":\"bad-request\"}";
+const R404: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+Content-Length: 37\r\n\r\n{\"ok\":false,\"error\":\"unknown-device\"}";
+
+/// Bytes read from a device at once, through one buffer per executor.
+const RBUF: usize = 64 << 10;
+
+/// Ready connections taken from the epoll set at once.
+const EVENTS: usize = 512;
+
+/// Broadcasts so far, process-wide: the `TopLevel` of the next one.
+static TOP_LEVEL: AtomicU64 = AtomicU64::new(0);
+
+/// What executors send each other.
+enum Msg {
+    /// A broadcast frame, for every connection of the receiver.
+    Broadcast(Frame),
+    /// A notification frame for `device`, owned by the receiver; it answers whether it
+    /// holds a connection of that device.
+    Notify {
+        device: Box<str>,
+        frame: Frame,
+        reply: flume::Sender<bool>,
+    },
+    /// A connection that said CONNECT for `device`, owned by the receiver; `rest` is what
+    /// it sent after its CONNECT.
+    Adopt {
+        fd: OwnedFd,
+        device: Box<str>,
+        rest: Vec<u8>,
+    },
+}
+
+/// A device connection, as its executor sees it.
+struct Conn {
+    fd: OwnedFd,
+    /// What it sent so far, until its CONNECT is whole; `None` once registered.
+    hello: Option<Vec<u8>>,
+    /// Its device, once registered.
+    device: Option<Box<str>>,
+    skipper: Skipper,
+    /// What a short write left unsent: written when the socket takes more (`EPOLLOUT`),
+    /// and before anything newer.
+    out: Vec<u8>,
+    /// Its place in [`Devices::live`], once registered.
+    live: usize,
+}
+
+impl Conn {
+    /// Writes `d` at once, or keeps what the socket did not take.
+    fn send(&mut self, mut d: &[u8]) {
+        if self.out.is_empty() {
+            let k = send(self.fd.as_raw_fd(), d);
+            if k == d.len() {
+                return;
+            }
+            d = &d[k..];
+        }
+        // A short write: the kernel reports EPOLLOUT once the socket takes more. (An error
+        // is left for the read side to notice.)
+        self.out.extend_from_slice(d);
+    }
+
+    /// Writes what was left unsent, as far as the socket takes it.
+    fn flush(&mut self) {
+        while !self.out.is_empty() {
+            let k = send(self.fd.as_raw_fd(), &self.out);
+            if k == 0 {
+                return;
+            }
+            self.out.drain(..k);
+        }
+    }
+}
+
+/// Writes what the socket takes of `d` without blocking: how much (0 on any error).
+#[allow(unsafe_code)]
+fn send(fd: RawFd, d: &[u8]) -> usize {
+    // SAFETY: `d` is valid for reads of `d.len()` bytes; `fd` is open (its owner is alive).
+    let k = unsafe {
+        libc::send(
+            fd,
+            d.as_ptr().cast(),
+            d.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(k).unwrap_or(0)
+}
+
+/// What a read from a device gave.
+enum Read {
+    Data(usize),
+    WouldBlock,
+    /// End of stream or an error: the connection is done.
+    Closed,
+}
+
+/// Reads from `fd` without blocking.
+#[allow(unsafe_code)]
+fn recv(fd: RawFd, buf: &mut [u8]) -> Read {
+    loop {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes; `fd` is open.
+        let k = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        match usize::try_from(k) {
+            Ok(0) => return Read::Closed,
+            Ok(n) => return Read::Data(n),
+            Err(_) => match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => {}
+                Some(libc::EAGAIN) => return Read::WouldBlock,
+                _ => return Read::Closed,
+            },
+        }
+    }
+}
+
+/// Changes `fd`'s membership of the epoll set `ep` (`token`: its slot).
+#[allow(unsafe_code)]
+fn epoll_ctl(ep: &OwnedFd, op: i32, fd: RawFd, token: usize) -> std::io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+        u64: token as u64,
+    };
+    // SAFETY: `ep` and `fd` are open descriptors and `ev` lives across the call.
+    if unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The device connections of one executor, all driven by its device task.
+struct Devices {
+    /// The edge-triggered epoll set of every connection here.
+    epoll: OwnedFd,
+    /// Connections by slot (their epoll token); `None`: a free slot.
+    slots: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// The slots of the registered connections, in fan-out order.
+    live: Vec<usize>,
+    /// The newest connection of each device this executor owns.
+    by_device: AHashMap<Box<str>, usize>,
+    /// The read buffer: ACKs are skipped in it, never kept.
+    rbuf: Vec<u8>,
+}
+
+impl Devices {
+    #[allow(unsafe_code)]
+    fn new() -> std::io::Result<Self> {
+        // SAFETY: plain system call; a descriptor it returns is new and owned here.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            // SAFETY: `ep` is open and nothing else owns it.
+            epoll: unsafe { OwnedFd::from_raw_fd(ep) },
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: Vec::new(),
+            by_device: AHashMap::new(),
+            rbuf: vec![0; RBUF],
+        })
+    }
+
+    /// Takes a connection into the epoll set: its slot (`None` if epoll refused it, and
+    /// the connection is closed).
+    fn add(&mut self, fd: OwnedFd, hello: Option<Vec<u8>>) -> Option<usize> {
+        let slot = self.free.pop().unwrap_or(self.slots.len());
+        epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), slot).ok()?;
+        let conn = Conn {
+            fd,
+            hello,
+            device: None,
+            skipper: Skipper::default(),
+            out: Vec::new(),
+            live: 0,
+        };
+        if slot == self.slots.len() {
+            self.slots.push(Some(conn));
+        } else {
+            self.slots[slot] = Some(conn);
+        }
+        Some(slot)
+    }
+
+    /// Takes a connection out of the epoll set and of every list.
+    fn remove(&mut self, slot: usize) -> Option<Conn> {
+        let conn = self.slots.get_mut(slot)?.take()?;
+        let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, conn.fd.as_raw_fd(), slot);
+        self.free.push(slot);
+        if let Some(device) = &conn.device {
+            self.live.swap_remove(conn.live);
+            if let Some(m) = self
+                .live
+                .get(conn.live)
+                .and_then(|&moved| self.slots[moved].as_mut())
+            {
+                m.live = conn.live;
+            }
+            if self.by_device.get(device) == Some(&slot) {
+                self.by_device.remove(device);
+            }
+        }
+        Some(conn)
+    }
+
+    /// Registers the connection in `slot` for `device` (the newest wins), writes its
+    /// CONNACK and skips `rest`, what it sent after its CONNECT.
+    fn register(&mut self, slot: usize, device: Box<str>, rest: &[u8]) {
+        let Some(conn) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        conn.hello = None;
+        conn.live = self.live.len();
+        conn.device = Some(device.clone());
+        conn.skipper.feed(rest);
+        conn.send(CONNACK);
+        self.live.push(slot);
+        self.by_device.insert(device, slot);
+    }
+
+    fn fanout(&mut self, frame: &[u8]) {
+        for &s in &self.live {
+            if let Some(c) = self.slots[s].as_mut() {
+                c.send(frame);
+            }
+        }
+    }
+
+    /// Writes `frame` to the newest connection of `device`; whether there is one.
+    fn deliver(&mut self, device: &str, frame: &[u8]) -> bool {
+        let Some(&slot) = self.by_device.get(device) else {
+            return false;
+        };
+        if let Some(c) = self.slots[slot].as_mut() {
+            c.send(frame);
+        }
+        true
+    }
+}
+
+/// One executor's state.
+struct Shard {
+    id: usize,
+    /// Every executor's inbox, this one's included.
+    peers: Vec<flume::Sender<Msg>>,
+    devices: RefCell<Devices>,
+    /// Notifications encoded here so far.
+    notified: Cell<u64>,
+}
+
+impl Shard {
+    fn handle(&self, msg: Msg) {
+        match msg {
+            Msg::Broadcast(frame) => self.devices.borrow_mut().fanout(&frame),
+            Msg::Notify {
+                device,
+                frame,
+                reply,
+            } => {
+                let _ = reply.send(self.devices.borrow_mut().deliver(&device, &frame));
+            }
+            Msg::Adopt { fd, device, rest } => {
+                let mut devices = self.devices.borrow_mut();
+                if let Some(slot) = devices.add(fd, None) {
+                    devices.register(slot, device, &rest);
+                }
+            }
+        }
+    }
+
+    /// Answers `POST /broadcast`.
+    fn broadcast(&self, body: &[u8], out: &mut Vec<u8>) {
+        let Some(data) = json_get(body, b"data").filter(|d| d.len() <= 60_000) else {
+            return out.extend_from_slice(R400);
+        };
+        let k = TOP_LEVEL.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut f = Vec::with_capacity(data.len() + 80);
+        f.extend_from_slice(b"\0\0{\"T\":\"broadcast\",\"ChanId\":\"0\",\"TopLevel\":");
+        let _ = write!(f, "{k}");
+        f.extend_from_slice(b",\"Payloads\":[");
+        f.extend_from_slice(data);
+        f.extend_from_slice(b"]}");
+        let frame = finish(f);
+        for (i, peer) in self.peers.iter().enumerate() {
+            if i != self.id {
+                let _ = peer.send(Msg::Broadcast(Arc::clone(&frame)));
+            }
+        }
+        self.devices.borrow_mut().fanout(&frame);
+        out.extend_from_slice(R200);
+    }
+
+    /// Answers `POST /notify`.
+    async fn notify(&self, body: &[u8], out: &mut Vec<u8>) {
+        let (Some(device), Some(app), Some(data)) = (
+            json_str(body, b"deviceid").and_then(|d| std::str::from_utf8(d).ok()),
+            json_str(body, b"appid"),
+            json_get(body, b"data"),
+        ) else {
+            return out.extend_from_slice(R400);
+        };
+        if app.len() + data.len() > 60_000 {
+            return out.extend_from_slice(R400);
+        }
+        let n = self.notified.get();
+        self.notified.set(n + 1);
+        // Unique over the executors without sharing a counter.
+        let m = n * self.peers.len() as u64 + self.id as u64 + 1;
+        let mut f = Vec::with_capacity(app.len() + data.len() + 80);
+        f.extend_from_slice(b"\0\0{\"T\":\"notifications\",\"Notifications\":[{\"A\":\"");
+        f.extend_from_slice(app);
+        f.extend_from_slice(b"\",\"M\":\"m");
+        let _ = write!(f, "{m}");
+        f.extend_from_slice(b"\",\"P\":");
+        f.extend_from_slice(data);
+        f.extend_from_slice(b"}]}");
+        let frame = finish(f);
+        let owner = owner_of_device(device, self.peers.len()).0;
+        let found = if owner == self.id {
+            self.devices.borrow_mut().deliver(device, &frame)
+        } else {
+            let (reply, answer) = flume::bounded(1);
+            let msg = Msg::Notify {
+                device: device.into(),
+                frame,
+                reply,
+            };
+            self.peers[owner].send(msg).is_ok() && answer.recv_async().await.unwrap_or(false)
+        };
+        out.extend_from_slice(if found { R200 } else { R404 });
+    }
+
+    /// Takes in what the epoll set reported for the connection in `slot`.
+    fn event(&self, slot: usize, events: u32) {
+        if events & libc::EPOLLOUT as u32 != 0 {
+            let mut devices = self.devices.borrow_mut();
+            if let Some(c) = devices.slots.get_mut(slot).and_then(Option::as_mut) {
+                c.flush();
+            }
+        }
+        let readable = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        if events & readable != 0 {
+            self.input(slot);
+        }
+    }
+
+    /// Reads until the connection in `slot` would block: skips ACKs, takes its CONNECT
+    /// (registers it here or moves it to its owner), closes it at its end.
+    fn input(&self, slot: usize) {
+        let mut devices = self.devices.borrow_mut();
+        loop {
+            let Devices { slots, rbuf, .. } = &mut *devices;
+            let Some(conn) = slots.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            let n = match recv(conn.fd.as_raw_fd(), rbuf) {
+                Read::Data(n) => n,
+                Read::WouldBlock => return,
+                Read::Closed => {
+                    devices.remove(slot);
+                    return;
+                }
+            };
+            let Some(hello) = conn.hello.as_mut() else {
+                conn.skipper.feed(&rbuf[..n]);
+                if n < RBUF {
+                    // A short read took everything: what arrives later is reported.
+                    return;
+                }
+                continue;
+            };
+            hello.extend_from_slice(&rbuf[..n]);
+            match parse_hello(hello) {
+                Err(()) => {
+                    devices.remove(slot);
+                    return;
+                }
+                Ok(None) => {}
+                Ok(Some((device, len))) => {
+                    let rest = hello.split_off(len);
+                    let owner = owner_of_device(&device, self.peers.len()).0;
+                    if owner == self.id {
+                        devices.register(slot, device, &rest);
+                    } else {
+                        if let Some(conn) = devices.remove(slot) {
+                            let msg = Msg::Adopt {
+                                fd: conn.fd,
+                                device,
+                                rest,
+                            };
+                            let _ = self.peers[owner].send(msg);
+                        }
+                        return;
+                    }
+                }
+            }
+            if n < RBUF {
+                return;
+            }
+        }
+    }
+}
+
+/// A frame from `f`: its body after two bytes kept for the length, written here.
+fn finish(mut f: Vec<u8>) -> Frame {
+    let len = (f.len() - 2) as u16;
+    f[..2].copy_from_slice(&len.to_be_bytes());
+    f.into()
+}
+
+// ---------------------------------------------------------------- devices
+
+/// The version byte and CONNECT at the start of `p`: its device and their length; `None`
+/// until they are whole, an error for another version or a CONNECT without a device.
+fn parse_hello(p: &[u8]) -> Result<Option<(Box<str>, usize)>, ()> {
+    let [version, h0, h1, ..] = *p else {
+        return Ok(None);
+    };
+    if version != 0 {
+        return Err(());
+    }
+    let len = 3 + usize::from(u16::from_be_bytes([h0, h1]));
+    if p.len() < len {
+        return Ok(None);
+    }
+    json_str(&p[3..len], b"DeviceId")
+        .and_then(|d| std::str::from_utf8(d).ok())
+        .map(|d| Some((d.into(), len)))
+        .ok_or(())
+}
+
+/// Skips whole frames (ACKs, PONGs) by their length prefix, across reads.
+#[derive(Default)]
+struct Skipper {
+    /// Body bytes still to skip.
+    skip: usize,
+    /// The first byte of a length prefix whose second has not come yet.
+    half: Option<u8>,
+}
+
+impl Skipper {
+    fn feed(&mut self, mut p: &[u8]) {
+        while !p.is_empty() {
+            if self.skip > 0 {
+                let k = p.len().min(self.skip);
+                self.skip -= k;
+                p = &p[k..];
+            } else if let Some(h0) = self.half.take() {
+                self.skip = usize::from(u16::from_be_bytes([h0, p[0]]));
+                p = &p[1..];
+            } else if let [a, b, rest @ ..] = p {
+                self.skip = usize::from(u16::from_be_bytes([*a, *b]));
+                p = rest;
+            } else {
+                self.half = Some(p[0]);
+                p = &[];
+            }
+        }
+    }
+}
+
+async fn accept_devices(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                if let Ok(fd) = detach(stream) {
+                    shard.devices.borrow_mut().add(fd, Some(Vec::new()));
+                }
+            }
+            // Out of descriptors, say: back off rather than spin.
+            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Takes the socket out of `stream`: a duplicate descriptor that owns the connection
+/// once `stream` is dropped (glommio cannot give its descriptor up).
+#[allow(unsafe_code)]
+fn detach(stream: TcpStream) -> std::io::Result<OwnedFd> {
+    // SAFETY: `stream` is alive for the whole borrow, so its descriptor is open; the
+    // borrow ends before `stream` is dropped.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    borrowed.try_clone_to_owned()
+}
+
+/// The executor's device task: every time the epoll set has something, takes all of it.
+#[allow(unsafe_code)]
+async fn drive(shard: Rc<Shard>) {
+    let ep = shard.devices.borrow().epoll.as_raw_fd();
+    let mut readiness = Readiness::new(ep);
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; EVENTS];
+    loop {
+        readiness.ready().await;
+        // Edge-triggered: the set is emptied before waiting again.
+        loop {
+            // SAFETY: `events` is valid for writes of `EVENTS` entries; `ep` stays open
+            // (`shard` owns it).
+            let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), EVENTS as i32, 0) };
+            let Ok(n) = usize::try_from(n) else {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                break;
+            };
+            for ev in &events[..n] {
+                let (token, flags) = (ev.u64, ev.events);
+                shard.event(token as usize, flags);
+            }
+            if n < EVENTS {
+                break;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(serve_http(Rc::clone(&shard), stream)).detach();
+            }
+            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Serves one HTTP/1.1 connection: every whole request in what arrived, answered in one
+/// write.
+async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
+    let mut inb = vec![0u8; 16 << 10];
+    let (mut len, mut out) = (0, Vec::new());
+    loop {
+        if inb.len() - len < 4096 {
+            if inb.len() >= 1 << 24 {
+                return;
+            }
+            inb.resize(inb.len() * 2, 0);
+        }
+        match stream.read(&mut inb[len..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        let mut off = 0;
+        loop {
+            let Ok(parsed) = request(&inb[off..len]) else {
+                return;
+            };
+            let Some((path, body, used)) = parsed else {
+                break;
+            };
+            match path {
+                b"/broadcast" => shard.broadcast(body, &mut out),
+                b"/notify" => shard.notify(body, &mut out).await,
+                _ => out.extend_from_slice(R404),
+            }
+            off += used;
+        }
+        inb.copy_within(off..len, 0);
+        len -= off;
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// The first request in `p`: its path, its body and its length; `None` until it is whole,
+/// an error when it has no path.
+#[allow(clippy::type_complexity)]
+fn request(p: &[u8]) -> Result<Option<(&[u8], &[u8], usize)>, ()> {
+    let Some(he) = p.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = &p[..he];
+    let mut words = head.splitn(3, |&c| c == b' ');
+    let (_, Some(path), Some(_)) = (words.next(), words.next(), words.next()) else {
+        return Err(());
+    };
+    let mut cl = 0;
+    for line in head.split(|&c| c == b'\n').skip(1) {
+        if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+            let v = line[15..].trim_ascii_start();
+            let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
+            cl = std::str::from_utf8(&v[..digits])
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    let hl = he + 4;
+    if p.len() < hl + cl {
+        return Ok(None);
+    }
+    Ok(Some((path, &p[hl..hl + cl], hl + cl)))
+}
+
+// ---------------------------------------------------------------- tiny JSON
+
+fn ws(p: &[u8]) -> &[u8] {
+    p.trim_ascii_start()
+}
+
+/// The length of the JSON value `p` starts with (after whitespace), and where it starts.
+fn skip_value(p: &[u8]) -> Option<(usize, usize)> {
+    let start = p.len() - ws(p).len();
+    let v = &p[start..];
+    let end = match v.first()? {
+        b'"' => {
+            let mut i = 1;
+            loop {
+                match v.get(i)? {
+                    b'\\' => i += 2,
+                    b'"' => break i + 1,
+                    _ => i += 1,
+                }
+            }
+        }
+        b'{' | b'[' => {
+            let (mut depth, mut i) = (0usize, 0);
+            loop {
+                match v.get(i)? {
+                    b'"' => i += skip_value(&v[i..])?.1,
+                    b'{' | b'[' => (depth, i) = (depth + 1, i + 1),
+                    b'}' | b']' if depth == 1 => break i + 1,
+                    b'}' | b']' => (depth, i) = (depth - 1, i + 1),
+                    _ => i += 1,
+                }
+            }
+        }
+        _ => v
+            .iter()
+            .position(|c| b",}] \t\r\n".contains(c))
+            .unwrap_or(v.len()),
+    };
+    Some((start, start + end))
+}
+
+/// The raw value of top-level key `key` in the object `p` (keys compared raw).
+fn json_get<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut p = ws(p).strip_prefix(b"{")?;
+    loop {
+        let (ks, ke) = skip_value(p)?;
+        let k = p.get(ks..ke)?.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+        p = ws(&p[ke..]).strip_prefix(b":")?;
+        let (vs, ve) = skip_value(p)?;
+        if k == key {
+            return Some(&p[vs..ve]);
+        }
+        p = ws(&p[ve..]).strip_prefix(b",")?;
+    }
+}
+
+/// The raw contents of a string value (still escaped, without its quotes).
+fn json_str<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    json_get(p, key)?.strip_prefix(b"\"")?.strip_suffix(b"\"")
+}
+
+// ---------------------------------------------------------------- start
+
+fn config_addr(config: &[u8], key: &str) -> Result<SocketAddr, String> {
+    json_str(config, key.as_bytes())
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| a.to_socket_addrs().ok()?.next())
+        .ok_or_else(|| format!("config: bad or missing {key}"))
+}
+
+fn log_listening(what: &str, addr: SocketAddr) {
+    let format = time::macros::format_description!(
+        "[year]/[month]/[day] [hour]:[minute]:[second].[subsecond digits:6]"
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let ts = now.format(&format).unwrap_or_default();
+    eprintln!("{ts} INFO listening for {what} on {addr}");
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("glommio_loop_floor: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let (mut threads, mut path) = (0, None);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-threads" => threads = args.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            _ => path = Some(a),
+        }
+    }
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let Some(path) = path else {
+        return Err("usage: glommio_loop_floor [-threads N] CONFIG.json".into());
+    };
+    let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mut devices = config_addr(&config, "addr")?;
+    let mut http = config_addr(&config, "http_addr")?;
+
+    // Pinned to one CPU each when there are as many CPUs as executors, as pushbroker's
+    // shards are.
+    let cpus = CpuSet::online()
+        .ok()
+        .map(|s| {
+            let mut c: Vec<usize> = s.iter().map(|l| l.cpu).collect();
+            c.sort_unstable();
+            c
+        })
+        .filter(|c| c.len() >= n);
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::unbounded()).unzip();
+    let mut threads = Vec::new();
+    // One executor after the other: the first picks the ports (port 0), the others join
+    // them (SO_REUSEPORT).
+    for (id, rx) in receivers.drain(..).enumerate() {
+        let placement = cpus
+            .as_ref()
+            .map_or(Placement::Unbound, |c| Placement::Fixed(c[id]));
+        let peers = inboxes.clone();
+        let (bound_tx, bound_rx) = flume::bounded(1);
+        let spawned = LocalExecutorBuilder::new(placement)
+            .name(&format!("loop-floor-{id}"))
+            .io_memory(DEFAULT_IO_MEMORY)
+            .ring_depth(DEFAULT_RING_DEPTH)
+            .preempt_timer(DEFAULT_PREEMPT_TIMER)
+            .spawn(move || async move {
+                let bound = TcpListener::bind(devices).and_then(|d| {
+                    let h = TcpListener::bind(http)?;
+                    Ok((d, h, Devices::new()?))
+                });
+                let (dl, hl, devs) = match bound {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let addrs = (dl.local_addr(), hl.local_addr());
+                let _ = bound_tx.send(match addrs {
+                    (Ok(d), Ok(h)) => Ok((d, h)),
+                    _ => Err("cannot read a bound address".to_owned()),
+                });
+                let shard = Rc::new(Shard {
+                    id,
+                    peers,
+                    devices: RefCell::new(devs),
+                    notified: Cell::new(0),
+                });
+                glommio::spawn_local(drive(Rc::clone(&shard))).detach();
+                glommio::spawn_local(accept_devices(Rc::clone(&shard), dl)).detach();
+                glommio::spawn_local(accept_http(Rc::clone(&shard), hl)).detach();
+                while let Ok(msg) = rx.recv_async().await {
+                    shard.handle(msg);
+                }
+            })
+            .map_err(|e| format!("cannot start executor {id}: {e}"))?;
+        threads.push(spawned);
+        (devices, http) = bound_rx
+            .recv()
+            .map_err(|_| format!("executor {id} did not start"))??;
+    }
+    log_listening("http", http);
+    log_listening("devices", devices);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_found_raw_at_the_top_level() {
+        let body = br#" {"appid":"a\"b", "x":{"data":1,"s":"}"}, "data" : [1,{"k":"v"}] ,"n":12}"#;
+        assert_eq!(json_str(body, b"appid"), Some(&br#"a\"b"#[..]));
+        assert_eq!(json_get(body, b"data"), Some(&br#"[1,{"k":"v"}]"#[..]));
+        assert_eq!(json_get(body, b"n"), Some(&b"12"[..]));
+        assert_eq!(json_get(body, b"none"), None);
+        assert_eq!(json_str(body, b"n"), None);
+        assert_eq!(json_get(b"[1]", b"data"), None);
+        assert_eq!(json_get(br#"{"data":"#, b"data"), None);
+    }
+
+    #[test]
+    fn requests_are_split_by_content_length() {
+        let two = b"POST /notify HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST /x HTTP/1.1\r\n\r\n";
+        let (path, body, used) = request(two).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/notify"[..], &b"{}"[..]));
+        let (path, body, _) = request(&two[used..]).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/x"[..], &b""[..]));
+        assert_eq!(request(&two[..45]).unwrap(), None, "the body is not whole");
+        assert!(request(b"GARBAGE\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn frames_are_skipped_across_reads() {
+        let mut s = Skipper::default();
+        let acks = b"\x00\x0b{\"T\":\"ack\"}\x00\x0b{\"T\":\"ack\"}";
+        s.feed(&acks[..1]);
+        s.feed(&acks[1..14]);
+        s.feed(&acks[14..]);
+        assert_eq!((s.skip, s.half), (0, None));
+    }
+
+    #[test]
+    fn a_connect_is_taken_whole_with_its_device() {
+        let connect = b"\x00\x00\x14{\"DeviceId\":\"dev-1\"}\x00\x0b";
+        assert_eq!(parse_hello(&connect[..2]), Ok(None));
+        assert_eq!(parse_hello(&connect[..20]), Ok(None));
+        assert_eq!(parse_hello(connect), Ok(Some(("dev-1".into(), 23))));
+        assert_eq!(parse_hello(b"\x01\x00\x02{}"), Err(()));
+        assert_eq!(parse_hello(b"\x00\x00\x02{}"), Err(()));
+    }
+
+    #[test]
+    fn canned_frames_and_answers_carry_their_lengths() {
+        assert_eq!(usize::from(CONNACK[1]), CONNACK.len() - 2);
+        for r in [R200, R400, R404] {
+            let text = std::str::from_utf8(r).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.ends_with(&format!("Content-Length: {}", body.len())));
+        }
+        let frame = finish(b"\0\0{}".to_vec());
+        assert_eq!(&frame[..], b"\x00\x02{}");
+    }
+}
