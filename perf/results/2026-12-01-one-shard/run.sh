@@ -1,8 +1,8 @@
 #!/bin/bash
-# One run alternating: floor, pushbroker 2 shards (default), pushbroker 1 shard; 5,000 sessions.
+# usage: run.sh [FLOOR_SRC]. One run alternating: floor, pushbroker 2 shards (default), pushbroker 1 shard; 5,000 sessions.
 cd /work/main
 out=perf/results/2026-12-01-one-shard
-cc -O2 -pthread -o /tmp/floor ../shared/floor/floor.c
+cc -O2 -pthread -o /tmp/floor "${1:-../shared/floor/floor.c}"  # the floor server's source, as perf/run.sh --floor-src
 for sc in broadcast unicast; do
   if [ $sc = broadcast ]; then f="--broadcasts 20"; else f="--notifies 20000 --concurrency 16"; fi
   for rep in 1 2 3; do
