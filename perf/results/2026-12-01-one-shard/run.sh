@@ -1,6 +1,6 @@
 #!/bin/bash
 # usage: run.sh [FLOOR_SRC]. One run alternating: floor, pushbroker 2 shards (default), pushbroker 1 shard; 5,000 sessions.
-cd /work/main
+cd "$(dirname "$0")/../../.."
 out=perf/results/2026-12-01-one-shard
 cc -O2 -pthread -o /tmp/floor "${1:-../shared/floor/floor.c}"  # the floor server's source, as perf/run.sh --floor-src
 for sc in broadcast unicast; do
