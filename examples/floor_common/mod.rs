@@ -1,0 +1,228 @@
+//! What the two floor examples (`glommio_floor`, `glommio_loop_floor`) share: the canned
+//! frames and answers, the ACK skipper, the HTTP request splitter and the JSON subset
+//! they read, the configuration's addresses and the log line of a listener.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use pushbroker::glommio::net::TcpStream;
+
+/// A frame as written to devices: length prefix and body. One allocation per broadcast,
+/// shared by every connection of every executor.
+pub(crate) type Frame = Arc<[u8]>;
+
+pub(crate) const CONNACK: &[u8] =
+    b"\x00\x2f{\"T\":\"connack\",\"Params\":{\"PingInterval\":\"60s\"}}";
+
+pub(crate) const R200: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}";
+
+pub(crate) const R400: &[u8] = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n\
+Content-Length: 34\r\n\r\n{\"ok\":false,\"error\":\"bad-request\"}";
+
+pub(crate) const R404: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n\
+Content-Length: 37\r\n\r\n{\"ok\":false,\"error\":\"unknown-device\"}";
+
+/// A frame from `f`: its body after two bytes kept for the length, written here.
+pub(crate) fn finish(mut f: Vec<u8>) -> Frame {
+    let len = (f.len() - 2) as u16;
+    f[..2].copy_from_slice(&len.to_be_bytes());
+    f.into()
+}
+
+/// Skips whole frames (ACKs, PONGs) by their length prefix, across reads.
+#[derive(Default)]
+pub(crate) struct Skipper {
+    /// Body bytes still to skip.
+    skip: usize,
+    /// The first byte of a length prefix whose second has not come yet.
+    half: Option<u8>,
+}
+
+impl Skipper {
+    pub(crate) fn feed(&mut self, mut p: &[u8]) {
+        while !p.is_empty() {
+            if self.skip > 0 {
+                let k = p.len().min(self.skip);
+                self.skip -= k;
+                p = &p[k..];
+            } else if let Some(h0) = self.half.take() {
+                self.skip = usize::from(u16::from_be_bytes([h0, p[0]]));
+                p = &p[1..];
+            } else if let [a, b, rest @ ..] = p {
+                self.skip = usize::from(u16::from_be_bytes([*a, *b]));
+                p = rest;
+            } else {
+                self.half = Some(p[0]);
+                p = &[];
+            }
+        }
+    }
+}
+
+/// Takes the socket out of `stream`: a duplicate descriptor that owns the connection
+/// once `stream` is dropped (glommio cannot give its descriptor up).
+#[allow(unsafe_code)]
+pub(crate) fn detach(stream: TcpStream) -> std::io::Result<OwnedFd> {
+    // SAFETY: `stream` is alive for the whole borrow, so its descriptor is open; the
+    // borrow ends before `stream` is dropped.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    borrowed.try_clone_to_owned()
+}
+
+/// The first request in `p`: its path, its body and its length; `None` until it is whole,
+/// an error when it has no path.
+#[allow(clippy::type_complexity)]
+pub(crate) fn request(p: &[u8]) -> Result<Option<(&[u8], &[u8], usize)>, ()> {
+    let Some(he) = p.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = &p[..he];
+    let mut words = head.splitn(3, |&c| c == b' ');
+    let (_, Some(path), Some(_)) = (words.next(), words.next(), words.next()) else {
+        return Err(());
+    };
+    let mut cl = 0;
+    for line in head.split(|&c| c == b'\n').skip(1) {
+        if line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:") {
+            let v = line[15..].trim_ascii_start();
+            let digits = v.iter().take_while(|c| c.is_ascii_digit()).count();
+            cl = std::str::from_utf8(&v[..digits])
+                .ok()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    let hl = he + 4;
+    if p.len() < hl + cl {
+        return Ok(None);
+    }
+    Ok(Some((path, &p[hl..hl + cl], hl + cl)))
+}
+
+pub(crate) fn ws(p: &[u8]) -> &[u8] {
+    p.trim_ascii_start()
+}
+
+/// The length of the JSON value `p` starts with (after whitespace), and where it starts.
+pub(crate) fn skip_value(p: &[u8]) -> Option<(usize, usize)> {
+    let start = p.len() - ws(p).len();
+    let v = &p[start..];
+    let end = match v.first()? {
+        b'"' => {
+            let mut i = 1;
+            loop {
+                match v.get(i)? {
+                    b'\\' => i += 2,
+                    b'"' => break i + 1,
+                    _ => i += 1,
+                }
+            }
+        }
+        b'{' | b'[' => {
+            let (mut depth, mut i) = (0usize, 0);
+            loop {
+                match v.get(i)? {
+                    b'"' => i += skip_value(&v[i..])?.1,
+                    b'{' | b'[' => (depth, i) = (depth + 1, i + 1),
+                    b'}' | b']' if depth == 1 => break i + 1,
+                    b'}' | b']' => (depth, i) = (depth - 1, i + 1),
+                    _ => i += 1,
+                }
+            }
+        }
+        _ => v
+            .iter()
+            .position(|c| b",}] \t\r\n".contains(c))
+            .unwrap_or(v.len()),
+    };
+    Some((start, start + end))
+}
+
+/// The raw value of top-level key `key` in the object `p` (keys compared raw).
+pub(crate) fn json_get<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let mut p = ws(p).strip_prefix(b"{")?;
+    loop {
+        let (ks, ke) = skip_value(p)?;
+        let k = p.get(ks..ke)?.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+        p = ws(&p[ke..]).strip_prefix(b":")?;
+        let (vs, ve) = skip_value(p)?;
+        if k == key {
+            return Some(&p[vs..ve]);
+        }
+        p = ws(&p[ve..]).strip_prefix(b",")?;
+    }
+}
+
+/// The raw contents of a string value (still escaped, without its quotes).
+pub(crate) fn json_str<'a>(p: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    json_get(p, key)?.strip_prefix(b"\"")?.strip_suffix(b"\"")
+}
+
+pub(crate) fn config_addr(config: &[u8], key: &str) -> Result<SocketAddr, String> {
+    json_str(config, key.as_bytes())
+        .and_then(|a| std::str::from_utf8(a).ok())
+        .and_then(|a| a.to_socket_addrs().ok()?.next())
+        .ok_or_else(|| format!("config: bad or missing {key}"))
+}
+
+pub(crate) fn log_listening(what: &str, addr: SocketAddr) {
+    let format = time::macros::format_description!(
+        "[year]/[month]/[day] [hour]:[minute]:[second].[subsecond digits:6]"
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let ts = now.format(&format).unwrap_or_default();
+    eprintln!("{ts} INFO listening for {what} on {addr}");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_values_are_found_raw_at_the_top_level() {
+        let body = br#" {"appid":"a\"b", "x":{"data":1,"s":"}"}, "data" : [1,{"k":"v"}] ,"n":12}"#;
+        assert_eq!(json_str(body, b"appid"), Some(&br#"a\"b"#[..]));
+        assert_eq!(json_get(body, b"data"), Some(&br#"[1,{"k":"v"}]"#[..]));
+        assert_eq!(json_get(body, b"n"), Some(&b"12"[..]));
+        assert_eq!(json_get(body, b"none"), None);
+        assert_eq!(json_str(body, b"n"), None);
+        assert_eq!(json_get(b"[1]", b"data"), None);
+        assert_eq!(json_get(br#"{"data":"#, b"data"), None);
+    }
+
+    #[test]
+    fn requests_are_split_by_content_length() {
+        let two = b"POST /notify HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST /x HTTP/1.1\r\n\r\n";
+        let (path, body, used) = request(two).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/notify"[..], &b"{}"[..]));
+        let (path, body, _) = request(&two[used..]).unwrap().unwrap();
+        assert_eq!((path, body), (&b"/x"[..], &b""[..]));
+        assert_eq!(request(&two[..45]).unwrap(), None, "the body is not whole");
+        assert!(request(b"GARBAGE\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn frames_are_skipped_across_reads() {
+        let mut s = Skipper::default();
+        let acks = b"\x00\x0b{\"T\":\"ack\"}\x00\x0b{\"T\":\"ack\"}";
+        s.feed(&acks[..1]);
+        s.feed(&acks[1..14]);
+        s.feed(&acks[14..]);
+        assert_eq!((s.skip, s.half), (0, None));
+    }
+
+    #[test]
+    fn canned_frames_and_answers_carry_their_lengths() {
+        assert_eq!(usize::from(CONNACK[1]), CONNACK.len() - 2);
+        for r in [R200, R400, R404] {
+            let text = std::str::from_utf8(r).unwrap();
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(head.ends_with(&format!("Content-Length: {}", body.len())));
+        }
+        let frame = finish(b"\0\0{}".to_vec());
+        assert_eq!(&frame[..], b"\x00\x02{}");
+    }
+}
