@@ -44,32 +44,25 @@ mod floor_common;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
-use std::io::Write as _;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use ahash::AHashMap;
-use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use pushbroker::broker::sharded::{
-    DEFAULT_IO_MEMORY, DEFAULT_PREEMPT_TIMER, DEFAULT_RING_DEPTH, owner_of_device,
-};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite};
+use pushbroker::broker::sharded::owner_of_device;
+use pushbroker::glommio;
 use pushbroker::glommio::net::{TcpListener, TcpStream};
-use pushbroker::glommio::{self, CpuSet, LocalExecutorBuilder, Placement};
 
 use floor_common::{
-    CONNACK, Frame, R200, R400, R404, Skipper, config_addr, detach, finish, json_get, json_str,
-    log_listening, request,
+    CONNACK, Endpoints, Executor, Frame, R200, R400, R404, Skipper, broadcast_frame, detach,
+    json_str, notification_frame,
 };
 
 /// Bytes read from a device at once, through one buffer per executor.
 const RBUF: usize = 64 << 10;
-
-/// Broadcasts so far, process-wide: the `TopLevel` of the next one.
-static TOP_LEVEL: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// The executor's device read buffer: ACKs are skipped in it, never kept.
@@ -182,18 +175,10 @@ impl Shard {
     }
 
     /// Answers `POST /broadcast`.
-    fn broadcast(&self, body: &[u8], out: &mut Vec<u8>) {
-        let Some(data) = json_get(body, b"data").filter(|d| d.len() <= 60_000) else {
+    fn broadcast_(&self, body: &[u8], out: &mut Vec<u8>) {
+        let Some(frame) = broadcast_frame(body) else {
             return out.extend_from_slice(R400);
         };
-        let k = TOP_LEVEL.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut f = Vec::with_capacity(data.len() + 80);
-        f.extend_from_slice(b"\0\0{\"T\":\"broadcast\",\"ChanId\":\"0\",\"TopLevel\":");
-        let _ = write!(f, "{k}");
-        f.extend_from_slice(b",\"Payloads\":[");
-        f.extend_from_slice(data);
-        f.extend_from_slice(b"]}");
-        let frame = finish(f);
         for (i, peer) in self.peers.iter().enumerate() {
             if i != self.id {
                 let _ = peer.send(Msg::Broadcast(Arc::clone(&frame)));
@@ -204,30 +189,16 @@ impl Shard {
     }
 
     /// Answers `POST /notify`.
-    async fn notify(&self, body: &[u8], out: &mut Vec<u8>) {
-        let (Some(device), Some(app), Some(data)) = (
-            json_str(body, b"deviceid").and_then(|d| std::str::from_utf8(d).ok()),
-            json_str(body, b"appid"),
-            json_get(body, b"data"),
-        ) else {
+    async fn notify_(&self, body: &[u8], out: &mut Vec<u8>) {
+        let next_id = || {
+            let n = self.notified.get();
+            self.notified.set(n + 1);
+            // Unique over the executors without sharing a counter.
+            n * self.peers.len() as u64 + self.id as u64 + 1
+        };
+        let Some((device, frame)) = notification_frame(body, next_id) else {
             return out.extend_from_slice(R400);
         };
-        if app.len() + data.len() > 60_000 {
-            return out.extend_from_slice(R400);
-        }
-        let n = self.notified.get();
-        self.notified.set(n + 1);
-        // Unique over the executors without sharing a counter.
-        let m = n * self.peers.len() as u64 + self.id as u64 + 1;
-        let mut f = Vec::with_capacity(app.len() + data.len() + 80);
-        f.extend_from_slice(b"\0\0{\"T\":\"notifications\",\"Notifications\":[{\"A\":\"");
-        f.extend_from_slice(app);
-        f.extend_from_slice(b"\",\"M\":\"m");
-        let _ = write!(f, "{m}");
-        f.extend_from_slice(b"\",\"P\":");
-        f.extend_from_slice(data);
-        f.extend_from_slice(b"}]}");
-        let frame = finish(f);
         let owner = owner_of_device(device, self.peers.len()).0;
         let found = if owner == self.id {
             self.deliver(device, frame)
@@ -362,156 +333,45 @@ fn poll_skip(stream: &mut TcpStream, skipper: &mut Skipper, cx: &mut Context<'_>
 
 // ---------------------------------------------------------------- HTTP
 
-async fn accept_http(shard: Rc<Shard>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
-                glommio::spawn_local(serve_http(Rc::clone(&shard), stream)).detach();
-            }
-            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
-}
-
-/// Serves one HTTP/1.1 connection: every whole request in what arrived, answered in one
-/// write.
-async fn serve_http(shard: Rc<Shard>, mut stream: TcpStream) {
-    let mut inb = vec![0u8; 16 << 10];
-    let (mut len, mut out) = (0, Vec::new());
-    loop {
-        if inb.len() - len < 4096 {
-            if inb.len() >= 1 << 24 {
-                return;
-            }
-            inb.resize(inb.len() * 2, 0);
-        }
-        match stream.read(&mut inb[len..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => len += n,
-        }
-        let mut off = 0;
-        loop {
-            let Ok(parsed) = request(&inb[off..len]) else {
-                return;
-            };
-            let Some((path, body, used)) = parsed else {
-                break;
-            };
-            match path {
-                b"/broadcast" => shard.broadcast(body, &mut out),
-                b"/notify" => shard.notify(body, &mut out).await,
-                _ => out.extend_from_slice(R404),
-            }
-            off += used;
-        }
-        inb.copy_within(off..len, 0);
-        len -= off;
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-    }
-}
-
 // ---------------------------------------------------------------- tiny JSON
 
 // ---------------------------------------------------------------- start
 
 fn main() {
-    if let Err(e) = run() {
+    if let Err(e) = floor_common::run::<Shard>("glommio_floor") {
         eprintln!("glommio_floor: {e}");
         std::process::exit(1);
     }
 }
 
-fn run() -> Result<(), String> {
-    let mut args = std::env::args().skip(1);
-    let (mut threads, mut path) = (0, None);
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "-threads" => threads = args.next().and_then(|n| n.parse().ok()).unwrap_or(0),
-            _ => path = Some(a),
-        }
-    }
-    let n = match threads {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    let Some(path) = path else {
-        return Err("usage: glommio_floor [-threads N] CONFIG.json".into());
-    };
-    let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
-    let mut devices = config_addr(&config, "addr")?;
-    let mut http = config_addr(&config, "http_addr")?;
+impl Executor for Shard {
+    type Msg = Msg;
 
-    // Pinned to one CPU each when there are as many CPUs as executors, as pushbroker's
-    // shards are.
-    let cpus = CpuSet::online()
-        .ok()
-        .map(|s| {
-            let mut c: Vec<usize> = s.iter().map(|l| l.cpu).collect();
-            c.sort_unstable();
-            c
+    fn new(id: usize, peers: Vec<flume::Sender<Msg>>) -> std::io::Result<Self> {
+        Ok(Shard {
+            id,
+            peers,
+            conns: RefCell::default(),
+            devices: RefCell::default(),
+            notified: Cell::new(0),
         })
-        .filter(|c| c.len() >= n);
-    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::unbounded()).unzip();
-    let mut threads = Vec::new();
-    // One executor after the other: the first picks the ports (port 0), the others join
-    // them (SO_REUSEPORT).
-    for (id, rx) in receivers.drain(..).enumerate() {
-        let placement = cpus
-            .as_ref()
-            .map_or(Placement::Unbound, |c| Placement::Fixed(c[id]));
-        let peers = inboxes.clone();
-        let (bound_tx, bound_rx) = flume::bounded(1);
-        let spawned = LocalExecutorBuilder::new(placement)
-            .name(&format!("floor-{id}"))
-            .io_memory(DEFAULT_IO_MEMORY)
-            .ring_depth(DEFAULT_RING_DEPTH)
-            .preempt_timer(DEFAULT_PREEMPT_TIMER)
-            .spawn(move || async move {
-                let bound = TcpListener::bind(devices).and_then(|d| {
-                    let h = TcpListener::bind(http)?;
-                    Ok((d, h))
-                });
-                let (dl, hl) = match bound {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = bound_tx.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                let addrs = (dl.local_addr(), hl.local_addr());
-                let _ = bound_tx.send(match addrs {
-                    (Ok(d), Ok(h)) => Ok((d, h)),
-                    _ => Err("cannot read a bound address".to_owned()),
-                });
-                let shard = Rc::new(Shard {
-                    id,
-                    peers,
-                    conns: RefCell::default(),
-                    devices: RefCell::default(),
-                    notified: Cell::new(0),
-                });
-                glommio::spawn_local(accept_devices(Rc::clone(&shard), dl)).detach();
-                glommio::spawn_local(accept_http(Rc::clone(&shard), hl)).detach();
-                while let Ok(msg) = rx.recv_async().await {
-                    shard.handle(msg);
-                }
-            })
-            .map_err(|e| format!("cannot start executor {id}: {e}"))?;
-        threads.push(spawned);
-        (devices, http) = bound_rx
-            .recv()
-            .map_err(|_| format!("executor {id} did not start"))??;
     }
-    log_listening("http", http);
-    log_listening("devices", devices);
-    for t in threads {
-        let _ = t.join();
+
+    fn start(self: &Rc<Self>, devices: TcpListener) {
+        glommio::spawn_local(accept_devices(Rc::clone(self), devices)).detach();
     }
-    Ok(())
+
+    fn handle(self: &Rc<Self>, msg: Msg) {
+        Shard::handle(self, msg);
+    }
+}
+
+impl Endpoints for Shard {
+    fn broadcast(&self, body: &[u8], out: &mut Vec<u8>) {
+        self.broadcast_(body, out);
+    }
+
+    async fn notify(&self, body: &[u8], out: &mut Vec<u8>) {
+        self.notify_(body, out).await;
+    }
 }

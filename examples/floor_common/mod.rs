@@ -2,11 +2,18 @@
 //! frames and answers, the ACK skipper, the HTTP request splitter and the JSON subset
 //! they read, the configuration's addresses and the log line of a listener.
 
+use std::future::Future;
+use std::io::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use pushbroker::glommio::net::TcpStream;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use pushbroker::broker::sharded::{DEFAULT_IO_MEMORY, DEFAULT_PREEMPT_TIMER, DEFAULT_RING_DEPTH};
+use pushbroker::glommio::net::{TcpListener, TcpStream};
+use pushbroker::glommio::{self, CpuSet, LocalExecutorBuilder, Placement};
 
 /// A frame as written to devices: length prefix and body. One allocation per broadcast,
 /// shared by every connection of every executor.
@@ -174,6 +181,211 @@ pub(crate) fn log_listening(what: &str, addr: SocketAddr) {
     let now = time::OffsetDateTime::now_utc();
     let ts = now.format(&format).unwrap_or_default();
     eprintln!("{ts} INFO listening for {what} on {addr}");
+}
+
+/// Broadcasts so far, process-wide: the `TopLevel` of the next one.
+static TOP_LEVEL: AtomicU64 = AtomicU64::new(0);
+
+/// The BROADCAST frame a `POST /broadcast` body asks for (its `data`, raw), with the next
+/// `TopLevel`; `None` for a body without `data` or with too much of it.
+pub(crate) fn broadcast_frame(body: &[u8]) -> Option<Frame> {
+    let data = json_get(body, b"data").filter(|d| d.len() <= 60_000)?;
+    let k = TOP_LEVEL.fetch_add(1, Ordering::Relaxed) + 1;
+    let mut f = Vec::with_capacity(data.len() + 80);
+    f.extend_from_slice(b"\0\0{\"T\":\"broadcast\",\"ChanId\":\"0\",\"TopLevel\":");
+    let _ = write!(f, "{k}");
+    f.extend_from_slice(b",\"Payloads\":[");
+    f.extend_from_slice(data);
+    f.extend_from_slice(b"]}");
+    Some(finish(f))
+}
+
+/// The device and the NOTIFICATIONS frame a `POST /notify` body asks for (`deviceid`,
+/// `appid`, raw `data`; the message id `m<next_id()>`); `None` for a body without them or
+/// with too much.
+pub(crate) fn notification_frame(
+    body: &[u8],
+    next_id: impl FnOnce() -> u64,
+) -> Option<(&str, Frame)> {
+    let device = json_str(body, b"deviceid").and_then(|d| std::str::from_utf8(d).ok())?;
+    let app = json_str(body, b"appid")?;
+    let data = json_get(body, b"data")?;
+    if app.len() + data.len() > 60_000 {
+        return None;
+    }
+    let m = next_id();
+    let mut f = Vec::with_capacity(app.len() + data.len() + 80);
+    f.extend_from_slice(b"\0\0{\"T\":\"notifications\",\"Notifications\":[{\"A\":\"");
+    f.extend_from_slice(app);
+    f.extend_from_slice(b"\",\"M\":\"m");
+    let _ = write!(f, "{m}");
+    f.extend_from_slice(b"\",\"P\":");
+    f.extend_from_slice(data);
+    f.extend_from_slice(b"}]}");
+    Some((device, finish(f)))
+}
+
+/// What an executor of a floor server answers over HTTP: a broadcast and a notify, each
+/// appending its answer to `out`.
+pub(crate) trait Endpoints: 'static {
+    fn broadcast(&self, body: &[u8], out: &mut Vec<u8>);
+
+    fn notify(&self, body: &[u8], out: &mut Vec<u8>) -> impl Future<Output = ()>;
+}
+
+/// Accepts HTTP connections for ever, serving each in a task of its own.
+pub(crate) async fn accept_http<S: Endpoints>(shard: Rc<S>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                let _ = stream.set_nodelay(true);
+                glommio::spawn_local(serve_http(Rc::clone(&shard), stream)).detach();
+            }
+            Err(_) => glommio::timer::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Serves one HTTP/1.1 connection: every whole request in what arrived, answered in one
+/// write.
+async fn serve_http<S: Endpoints>(shard: Rc<S>, mut stream: TcpStream) {
+    let mut inb = vec![0u8; 16 << 10];
+    let (mut len, mut out) = (0, Vec::new());
+    loop {
+        if inb.len() - len < 4096 {
+            if inb.len() >= 1 << 24 {
+                return;
+            }
+            inb.resize(inb.len() * 2, 0);
+        }
+        match stream.read(&mut inb[len..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => len += n,
+        }
+        let mut off = 0;
+        loop {
+            let Ok(parsed) = request(&inb[off..len]) else {
+                return;
+            };
+            let Some((path, body, used)) = parsed else {
+                break;
+            };
+            match path {
+                b"/broadcast" => shard.broadcast(body, &mut out),
+                b"/notify" => shard.notify(body, &mut out).await,
+                _ => out.extend_from_slice(R404),
+            }
+            off += used;
+        }
+        inb.copy_within(off..len, 0);
+        len -= off;
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    }
+}
+
+/// An executor of a floor server: its state, made on its thread.
+pub(crate) trait Executor: Endpoints + Sized {
+    /// What executors send each other.
+    type Msg: Send + 'static;
+
+    /// The state of executor `id`, whose peers' inboxes (its own included) are `peers`.
+    fn new(id: usize, peers: Vec<flume::Sender<Self::Msg>>) -> std::io::Result<Self>;
+
+    /// Spawns the executor's device side on `devices`.
+    fn start(self: &Rc<Self>, devices: TcpListener);
+
+    /// Takes a message from another executor (or itself).
+    fn handle(self: &Rc<Self>, msg: Self::Msg);
+}
+
+/// Starts one executor per CPU (or `-threads N`), each with `S`'s state, a device and an
+/// HTTP listener, and its inbox; logs the ports as pushbroker does; runs until killed.
+pub(crate) fn run<S: Executor>(name: &str) -> Result<(), String> {
+    let mut args = std::env::args().skip(1);
+    let (mut threads, mut path) = (0, None);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-threads" => threads = args.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            _ => path = Some(a),
+        }
+    }
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let Some(path) = path else {
+        return Err(format!("usage: {name} [-threads N] CONFIG.json"));
+    };
+    let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
+    let mut devices = config_addr(&config, "addr")?;
+    let mut http = config_addr(&config, "http_addr")?;
+
+    // Pinned to one CPU each when there are as many CPUs as executors, as pushbroker's
+    // shards are.
+    let cpus = CpuSet::online()
+        .ok()
+        .map(|s| {
+            let mut c: Vec<usize> = s.iter().map(|l| l.cpu).collect();
+            c.sort_unstable();
+            c
+        })
+        .filter(|c| c.len() >= n);
+    let (inboxes, mut receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::unbounded()).unzip();
+    let mut threads = Vec::new();
+    // One executor after the other: the first picks the ports (port 0), the others join
+    // them (SO_REUSEPORT).
+    for (id, rx) in receivers.drain(..).enumerate() {
+        let placement = cpus
+            .as_ref()
+            .map_or(Placement::Unbound, |c| Placement::Fixed(c[id]));
+        let peers = inboxes.clone();
+        let (bound_tx, bound_rx) = flume::bounded(1);
+        let spawned = LocalExecutorBuilder::new(placement)
+            .name(&format!("{name}-{id}"))
+            .io_memory(DEFAULT_IO_MEMORY)
+            .ring_depth(DEFAULT_RING_DEPTH)
+            .preempt_timer(DEFAULT_PREEMPT_TIMER)
+            .spawn(move || async move {
+                let bound = TcpListener::bind(devices).and_then(|d| {
+                    let h = TcpListener::bind(http)?;
+                    Ok((d, h, S::new(id, peers)?))
+                });
+                let (dl, hl, shard) = match bound {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let addrs = (dl.local_addr(), hl.local_addr());
+                let _ = bound_tx.send(match addrs {
+                    (Ok(d), Ok(h)) => Ok((d, h)),
+                    _ => Err("cannot read a bound address".to_owned()),
+                });
+                let shard = Rc::new(shard);
+                shard.start(dl);
+                glommio::spawn_local(accept_http(Rc::clone(&shard), hl)).detach();
+                while let Ok(msg) = rx.recv_async().await {
+                    shard.handle(msg);
+                }
+            })
+            .map_err(|e| format!("cannot start executor {id}: {e}"))?;
+        threads.push(spawned);
+        (devices, http) = bound_rx
+            .recv()
+            .map_err(|_| format!("executor {id} did not start"))??;
+    }
+    log_listening("http", http);
+    log_listening("devices", devices);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
