@@ -57,7 +57,7 @@ use pushbroker::glommio;
 use pushbroker::glommio::net::{TcpListener, TcpStream};
 
 use floor_common::{
-    CONNACK, Endpoints, Executor, Frame, R200, R400, R404, Skipper, broadcast_frame, detach,
+    CONNACK, Endpoints, Executor, Frame, Msg, R200, R400, R404, Skipper, broadcast_frame, detach,
     json_str, notification_frame,
 };
 
@@ -67,26 +67,6 @@ const RBUF: usize = 64 << 10;
 thread_local! {
     /// The executor's device read buffer: ACKs are skipped in it, never kept.
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; RBUF]);
-}
-
-/// What executors send each other.
-enum Msg {
-    /// A broadcast frame, for every connection of the receiver.
-    Broadcast(Frame),
-    /// A notification frame for `device`, owned by the receiver; it answers whether it
-    /// holds a connection of that device.
-    Notify {
-        device: Box<str>,
-        frame: Frame,
-        reply: flume::Sender<bool>,
-    },
-    /// A connection that said CONNECT for `device`, owned by the receiver; `rest` is what
-    /// it sent after its CONNECT.
-    Adopt {
-        fd: OwnedFd,
-        device: Box<str>,
-        rest: Vec<u8>,
-    },
 }
 
 /// A device connection, as its executor sees it: the frames its task is to write.

@@ -45,7 +45,7 @@ use pushbroker::glommio;
 use pushbroker::glommio::net::{Readiness, TcpListener};
 
 use floor_common::{
-    CONNACK, Endpoints, Executor, Frame, R200, R400, R404, Skipper, broadcast_frame, detach,
+    CONNACK, Endpoints, Executor, Msg, R200, R400, R404, Skipper, broadcast_frame, detach,
     json_str, notification_frame,
 };
 
@@ -54,26 +54,6 @@ const RBUF: usize = 64 << 10;
 
 /// Ready connections taken from the epoll set at once.
 const EVENTS: usize = 512;
-
-/// What executors send each other.
-enum Msg {
-    /// A broadcast frame, for every connection of the receiver.
-    Broadcast(Frame),
-    /// A notification frame for `device`, owned by the receiver; it answers whether it
-    /// holds a connection of that device.
-    Notify {
-        device: Box<str>,
-        frame: Frame,
-        reply: flume::Sender<bool>,
-    },
-    /// A connection that said CONNECT for `device`, owned by the receiver; `rest` is what
-    /// it sent after its CONNECT.
-    Adopt {
-        fd: OwnedFd,
-        device: Box<str>,
-        rest: Vec<u8>,
-    },
-}
 
 /// A device connection, as its executor sees it.
 struct Conn {

@@ -183,6 +183,26 @@ pub(crate) fn log_listening(what: &str, addr: SocketAddr) {
     eprintln!("{ts} INFO listening for {what} on {addr}");
 }
 
+/// What executors send each other.
+pub(crate) enum Msg {
+    /// A broadcast frame, for every connection of the receiver.
+    Broadcast(Frame),
+    /// A notification frame for `device`, owned by the receiver; it answers whether it
+    /// holds a connection of that device.
+    Notify {
+        device: Box<str>,
+        frame: Frame,
+        reply: flume::Sender<bool>,
+    },
+    /// A connection that said CONNECT for `device`, owned by the receiver; `rest` is what
+    /// it sent after its CONNECT.
+    Adopt {
+        fd: OwnedFd,
+        device: Box<str>,
+        rest: Vec<u8>,
+    },
+}
+
 /// Broadcasts so far, process-wide: the `TopLevel` of the next one.
 static TOP_LEVEL: AtomicU64 = AtomicU64::new(0);
 
