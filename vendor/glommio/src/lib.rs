@@ -439,6 +439,8 @@ pub mod sync;
 pub mod timer;
 
 use crate::reactor::Reactor;
+#[doc(hidden)]
+pub use crate::sys::{parks, preempt_timer_arms};
 pub use crate::{
     byte_slice_ext::{ByteSliceExt, ByteSliceMutExt},
     error::{

@@ -1464,6 +1464,8 @@ impl LocalExecutor {
             pin!(future);
 
             let mut pre_time = Instant::now();
+            // pushbroker: tasks run as of the last park (see `set_busy_before_park`).
+            let mut executed_at_park = 0;
             loop {
                 if let Poll::Ready(t) = future.as_mut().poll(cx) {
                     // can't be canceled, and join handle is None only upon
@@ -1499,6 +1501,11 @@ impl LocalExecutor {
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {
+                                let executed = this.queues.borrow().stats.tasks_executed;
+                                this.reactor
+                                    .sys
+                                    .set_busy_before_park(executed != executed_at_park);
+                                executed_at_park = executed;
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");

@@ -60,6 +60,41 @@ impl<'ring> CompletionQueue<'ring> {
         self.wait_inner(count).map(|_| ())
     }
 
+    /// pushbroker: whether the kernel takes a wait's timeout with the wait itself
+    /// (`IORING_FEAT_EXT_ARG`, Linux 5.11), so that [`CompletionQueue::wait_with_timeout`]
+    /// queues no timeout request.
+    pub fn has_wait_timeout(&self) -> bool {
+        const IORING_FEAT_EXT_ARG: libc::c_uint = 1 << 8;
+        unsafe { self.ring.as_ref().features & IORING_FEAT_EXT_ARG != 0 }
+    }
+
+    /// pushbroker: [`CompletionQueue::wait`], giving up after `timeout` (an error of
+    /// kind `ETIME` then). Only where [`CompletionQueue::has_wait_timeout`]: without it
+    /// liburing would queue a timeout request of its own, whose completion the caller
+    /// does not expect.
+    pub fn wait_with_timeout(
+        &mut self,
+        count: u32,
+        timeout: std::time::Duration,
+    ) -> io::Result<()> {
+        debug_assert!(self.has_wait_timeout());
+        let ts = uring_sys::__kernel_timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as _,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        unsafe {
+            let mut cqe = MaybeUninit::uninit();
+            resultify(uring_sys::io_uring_wait_cqes(
+                self.ring.as_ptr(),
+                cqe.as_mut_ptr(),
+                count as _,
+                &ts,
+                ptr::null(),
+            ))?;
+        }
+        Ok(())
+    }
+
     #[inline(always)]
     fn wait_inner(&mut self, count: u32) -> io::Result<&mut uring_sys::io_uring_cqe> {
         unsafe {

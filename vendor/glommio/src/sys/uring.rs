@@ -38,8 +38,8 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
-        PollableStatus, Source, SourceType, Statx, TimeSpec64,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer, PollableStatus, Source,
+        SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
     GlommioError, IoRequirements, IoStats, ReactorErrorKind, RingIoStats, TaskQueueHandle,
@@ -467,7 +467,11 @@ fn record_stats<Ring: UringCommon>(
     src: &mut InnerSource,
     res: &io::Result<usize>,
 ) {
-    src.wakers.fulfilled_at = Some(Instant::now());
+    // pushbroker patch: the completion's time is read only for the latency statistics
+    // that use it (0.9.0 read the clock on every completion, polls' included).
+    if src.stats_collection.and_then(|x| x.latency).is_some() {
+        src.wakers.fulfilled_at = Some(Instant::now());
+    }
     if let Some(fulfilled) = src.stats_collection.and_then(|x| x.fulfilled) {
         fulfilled(res, ring.io_stats_mut(), 1);
         if let Some(handle) = src.task_queue {
@@ -1085,12 +1089,31 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
+    /// pushbroker: whether [`SleepableRing::sleep`] can bound its wait itself (see
+    /// `CompletionQueue::has_wait_timeout`).
+    fn has_wait_timeout(&mut self) -> bool {
+        self.ring.cq().has_wait_timeout()
+    }
+
+    /// Links the rings and waits for a completion; for at most `timeout` if given
+    /// (pushbroker: the wait's own timeout, only where `has_wait_timeout`).
+    ///
+    /// pushbroker: `link` is `None` when the link from an earlier sleep is still armed
+    /// (a multishot poll, see `Reactor::link_rings_and_sleep`): then this only waits. A
+    /// `Some((link, multishot))` is armed first, as a multishot poll if `multishot`.
+    fn sleep(
+        &mut self,
+        link: Option<(&Source, bool)>,
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
             "sleeping with pending SQEs"
         );
+        let Some((link, multishot)) = link else {
+            return self.wait_for_completion(timeout);
+        };
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
             let op = UringDescriptor {
@@ -1101,7 +1124,11 @@ impl SleepableRing {
                         .borrow_mut()
                         .add_source(link, self.submission_queue.clone()),
                 ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                args: if multishot {
+                    UringOpDescriptor::PollAddMultishot(common_flags() | read_flags())
+                } else {
+                    UringOpDescriptor::PollAdd(common_flags() | read_flags())
+                },
             };
             fill_sqe(
                 &mut sqe,
@@ -1128,13 +1155,7 @@ impl SleepableRing {
                 Err(io::Error::from_raw_os_error(libc::EBUSY))
             } else {
                 // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+                self.wait_for_completion(timeout)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1145,6 +1166,19 @@ impl SleepableRing {
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
         }
+    }
+
+    /// Waits for a completion, for at most `timeout` if given.
+    fn wait_for_completion(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        match timeout {
+            Some(timeout) => self.ring.cq().wait_with_timeout(1, timeout),
+            None => self.ring.cq().wait(1),
+        }
+        .map(|_| 1)
+        .or_else(Reactor::time_ok)
+        .or_else(Reactor::busy_ok)
+        .or_else(Reactor::again_ok)
+        .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1207,10 +1241,9 @@ impl UringCommon for SleepableRing {
         let source_map = self.source_map.clone();
         process_one_event(
             self.ring.peek_for_cqe(),
-            |source| match source.source_type {
-                SourceType::LinkRings => Some(()),
-                _ => None,
-            },
+            // pushbroker: a link's result is kept too (nothing waits on it), so that a
+            // refused multishot link can be told from one the kernel ended.
+            |_| None,
             |mut src, res| {
                 record_stats(self, &mut src, &res);
                 if let SourceType::ForeignNotifier(_, installed) = &mut src.source_type {
@@ -1258,6 +1291,28 @@ impl UringCommon for SleepableRing {
     }
 }
 
+// pushbroker: what this thread's reactor did, for tests (see `preempt_timer_arms`,
+// `parks`).
+thread_local! {
+    static PREEMPT_TIMER_ARMS: Cell<u64> = const { Cell::new(0) };
+    static PARKS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// pushbroker: how many preempt timers the calling thread's executor has armed so far. A
+/// timer still armed is kept from one turn of the executor's loop to the next, so this
+/// grows about once per preempt-timer period under load, not once per turn. For tests.
+#[doc(hidden)]
+pub fn preempt_timer_arms() -> u64 {
+    PREEMPT_TIMER_ARMS.with(Cell::get)
+}
+
+/// pushbroker: how many times the calling thread's executor has gone to sleep (parked
+/// waiting for a completion) so far. For tests.
+#[doc(hidden)]
+pub fn parks() -> u64 {
+    PARKS.with(Cell::get)
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1265,9 +1320,21 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// pushbroker: whether `latency_preemption_timeout_src` is a preempt timer (kept
+    /// across turns while armed), not the user timer armed before sleeping.
+    latency_timer_is_preempt: Cell<bool>,
+    /// pushbroker: whether the executor ran tasks since it last parked (set before each
+    /// park, see `Reactor::set_busy_before_park`).
+    busy_before_park: Cell<bool>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
+    /// pushbroker: the poll linking the rings, kept armed across sleeps (a multishot
+    /// poll) instead of armed before each sleep and cancelled after it.
+    link_rings_src: RefCell<Option<Source>>,
+    /// pushbroker: cleared once the kernel refuses a multishot link (before 5.13): one
+    /// one-shot poll per sleep then, as in 0.9.0.
+    link_multishot: Cell<bool>,
 
     // This keeps the `eventfd` alive. Drop will close it when we're done
     notifier: Arc<sys::SleepNotifier>,
@@ -1396,9 +1463,13 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_timer_is_preempt: Cell::new(false),
+            busy_before_park: Cell::new(false),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
+            link_rings_src: RefCell::new(None),
+            link_multishot: Cell::new(true),
             notifier,
             eventfd_src,
             source_map,
@@ -1764,6 +1835,16 @@ impl Reactor {
         }
     }
 
+    /// pushbroker: a wait bounded by its own timeout ends with `ETIME` when the time
+    /// ran out first: not an error.
+    fn time_ok<T: Default>(x: std::io::Error) -> io::Result<T> {
+        match x.raw_os_error() {
+            Some(libc::ETIME) => Ok(Default::default()),
+            Some(_) => Err(x),
+            None => Err(x),
+        }
+    }
+
     /// io_uring can return `EINTR` if the syscall was interrupted by a signal
     /// delivery. This is fine: we just need to make sure that we
     /// don't sleep and that we don't failed rushed polls. So we just ignore
@@ -1783,7 +1864,22 @@ impl Reactor {
     ///
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
+    fn link_rings_and_sleep(
+        &self,
+        ring: &mut SleepableRing,
+        timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let mut kept = self.link_rings_src.borrow_mut();
+        if kept.as_ref().is_some_and(Source::is_armed) {
+            return ring.sleep(None, timeout).or_else(Self::busy_ok).map(|_| {});
+        }
+        if let Some(ended) = kept.take() {
+            if let Some(Err(e)) = ended.take_result() {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    self.link_multishot.set(false);
+                }
+            }
+        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1791,7 +1887,15 @@ impl Reactor {
             None,
             None,
         );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
+        let multishot = self.link_multishot.get();
+        let slept = ring
+            .sleep(Some((&link_rings, multishot)), timeout)
+            .or_else(Self::busy_ok)
+            .map(|_| {});
+        if multishot {
+            *kept = Some(link_rings);
+        }
+        slept
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1872,22 +1976,47 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
+        // pushbroker patch: 0.9.0 cancelled both preemption timers and armed new ones
+        // on every call, that is on every turn of the executor's loop: two cancellations,
+        // three SQEs, their completions and a kernel entry per turn, however little the
+        // turn ran. A timer that is still armed is now kept: a task queue's slice then
+        // ends no later than the preempt timer's duration after it was armed, which is
+        // still the bound the timer exists for.
         //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // If we may sleep (no preempt timer asked for), the latency timer is cancelled
+        // as before: a parked executor must not wake up just for it.
+        // Parking right after a turn that ran tasks, the preempt timer is kept too where
+        // the wait has its own timeout: under load the executor wakes again well
+        // before it rings, and cancelling it on every park, then arming it again on
+        // every wake-up, costs two kernel entries per park (and the cancellation's
+        // completion could wake the sleep it was meant to keep quiet). It may ring
+        // once while parked; the park after that, with nothing run, cancels it.
+        let keep_asleep = self.busy_before_park.get() && main_ring.has_wait_timeout();
+        let latency = self.latency_preemption_timeout_src.take();
+        if (preempt_timer().is_some() || keep_asleep)
+            && self.latency_timer_is_preempt.get()
+            && latency.as_ref().is_some_and(Source::is_armed)
+        {
+            self.latency_preemption_timeout_src.set(latency);
+        } else {
+            drop(latency);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. Kept while armed (it counts the main ring's completions since it
+        // was armed).
+        let throughput = self.throughput_preemption_timeout_src.take();
+        if throughput.as_ref().is_some_and(Source::is_armed) {
+            self.throughput_preemption_timeout_src.set(throughput);
+        } else {
+            drop(throughput);
+            self.throughput_preemption_timeout_src.set(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1908,9 +2037,15 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
+            //
+            // pushbroker patch: where the kernel takes a timeout with the wait itself,
+            // the wait is bounded by it, and no timer request is queued (and cancelled
+            // after waking) per park.
+            let wait_timeout = main_ring.has_wait_timeout();
+            if let Some(dur) = user_timer.filter(|_| !wait_timeout) {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
+                self.latency_timer_is_preempt.set(false);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1918,14 +2053,19 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // pushbroker patch: 0.9.0 issued a process-wide barrier here (`membarrier`,
+            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`: a system call and an interrupt of every
+            // CPU running another of the process's threads, on every park) so that
+            // notifiers could get by with a compiler fence. Their `notify` is an atomic
+            // read-modify-write of `should_notify` anyway; with a `SeqCst` fence on both
+            // sides (here, and in `SleepNotifier::notify` before it reads the flag),
+            // either the notifier sees the flag set or this sweep sees what it published.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
+                    PARKS.with(|parks| parks.set(parks.get() + 1));
+                    self.link_rings_and_sleep(&mut main_ring, user_timer.filter(|_| wait_timeout))
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
@@ -1938,8 +2078,18 @@ impl Reactor {
         }
 
         if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            let latency = self.latency_preemption_timeout_src.take();
+            if self.latency_timer_is_preempt.get() && latency.as_ref().is_some_and(Source::is_armed)
+            {
+                // Still armed from an earlier turn (see above).
+                self.latency_preemption_timeout_src.set(latency);
+            } else {
+                drop(latency);
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_timer_is_preempt.set(true);
+                PREEMPT_TIMER_ARMS.with(|arms| arms.set(arms.get() + 1));
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
@@ -1951,6 +2101,12 @@ impl Reactor {
         // need_preempt() should be false at this point. As soon as the next event
         // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    /// pushbroker: tells the next park whether tasks ran since the last one (see the
+    /// preempt timer in [`Reactor::wait`]).
+    pub(crate) fn set_busy_before_park(&self, busy: bool) {
+        self.busy_before_park.set(busy);
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
