@@ -13,6 +13,7 @@
 //! an idle TLS session's memory.) The socket is read into a buffer on the stack and
 //! processed there; only a partial record's bytes are kept.
 
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::io;
 use std::path::Path;
@@ -100,6 +101,20 @@ pub fn server_config(
 /// connection reads 4 KB at a time too). A device sends little; a larger record spans
 /// reads and waits in [`TlsSession`]'s `incoming` until whole.
 const READ_CHUNK: usize = 4096;
+
+thread_local! {
+    /// The socket is read into this (borrowed only inside one poll, never across an
+    /// `.await`), not into a fresh zeroed chunk on the stack per read.
+    static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+    /// An `outgoing` buffer a session of this thread wrote out completely, lent to the next
+    /// session that encrypts: a write then costs no allocation, and an idle session
+    /// still holds none.
+    static SPARE_OUTGOING: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// A spent `outgoing` buffer larger than this goes back to the allocator, not to
+/// [`SPARE_OUTGOING`].
+const SPARE_KEEP: usize = 16 << 10;
 
 /// At most this much received TLS data is kept waiting for the rest of a record or of a
 /// handshake message (rustls' buffered connection allows 64 KB of a handshake message).
@@ -487,17 +502,50 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
             }
         }
         if tls.outgoing.capacity() > 0 {
-            tls.outgoing = Vec::new();
+            let mut spent = std::mem::take(&mut tls.outgoing);
             tls.out_written = 0;
+            if spent.capacity() <= SPARE_KEEP {
+                spent.clear();
+                let _ = SPARE_OUTGOING.try_with(|spare| spare.set(spent));
+            }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Gives `outgoing`, if it holds nothing, this thread's spare buffer to encode into.
+    fn lend_outgoing(&mut self) {
+        let tls = &mut *self.tls;
+        if tls.outgoing.capacity() == 0 {
+            tls.outgoing = SPARE_OUTGOING.try_with(Cell::take).unwrap_or_default();
+            tls.out_written = 0;
+        }
     }
 
     /// Reads TLS records from the transport and processes them; the bytes read (0: the
     /// transport closed).
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let mut chunk = [0u8; READ_CHUNK];
-        let n = match Pin::new(&mut self.io).poll_read(cx, &mut chunk) {
+        let shared = READ_BUF
+            .try_with(|cell| {
+                cell.try_borrow_mut()
+                    .ok()
+                    .map(|mut chunk| self.poll_read_tls_into(cx, &mut chunk))
+            })
+            .ok()
+            .flatten();
+        match shared {
+            Some(polled) => polled,
+            // Only if a stream's read polled another's on this thread (or at thread exit).
+            None => self.poll_read_tls_into(cx, &mut [0u8; READ_CHUNK]),
+        }
+    }
+
+    /// [`Self::poll_read_tls`] through `chunk`.
+    fn poll_read_tls_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        let n = match Pin::new(&mut self.io).poll_read(cx, chunk) {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
@@ -505,6 +553,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         if n == 0 {
             return Poll::Ready(Ok(0));
         }
+        let n = n.min(chunk.len());
         if let Err(e) = self.tls.receive(&mut chunk[..n]) {
             // Tell the peer why before failing (best effort).
             let _ = self.poll_flush_tls(cx);
@@ -559,6 +608,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<S> {
             return Poll::Ready(Ok(0));
         }
         let n = buf.len().min(MAX_WRITE);
+        this.lend_outgoing();
         match this.tls.act(Want::Send(&buf[..n])) {
             Ok(true) => {}
             Ok(false) => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
@@ -757,6 +807,16 @@ mod tests {
             tls.write_all(b"pong").await.expect("write");
             tls.flush().await.expect("flush");
             assert_eq!(tls.session().buffered_capacity(), 0, "after writing");
+            let spare = SPARE_OUTGOING.with(|spare| {
+                let buffer = spare.take();
+                let capacity = buffer.capacity();
+                spare.set(buffer);
+                capacity
+            });
+            assert!(
+                spare > 0,
+                "the written buffer is kept for the thread's next write"
+            );
 
             assert_eq!(tls.read(&mut buf).await.expect("close_notify"), 0);
             tls.close().await.expect("close");
