@@ -1983,14 +1983,15 @@ impl Reactor {
         // ends no later than the preempt timer's duration after it was armed, which is
         // still the bound the timer exists for.
         //
-        // If we may sleep (no preempt timer asked for), the latency timer is cancelled
-        // as before: a parked executor must not wake up just for it.
-        // Parking right after a turn that ran tasks, the preempt timer is kept too where
-        // the wait has its own timeout: under load the executor wakes again well
-        // before it rings, and cancelling it on every park, then arming it again on
-        // every wake-up, costs two kernel entries per park (and the cancellation's
-        // completion could wake the sleep it was meant to keep quiet). It may ring
-        // once while parked; the park after that, with nothing run, cancels it.
+        // If we may sleep (no preempt timer asked for), 0.9.0 cancelled the latency timer
+        // so that a parked executor does not wake up just for it. That is still done
+        // after a turn that ran nothing. Right after a turn that ran tasks the preempt
+        // timer is kept, where the wait has its own timeout: under load the executor
+        // wakes again well before it rings, and cancelling it on every park, then
+        // arming it again on every wake-up, costs two kernel entries per park (and the
+        // cancellation's completion could wake the sleep it was meant to keep quiet).
+        // It may ring once while parked; the park after that, with nothing run,
+        // cancels it.
         let keep_asleep = self.busy_before_park.get() && main_ring.has_wait_timeout();
         let latency = self.latency_preemption_timeout_src.take();
         if (preempt_timer().is_some() || keep_asleep)
