@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use pushbroker::glommio::net::{TcpListener, TcpStream};
 use pushbroker::glommio::timer::{sleep, timeout};
-use pushbroker::glommio::{LocalExecutorBuilder, Placement, parks, preempt_timer_arms};
+use pushbroker::glommio::{
+    LocalExecutorBuilder, Placement, parks, preempt_timer_arms, wait_has_timeout,
+};
 
-/// Longer than any wake-up can take; a lost wake-up fails the test instead of hanging it.
+/// Longer than any wake-up can take: what a wait gives up after, so that a test fails
+/// instead of hanging.
 const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Runs `test` on a fresh executor (with this preempt timer) in its own thread, failing
@@ -72,17 +75,25 @@ async fn round_trips(stream: &mut TcpStream, rounds: usize) {
 }
 
 #[test]
+#[allow(clippy::print_stderr)] // says why it skips, on kernels before 5.11
 fn an_executor_turning_often_keeps_its_preempt_timer() {
     const ROUNDS: usize = 2_000;
     let preempt = Duration::from_millis(100);
-    let (arms, elapsed) = on_executor(preempt, move || async move {
+    let (keeps, armed_at_all, arms, elapsed) = on_executor(preempt, move || async move {
         let mut stream = echoed().await;
         round_trips(&mut stream, 10).await;
         let before = preempt_timer_arms();
         let started = Instant::now();
         round_trips(&mut stream, ROUNDS).await;
-        (preempt_timer_arms() - before, started.elapsed())
+        let arms = preempt_timer_arms() - before;
+        (wait_has_timeout(), before > 0, arms, started.elapsed())
     });
+    assert!(armed_at_all, "the executor armed a preempt timer at all");
+    if !keeps {
+        // Before Linux 5.11 a park cancels the preempt timer, as glommio 0.9.0 did.
+        eprintln!("skipped: this kernel's parks do not keep the preempt timer");
+        return;
+    }
     // A timer is armed again only once the last one rang (once per period), or once after
     // a park that followed nothing run. Arming one per turn would be at least ROUNDS.
     let periods = (elapsed.as_millis() / preempt.as_millis()) as u64 + 1;
@@ -101,7 +112,7 @@ fn a_parked_executor_wakes_for_its_timer() {
         (started.elapsed(), parks() - before)
     });
     assert!(slept >= Duration::from_millis(50), "woke early: {slept:?}");
-    assert!(slept < DEADLINE, "woke late: {slept:?}");
+    assert!(slept < Duration::from_secs(2), "woke late: {slept:?}");
     assert!(
         parked >= 1,
         "the executor slept through the timer, not spun"
@@ -125,6 +136,10 @@ fn an_idle_executor_does_not_keep_waking_for_its_preempt_timer() {
 #[test]
 fn a_parked_executor_is_woken_by_another_threads_message() {
     const MESSAGES: u32 = 300;
+    // Nothing else may wake the executor in time: its preempt timer (kept while it
+    // parks) is far longer than the bound on each message's wait.
+    const PREEMPT: Duration = Duration::from_secs(30);
+    const BOUND: Duration = Duration::from_secs(2);
     let (tx, rx) = flume::bounded::<u32>(1);
     let sender = std::thread::spawn(move || {
         for i in 0..MESSAGES {
@@ -135,20 +150,27 @@ fn a_parked_executor_is_woken_by_another_threads_message() {
             tx.send(i).expect("the executor receives");
         }
     });
-    let (received, parked) = on_executor(Duration::from_millis(5), move || async move {
+    let (received, slowest, parked) = on_executor(PREEMPT, move || async move {
         let before = parks();
         let mut received = Vec::new();
+        let mut slowest = Duration::ZERO;
         for _ in 0..MESSAGES {
+            let started = Instant::now();
             let got = timeout(DEADLINE, async { Ok(rx.recv_async().await) })
                 .await
                 .expect("woken for the message")
                 .expect("sent");
+            slowest = slowest.max(started.elapsed());
             received.push(got);
         }
-        (received, parks() - before)
+        (received, slowest, parks() - before)
     });
     sender.join().expect("sender");
     assert_eq!(received, (0..MESSAGES).collect::<Vec<_>>());
+    assert!(
+        slowest < BOUND,
+        "a message waited {slowest:?} for its wake-up"
+    );
     assert!(
         parked >= 1,
         "the executor never slept waiting for a message"

@@ -440,7 +440,7 @@ pub mod timer;
 
 use crate::reactor::Reactor;
 #[doc(hidden)]
-pub use crate::sys::{parks, preempt_timer_arms};
+pub use crate::sys::{parks, preempt_timer_arms, wait_has_timeout};
 pub use crate::{
     byte_slice_ext::{ByteSliceExt, ByteSliceMutExt},
     error::{

@@ -177,7 +177,7 @@ pub(crate) mod sysfs;
 mod uring;
 
 pub use self::dma_buffer::DmaBuffer;
-pub use self::uring::{parks, preempt_timer_arms};
+pub use self::uring::{parks, preempt_timer_arms, wait_has_timeout};
 pub(crate) use self::{source::*, uring::*};
 use crate::error::{ExecutorErrorKind, GlommioError};
 use smallvec::SmallVec;

@@ -1170,6 +1170,7 @@ impl SleepableRing {
 
     /// Waits for a completion, for at most `timeout` if given.
     fn wait_for_completion(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
+        PARKS.with(|parks| parks.set(parks.get() + 1));
         match timeout {
             Some(timeout) => self.ring.cq().wait_with_timeout(1, timeout),
             None => self.ring.cq().wait(1),
@@ -1313,6 +1314,19 @@ pub fn parks() -> u64 {
     PARKS.with(Cell::get)
 }
 
+/// pushbroker: whether the calling executor's parks bound their wait themselves
+/// (`IORING_FEAT_EXT_ARG`, Linux 5.11), and so keep the preempt timer of a busy turn.
+/// Must be called on an executor. For tests.
+#[doc(hidden)]
+pub fn wait_has_timeout() -> bool {
+    crate::executor()
+        .reactor()
+        .sys
+        .main_ring
+        .borrow_mut()
+        .has_wait_timeout()
+}
+
 pub(crate) struct Reactor {
     // FIXME: it is starting to feel we should clean this up to a Inner pattern
     main_ring: RefCell<SleepableRing>,
@@ -1320,17 +1334,20 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// pushbroker: whether `latency_preemption_timeout_src` is a preempt timer (kept
-    /// across turns while armed), not the user timer armed before sleeping.
-    latency_timer_is_preempt: Cell<bool>,
+    /// pushbroker: the duration `latency_preemption_timeout_src` was armed with if it is
+    /// a preempt timer (kept across turns while armed, unless a shorter one is asked
+    /// for); `None` if it is the user timer armed before sleeping.
+    latency_preempt_armed: Cell<Option<Duration>>,
     /// pushbroker: whether the executor ran tasks since it last parked (set before each
     /// park, see `Reactor::set_busy_before_park`).
     busy_before_park: Cell<bool>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
-    /// pushbroker: the poll linking the rings, kept armed across sleeps (a multishot
-    /// poll) instead of armed before each sleep and cancelled after it.
+    /// pushbroker: the poll linking the rings, kept while it is armed and used by the
+    /// next sleep too. 0.9.0 armed a new one before every sleep and dropped it after
+    /// without cancelling it, so links that had not fired piled up in the kernel until
+    /// the latency ring's next completion.
     link_rings_src: RefCell<Option<Source>>,
     /// pushbroker: cleared once the kernel refuses a multishot link (before 5.13): one
     /// one-shot poll per sleep then, as in 0.9.0.
@@ -1463,7 +1480,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_timer_is_preempt: Cell::new(false),
+            latency_preempt_armed: Cell::new(None),
             busy_before_park: Cell::new(false),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
@@ -1888,14 +1905,13 @@ impl Reactor {
             None,
         );
         let multishot = self.link_multishot.get();
-        let slept = ring
-            .sleep(Some((&link_rings, multishot)), timeout)
-            .or_else(Self::busy_ok)
-            .map(|_| {});
-        if multishot {
+        let slept = ring.sleep(Some((&link_rings, multishot)), timeout);
+        // Kept only if it was submitted: a link that could not be (turned into a no-op
+        // whose completion never consumes it) would read as armed forever.
+        if multishot && slept.is_ok() {
             *kept = Some(link_rings);
         }
-        slept
+        slept.or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1994,18 +2010,22 @@ impl Reactor {
         // cancels it.
         let keep_asleep = self.busy_before_park.get() && main_ring.has_wait_timeout();
         let latency = self.latency_preemption_timeout_src.take();
-        if (preempt_timer().is_some() || keep_asleep)
-            && self.latency_timer_is_preempt.get()
-            && latency.as_ref().is_some_and(Source::is_armed)
-        {
+        let keep = match (self.latency_preempt_armed.get(), preempt_timer()) {
+            // A timer armed for a longer slice than now asked for is armed again.
+            (Some(armed), Some(preempt)) => armed <= preempt,
+            (Some(_), None) => keep_asleep,
+            (None, _) => false,
+        };
+        if keep && latency.as_ref().is_some_and(Source::is_armed) {
             self.latency_preemption_timeout_src.set(latency);
         } else {
             drop(latency);
         }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping. Kept while armed (it counts the main ring's completions since it
-        // was armed).
+        // up sleeping. Kept while armed: it then counts the main ring's completions since
+        // it was armed, not since this turn began, so it also preempts once per
+        // `ring_depth` completions under steady I/O (one more turn, no more).
         let throughput = self.throughput_preemption_timeout_src.take();
         if throughput.as_ref().is_some_and(Source::is_armed) {
             self.throughput_preemption_timeout_src.set(throughput);
@@ -2046,7 +2066,7 @@ impl Reactor {
             if let Some(dur) = user_timer.filter(|_| !wait_timeout) {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                self.latency_timer_is_preempt.set(false);
+                self.latency_preempt_armed.set(None);
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -2065,7 +2085,6 @@ impl Reactor {
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
-                    PARKS.with(|parks| parks.set(parks.get() + 1));
                     self.link_rings_and_sleep(&mut main_ring, user_timer.filter(|_| wait_timeout))
                         .expect("some error");
                     // May have new cancellations related to the link ring fd.
@@ -2080,7 +2099,9 @@ impl Reactor {
 
         if let Some(preempt) = preempt_timer() {
             let latency = self.latency_preemption_timeout_src.take();
-            if self.latency_timer_is_preempt.get() && latency.as_ref().is_some_and(Source::is_armed)
+            let armed = self.latency_preempt_armed.get();
+            if armed.is_some_and(|armed| armed <= preempt)
+                && latency.as_ref().is_some_and(Source::is_armed)
             {
                 // Still armed from an earlier turn (see above).
                 self.latency_preemption_timeout_src.set(latency);
@@ -2088,7 +2109,7 @@ impl Reactor {
                 drop(latency);
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-                self.latency_timer_is_preempt.set(true);
+                self.latency_preempt_armed.set(Some(preempt));
                 PREEMPT_TIMER_ARMS.with(|arms| arms.set(arms.get() + 1));
             }
             flush_rings!(lat_ring, main_ring)?;
