@@ -9,7 +9,7 @@
 //! ```
 //!
 //! It speaks the least of the wire protocol and of the HTTP API a load generator needs,
-//! with no TLS, pings, store, timeouts or exchange bookkeeping, exactly as a minimal epoll
+//! with no pings, store, timeouts or exchange bookkeeping, exactly as a minimal epoll
 //! server in C would (so that the two can be driven alike and compared), but its shape is
 //! pushbroker's:
 //!
@@ -26,8 +26,14 @@
 //! - a notify is encoded by the executor that took the POST; a device owned elsewhere is
 //!   handed to its owner over flume, which answers over flume whether it holds the device.
 //!
-//! The configuration is a JSON object of which only `addr` and `http_addr` are read
-//! (port 0: any free port). Once both are bound on every executor it logs
+//! With `key_pem_file` and `cert_pem_file` in its configuration (pushload's `--tls`),
+//! devices speak TLS through rustls' own buffered connection (`read_tls`,
+//! `process_new_packets`, `write_tls`), on pushbroker's TLS configuration: the least TLS
+//! costs this shape, to hold pushbroker's TLS driver against. A connection moves to its
+//! owner with its TLS state.
+//!
+//! The configuration is a JSON object of which only `addr`, `http_addr` and the two TLS
+//! files are read (port 0: any free port). Once both are bound on every executor it logs
 //! `… INFO listening for http on HOST:PORT`, then `… INFO listening for devices on
 //! HOST:PORT`, as pushbroker does.
 //!
@@ -44,6 +50,7 @@ mod floor_common;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::io::{self, Read as _, Write as _};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -57,8 +64,8 @@ use pushbroker::glommio;
 use pushbroker::glommio::net::{TcpListener, TcpStream};
 
 use floor_common::{
-    CONNACK, Endpoints, Executor, Frame, Msg, R200, R400, R404, Skipper, broadcast_frame, detach,
-    json_str, notification_frame,
+    CONNACK, Endpoints, Executor, Frame, Msg, R200, R400, R404, Skipper, TLS, broadcast_frame,
+    detach, json_str, notification_frame,
 };
 
 /// Bytes read from a device at once, through one buffer per executor.
@@ -122,8 +129,18 @@ impl Shard {
             } => {
                 let _ = reply.send(self.deliver(&device, frame));
             }
-            Msg::Adopt { fd, device, rest } => {
-                glommio::spawn_local(session(Rc::clone(self), attach(fd), device, rest)).detach();
+            Msg::Adopt {
+                fd,
+                device,
+                rest,
+                tls,
+            } => {
+                let tcp = attach(fd);
+                let stream = match tls {
+                    Some(tls) => Stream::Tls(Box::new(TlsConn { tcp, tls: *tls })),
+                    None => Stream::Plain(tcp),
+                };
+                glommio::spawn_local(session(Rc::clone(self), stream, device, rest)).detach();
             }
         }
     }
@@ -200,8 +217,15 @@ impl Shard {
 async fn accept_devices(shard: Rc<Shard>, listener: TcpListener) {
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                let _ = stream.set_nodelay(true);
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                let stream = match TLS.get() {
+                    Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+                        Ok(tls) => Stream::Tls(Box::new(TlsConn { tcp, tls })),
+                        Err(_) => continue,
+                    },
+                    None => Stream::Plain(tcp),
+                };
                 glommio::spawn_local(hello(Rc::clone(&shard), stream)).detach();
             }
             // Out of descriptors, say: back off rather than spin.
@@ -212,7 +236,7 @@ async fn accept_devices(shard: Rc<Shard>, listener: TcpListener) {
 
 /// Reads the version byte and CONNECT, then runs the session here or moves the
 /// connection to its owner.
-async fn hello(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn hello(shard: Rc<Shard>, mut stream: Stream) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     let len = loop {
@@ -241,8 +265,18 @@ async fn hello(shard: Rc<Shard>, mut stream: TcpStream) {
     if owner == shard.id {
         return session(shard, stream, device, rest).await;
     }
-    if let Ok(fd) = detach(stream) {
-        let _ = shard.peers[owner].send(Msg::Adopt { fd, device, rest });
+    let (tcp, tls) = match stream {
+        Stream::Plain(tcp) => (tcp, None),
+        Stream::Tls(conn) => (conn.tcp, Some(Box::new(conn.tls))),
+    };
+    if let Ok(fd) = detach(tcp) {
+        let msg = Msg::Adopt {
+            fd,
+            device,
+            rest,
+            tls,
+        };
+        let _ = shard.peers[owner].send(msg);
     }
 }
 
@@ -256,7 +290,7 @@ fn attach(fd: OwnedFd) -> TcpStream {
 
 /// A registered connection's task: writes what its queue gets, reads and skips what the
 /// device sends, until the device closes.
-async fn session(shard: Rc<Shard>, mut stream: TcpStream, device: Box<str>, rest: Vec<u8>) {
+async fn session(shard: Rc<Shard>, mut stream: Stream, device: Box<str>, rest: Vec<u8>) {
     let conn = shard.register(device.clone());
     let mut skipper = Skipper::default();
     skipper.feed(&rest);
@@ -284,6 +318,10 @@ async fn session(shard: Rc<Shard>, mut stream: TcpStream, device: Box<str>, rest
                 Poll::Pending => break,
             }
         }
+        // What TLS holds back of the frames written (nothing for plain TCP).
+        if let Poll::Ready(Err(_)) = Pin::new(&mut stream).poll_flush(cx) {
+            return Poll::Ready(());
+        }
         if poll_skip(&mut stream, &mut skipper, cx).is_ready() {
             return Poll::Ready(());
         }
@@ -298,7 +336,7 @@ async fn session(shard: Rc<Shard>, mut stream: TcpStream, device: Box<str>, rest
 }
 
 /// Reads and skips until a read would block (pending) or the stream ends (ready).
-fn poll_skip(stream: &mut TcpStream, skipper: &mut Skipper, cx: &mut Context<'_>) -> Poll<()> {
+fn poll_skip(stream: &mut Stream, skipper: &mut Skipper, cx: &mut Context<'_>) -> Poll<()> {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         loop {
@@ -309,6 +347,157 @@ fn poll_skip(stream: &mut TcpStream, skipper: &mut Skipper, cx: &mut Context<'_>
             }
         }
     })
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// A device connection: plain TCP, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsConn>),
+}
+
+/// rustls' buffered server connection over a socket, driven as its documentation shows:
+/// records read into it with `read_tls` and processed, its output written with
+/// `write_tls`, through adapters that turn the socket's `Pending` into `WouldBlock`.
+struct TlsConn {
+    tcp: TcpStream,
+    tls: rustls::ServerConnection,
+}
+
+/// The socket as `std::io`, within one poll.
+struct Io<'a, 'b> {
+    tcp: &'a mut TcpStream,
+    cx: &'a mut Context<'b>,
+}
+
+impl io::Read for Io<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.tcp).poll_read(self.cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl io::Write for Io<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match Pin::new(&mut *self.tcp).poll_write(self.cx, buf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl TlsConn {
+    /// Writes out what rustls has to send; pending while the socket is full.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.tls.wants_write() {
+            let mut io = Io {
+                tcp: &mut self.tcp,
+                cx,
+            };
+            match self.tls.write_tls(&mut io) {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.tls.reader().read(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            // The handshake's flights, and anything else processing asked to send.
+            if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let mut io = Io {
+                tcp: &mut self.tcp,
+                cx,
+            };
+            match self.tls.read_tls(&mut io) {
+                Ok(0) => return Poll::Ready(Ok(0)),
+                Ok(_) => {
+                    if let Err(e) = self.tls.process_new_packets() {
+                        // The alert rustls queued goes out if it can.
+                        let _ = self.poll_send(cx);
+                        return Poll::Ready(Err(io::Error::other(e)));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // Nothing more is taken while earlier records wait for the socket.
+        match self.poll_send(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let n = self.tls.writer().write(buf)?;
+        // Out now if the socket takes it; otherwise at the next flush.
+        if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => s.poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => s.poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(_) => Poll::Ready(Ok(())),
+            Stream::Tls(s) => s.poll_send(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => {
+                s.tls.send_close_notify();
+                s.poll_send(cx)
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- HTTP
@@ -326,6 +515,8 @@ fn main() {
 
 impl Executor for Shard {
     type Msg = Msg;
+
+    const TLS: bool = true;
 
     fn new(id: usize, peers: Vec<flume::Sender<Msg>>) -> std::io::Result<Self> {
         Ok(Shard {

@@ -284,7 +284,9 @@ impl Shard {
             } => {
                 let _ = reply.send(self.devices.borrow_mut().deliver(&device, &frame));
             }
-            Msg::Adopt { fd, device, rest } => {
+            Msg::Adopt {
+                fd, device, rest, ..
+            } => {
                 let mut devices = self.devices.borrow_mut();
                 if let Some(slot) = devices.add(fd, None) {
                     devices.register(slot, device, &rest);
@@ -390,6 +392,7 @@ impl Shard {
                                 fd: conn.fd,
                                 device,
                                 rest,
+                                tls: None,
                             };
                             let _ = self.peers[owner].send(msg);
                         }
@@ -485,6 +488,8 @@ fn main() {
 
 impl Executor for Shard {
     type Msg = Msg;
+
+    const TLS: bool = false;
 
     fn new(id: usize, peers: Vec<flume::Sender<Msg>>) -> std::io::Result<Self> {
         Ok(Shard {

@@ -1,14 +1,16 @@
 //! What the two floor examples (`glommio_floor`, `glommio_loop_floor`) share: the canned
 //! frames and answers, the ACK skipper, the HTTP request splitter and the JSON subset
-//! they read, the configuration's addresses and the log line of a listener.
+//! they read, the configuration's addresses and TLS files, and the log line of a
+//! listener.
 
 use std::future::Future;
 use std::io::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use pushbroker::broker::sharded::{DEFAULT_IO_MEMORY, DEFAULT_PREEMPT_TIMER, DEFAULT_RING_DEPTH};
@@ -200,7 +202,34 @@ pub(crate) enum Msg {
         fd: OwnedFd,
         device: Box<str>,
         rest: Vec<u8>,
+        /// The connection's TLS state, when devices speak TLS.
+        #[allow(dead_code)] // glommio_loop_floor speaks no TLS
+        tls: Option<Box<rustls::ServerConnection>>,
     },
+}
+
+/// The TLS configuration devices are served with, when the configuration names a key and
+/// a certificate (`key_pem_file`, `cert_pem_file`): pushbroker's own
+/// ([`server_config`](pushbroker::server::tls::server_config)). Set once, before the
+/// executors start.
+pub(crate) static TLS: OnceLock<Arc<rustls::ServerConfig>> = OnceLock::new();
+
+/// Reads the TLS files the configuration names, if it names both.
+fn tls_config(config: &[u8]) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    let path = |key: &str| {
+        json_str(config, key.as_bytes())
+            .map(|p| std::str::from_utf8(p).map_err(|_| format!("config: bad {key}")))
+            .transpose()
+    };
+    match (path("cert_pem_file")?, path("key_pem_file")?) {
+        (Some(cert), Some(key)) => {
+            pushbroker::server::tls::server_config(Path::new(cert), Path::new(key))
+                .map(Some)
+                .map_err(|e| format!("config: {e}"))
+        }
+        (None, None) => Ok(None),
+        _ => Err("config: key_pem_file and cert_pem_file go together".to_owned()),
+    }
 }
 
 /// Broadcasts so far, process-wide: the `TopLevel` of the next one.
@@ -313,6 +342,9 @@ pub(crate) trait Executor: Endpoints + Sized {
     /// What executors send each other.
     type Msg: Send + 'static;
 
+    /// Whether it serves devices over TLS when the configuration asks for it.
+    const TLS: bool;
+
     /// The state of executor `id`, whose peers' inboxes (its own included) are `peers`.
     fn new(id: usize, peers: Vec<flume::Sender<Self::Msg>>) -> std::io::Result<Self>;
 
@@ -344,6 +376,12 @@ pub(crate) fn run<S: Executor>(name: &str) -> Result<(), String> {
     let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
     let mut devices = config_addr(&config, "addr")?;
     let mut http = config_addr(&config, "http_addr")?;
+    if let Some(tls) = tls_config(&config)? {
+        if !S::TLS {
+            return Err(format!("{name} does not speak TLS"));
+        }
+        let _ = TLS.set(tls);
+    }
 
     // Pinned to one CPU each when there are as many CPUs as executors, as pushbroker's
     // shards are.
