@@ -124,12 +124,17 @@ impl Timers {
     fn process_timers(&mut self) -> (Option<Duration>, usize) {
         let now = Instant::now();
 
-        // Split timers into ready and pending timers.
-        let pending = self.timers.split_off(&(now, 0));
-        let ready = mem::replace(&mut self.timers, pending);
-        let woke = ready.len();
-        for (_, waker) in ready {
+        // pushbroker: the timers that are due (before `now`) are taken off the front one by
+        // one. 0.9.0 split the map at `now` on every call, which allocates and copies a
+        // node per level of the tree even when nothing is due: on every turn of the loop.
+        let mut woke = 0;
+        while let Some(first) = self.timers.first_entry() {
+            if first.key().0 >= now {
+                break;
+            }
+            let waker = first.remove();
             wake!(waker);
+            woke += 1;
         }
 
         // Calculate the duration until the next event.
