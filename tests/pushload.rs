@@ -187,6 +187,32 @@ fn against_pushbroker(args: &[&str]) -> Run {
     pushload(&all)
 }
 
+/// A server that exits before saying where it listens is reported as having ended, with
+/// its exit status and its last words, not waited for.
+#[test]
+fn a_server_that_exits_before_listening_is_reported_as_ended() {
+    let script = temp_dir("pushload-exits").join("server.sh");
+    std::fs::write(&script, "echo cannot-start >&2\nexit 3\n").expect("write the script");
+    // Run by `sh`, not executed itself: a file just written may not be executable yet
+    // while another test's child still holds it open.
+    let server = format!("sh {}", script.display());
+    let run = pushload(&[
+        "--server",
+        &server,
+        "--scenario",
+        "connect",
+        "--sessions",
+        "1",
+    ]);
+    assert_ne!(run.code, Some(0), "{run}");
+    assert!(
+        run.stderr
+            .contains("ended before saying where it listens (exit status: 3)"),
+        "{run}"
+    );
+    assert!(run.stderr.contains("cannot-start"), "{run}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Against pushbroker
 // ---------------------------------------------------------------------------------------

@@ -219,7 +219,16 @@ impl Target {
             match rx.recv_deadline(deadline) {
                 Ok(Listening::Http(a)) => http = Some(a),
                 Ok(Listening::Devices(a)) => devices = Some(a),
-                Err(_) => bail!(
+                // Its stderr closed: it exited (or closed stderr) without saying.
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    let status = target.child.as_mut().and_then(exit_status);
+                    bail!(
+                        "{program} ended before saying where it listens ({}); its last lines:\n{}",
+                        status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
+                        target.tail()
+                    )
+                }
+                Err(flume::RecvTimeoutError::Timeout) => bail!(
                     "{program} did not say where it listens within {wait:?}; its last lines:\n{}",
                     target.tail()
                 ),
@@ -297,6 +306,18 @@ enum Listening {
 
 /// Reads the server's stderr to its end: passes on the listening lines, keeps the last
 /// lines for error messages, and never lets the pipe fill.
+/// How `child` ended, waiting for it a second at most.
+fn exit_status(child: &mut Child) -> Option<std::process::ExitStatus> {
+    for _ in 0..100 {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 fn drain(
     mut stderr: impl BufRead,
     tx: flume::Sender<Listening>,
