@@ -137,7 +137,7 @@ impl Shard {
             } => {
                 let tcp = attach(fd);
                 let stream = match tls {
-                    Some(tls) => Stream::Tls(Box::new(TlsConn { tcp, tls: *tls })),
+                    Some(tls) => Stream::Tls(Box::new(TlsConn { tcp, tls })),
                     None => Stream::Plain(tcp),
                 };
                 glommio::spawn_local(session(Rc::clone(self), stream, device, rest)).detach();
@@ -221,7 +221,10 @@ async fn accept_devices(shard: Rc<Shard>, listener: TcpListener) {
                 let _ = tcp.set_nodelay(true);
                 let stream = match TLS.get() {
                     Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
-                        Ok(tls) => Stream::Tls(Box::new(TlsConn { tcp, tls })),
+                        Ok(tls) => Stream::Tls(Box::new(TlsConn {
+                            tcp,
+                            tls: Box::new(tls),
+                        })),
                         Err(_) => continue,
                     },
                     None => Stream::Plain(tcp),
@@ -267,7 +270,7 @@ async fn hello(shard: Rc<Shard>, mut stream: Stream) {
     }
     let (tcp, tls) = match stream {
         Stream::Plain(tcp) => (tcp, None),
-        Stream::Tls(conn) => (conn.tcp, Some(Box::new(conn.tls))),
+        Stream::Tls(conn) => (conn.tcp, Some(conn.tls)),
     };
     if let Ok(fd) = detach(tcp) {
         let msg = Msg::Adopt {
@@ -362,7 +365,8 @@ enum Stream {
 /// `write_tls`, through adapters that turn the socket's `Pending` into `WouldBlock`.
 struct TlsConn {
     tcp: TcpStream,
-    tls: rustls::ServerConnection,
+    /// Boxed on its own, to move to another executor as it is.
+    tls: Box<rustls::ServerConnection>,
 }
 
 /// The socket as `std::io`, within one poll.

@@ -141,10 +141,10 @@ enum Want<'a> {
 /// Each buffer is given back to the allocator once empty, so an idle session holds
 /// nothing but rustls' own state.
 ///
-/// What every read and write of the session looks at (the buffers' ends, the flags) comes
-/// first, in one cache line of its own: with thousands of sessions a session's state is
-/// out of cache when its next delivery comes, and rustls' state after it is only reached
-/// when there are records to process.
+/// What every read of the session looks at before it knows whether records came (the
+/// buffers' ends, the flags) comes first, in one cache line of its own: with thousands of
+/// sessions a session's state is out of cache when its next delivery comes. `incoming`
+/// and rustls' state follow; a write and a read that got records reach them anyway.
 #[repr(C, align(64))]
 pub struct TlsSession {
     /// `plain[plain_read..]` is not yet read (`plain` is at most a read's worth of records,
@@ -180,6 +180,7 @@ impl std::fmt::Debug for TlsSession {
                 "outgoing",
                 &self.outgoing[self.out_written as usize..].len(),
             )
+            .field("eof", &self.eof)
             .field("peer_closed", &self.peer_closed)
             .finish_non_exhaustive()
     }

@@ -224,7 +224,10 @@ impl Target {
                     let status = target.child.as_mut().and_then(exit_status);
                     bail!(
                         "{program} ended before saying where it listens ({}); its last lines:\n{}",
-                        status.map_or_else(|| "still running".to_owned(), |s| s.to_string()),
+                        status.map_or_else(
+                            || "it closed its stderr and is still running".to_owned(),
+                            |s| s.to_string()
+                        ),
                         target.tail()
                     )
                 }
@@ -304,8 +307,6 @@ enum Listening {
     Devices(SocketAddr),
 }
 
-/// Reads the server's stderr to its end: passes on the listening lines, keeps the last
-/// lines for error messages, and never lets the pipe fill.
 /// How `child` ended, waiting for it a second at most.
 fn exit_status(child: &mut Child) -> Option<std::process::ExitStatus> {
     for _ in 0..100 {
@@ -318,18 +319,22 @@ fn exit_status(child: &mut Child) -> Option<std::process::ExitStatus> {
     None
 }
 
+/// Reads the server's stderr to its end: passes on the listening lines, keeps the last
+/// lines for error messages, and never lets the pipe fill (a line that is not UTF-8 is
+/// read lossily, not taken for the end).
 fn drain(
     mut stderr: impl BufRead,
     tx: flume::Sender<Listening>,
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
-    let mut line = String::new();
+    let mut bytes = Vec::new();
     loop {
-        line.clear();
-        match stderr.read_line(&mut line) {
+        bytes.clear();
+        match stderr.read_until(b'\n', &mut bytes) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
+        let line = String::from_utf8_lossy(&bytes);
         let text = line.trim_end();
         if let Some(addr) = listening_addr(text, "INFO listening for http on ") {
             let _ = tx.send(Listening::Http(addr));
