@@ -6,13 +6,14 @@
 //! kept.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::TcpStream as StdStream;
+mod support;
+use support::echoed;
+
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use pushbroker::glommio::net::{TcpListener, TcpStream};
+use pushbroker::glommio::net::TcpStream;
 use pushbroker::glommio::timer::{sleep, timeout};
 use pushbroker::glommio::{
     LocalExecutorBuilder, Placement, parks, preempt_timer_arms, wait_has_timeout,
@@ -41,22 +42,6 @@ where
     result
         .recv_timeout(Duration::from_secs(60))
         .expect("the executor finished")
-}
-
-/// A connected pair: the glommio side (accepted) and a thread echoing every byte back.
-async fn echoed() -> TcpStream {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    let addr = listener.local_addr().expect("bound");
-    let mut peer = StdStream::connect(addr).expect("connect");
-    std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        while let Ok(1) = peer.read(&mut byte) {
-            if peer.write_all(&byte).is_err() {
-                break;
-            }
-        }
-    });
-    listener.accept().await.expect("accept")
 }
 
 /// `rounds` one-byte round trips through the echo: each waits for the other thread, so

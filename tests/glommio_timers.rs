@@ -3,15 +3,16 @@
 //! timer map at "now" on every turn, allocating a node per level of the tree.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+use support::echoed;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::io::{Read, Write};
-use std::net::TcpStream as StdStream;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use pushbroker::glommio::net::{TcpListener, TcpStream};
+use pushbroker::glommio::net::TcpStream;
 use pushbroker::glommio::timer::sleep;
 use pushbroker::glommio::{LocalExecutorBuilder, Placement, spawn_local};
 
@@ -49,22 +50,6 @@ static GLOBAL: Counting = Counting;
 
 fn allocations() -> u64 {
     ALLOCATIONS.with(Cell::get)
-}
-
-/// A connected pair: the glommio side (accepted) and a thread echoing every byte back.
-async fn echoed() -> TcpStream {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    let addr = listener.local_addr().expect("bound");
-    let mut peer = StdStream::connect(addr).expect("connect");
-    std::thread::spawn(move || {
-        let mut byte = [0u8; 1];
-        while let Ok(1) = peer.read(&mut byte) {
-            if peer.write_all(&byte).is_err() {
-                break;
-            }
-        }
-    });
-    listener.accept().await.expect("accept")
 }
 
 /// The allocations `rounds` one-byte round trips through the echo make on the executor's

@@ -705,3 +705,21 @@ pub fn skip_notice() {
     );
     eprintln!("redis-server is not installed (apt-get install redis-server): test skipped");
 }
+
+/// A connected pair on the calling glommio executor: the glommio side (accepted), and a
+/// thread echoing every byte back on the other.
+pub async fn echoed() -> pushbroker::glommio::net::TcpStream {
+    let listener =
+        pushbroker::glommio::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    let addr = listener.local_addr().expect("bound");
+    let mut peer = TcpStream::connect(addr).expect("connect");
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        while let Ok(1) = peer.read(&mut byte) {
+            if peer.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    listener.accept().await.expect("accept")
+}
