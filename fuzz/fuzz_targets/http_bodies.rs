@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::Method;
 use libfuzzer_sys::fuzz_target;
-use pushbroker::api::{ApiContext, ApiSettings, BodyReadError, RequestHead, respond};
+use pushbroker::api::{ApiConfig, ApiContext, BodyReadError, RequestHead, respond};
 use pushbroker::broker::sharded::{ShardId, ShardPlacement, ShardedBroker, ShardedBrokerBuilder};
 
 const PATHS: [&str; 4] = ["/broadcast", "/notify", "/register", "/unregister"];
@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     let answer = futures_lite::future::block_on(broker().sending().run_task_on(
         ShardId(0),
         move |shard| async move {
-            let ctx = ApiContext::new(shard, ApiSettings::default());
+            let ctx = ApiContext::new(shard, ApiConfig::default());
             let head = RequestHead {
                 method: &Method::POST,
                 path,
