@@ -32,9 +32,21 @@ printf '\1{"appid":"app","userid":"u","deviceid":"d","expire_on":"2099-01-01T00:
 printf '\2{"deviceid":"dev1","appid":"app1"}' | seed http_bodies register
 printf '\3{"deviceid":"dev1","appid":"app1"}' | seed http_bodies unregister
 
+# A target that does not build, or a run that ends in a crash, fails the script; the whole
+# output is kept in target/TARGET.log.
+failed=0
+mkdir -p target
 for t in "${TARGETS[@]}"; do
     echo "== $t for ${SECONDS_EACH}s"
+    rc=0
     cargo +nightly fuzz run "$t" "corpus/$t" -- -max_total_time="$SECONDS_EACH" -max_len=70000 \
-        -print_final_stats=1 2>&1 | grep -E '^(#[0-9]+ +DONE|stat::|==[0-9]+==|SUMMARY|Done|artifact)' || true
+        -print_final_stats=1 >"target/$t.log" 2>&1 || rc=$?
+    grep -E '^(#[0-9]+ +DONE|stat::|==[0-9]+==|SUMMARY|Done|artifact)' "target/$t.log" || true
+    if [ "$rc" -ne 0 ]; then
+        echo "  FAILED (exit $rc); its errors, and the end of fuzz/target/$t.log:"
+        { grep -m 10 -E '^(error|Error)' "target/$t.log"; tail -n 5 "target/$t.log"; } | sed 's/^/    /'
+        failed=1
+    fi
     ls "artifacts/$t" 2>/dev/null | sed "s|^|  found: artifacts/$t/|" || true
 done
+exit "$failed"
