@@ -12,7 +12,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 SECONDS_EACH=${1:-600}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(frame_decoder connect_registration http_bodies)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(frame_decoder connect_registration http_bodies tls_records)
 
 # A frame: big-endian u16 length, then the body.
 frame() { python3 -c 'import sys; b=sys.argv[1].encode(); sys.stdout.buffer.write(len(b).to_bytes(2,"big")+b)' "$1"; }
@@ -31,6 +31,11 @@ printf '\1{"appid":"app","token":"YXBwOjpkZXY=","expire_on":"2099-01-01T00:00:00
 printf '\1{"appid":"app","userid":"u","deviceid":"d","expire_on":"2099-01-01T00:00:00+02:00","data":"x"}' | seed http_bodies notify-ids
 printf '\2{"deviceid":"dev1","appid":"app1"}' | seed http_bodies register
 printf '\3{"deviceid":"dev1","appid":"app1"}' | seed http_bodies unregister
+# tls_records: first byte 0x80 puts a real ClientHello first; its low bits count chunk sizes.
+printf '\x80' | seed tls_records hello
+printf '\x83\x00\x04\x0f' | seed tls_records hello-chunked
+printf '\x80\x14\x03\x03\x00\x01\x01\x17\x03\x03\x00\x05hello' | seed tls_records hello-ccs-data
+printf '\x00\x16\x03\x01\x00\x04\x01\x00\x00\x00' | seed tls_records short-hello
 
 # A target that does not build, or a run that ends in a crash, fails the script; the whole
 # output is kept in target/TARGET.log.
